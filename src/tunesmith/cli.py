@@ -1,0 +1,50 @@
+"""The `tunesmith` command: a thin dispatcher. Each subcommand lives in its own module as ``cli(argv) -> int``."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from tunesmith.errors import UserError
+
+# name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
+COMMANDS = {
+    "sft": ("tunesmith.sft", "supervised fine-tuning (full, LoRA, QLoRA), optional NEFTune"),
+    "audit": ("tunesmith.data.audit", "show rendered examples with trained tokens marked, and a data summary"),
+    "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
+    "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
+}
+
+USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"
+
+
+def _usage() -> str:
+    return USAGE + "".join(f"  {name:<10} {helptext}\n" for name, (_, helptext) in COMMANDS.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage(), end="")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"tunesmith: unknown command '{name}'\n" + _usage(), end="", file=sys.stderr)
+        return 2
+    # Offline by default: nothing reaches the hub unless the user opts in.
+    if os.environ.get("TUNESMITH_ONLINE") != "1":
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.cli(rest) or 0)
+    except UserError as e:
+        print(f"tunesmith {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tunesmith {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""User-facing errors: one line, no traceback, non-zero exit (the CLI catches these)."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, data, paths). The message is shown as a single line."""
+
+
+def at(path, line=None, field=None) -> str:
+    """Format a location for an error message: ``file:line: field 'x'``."""
+    loc = str(path)
+    if line is not None:
+        loc += f":{line}"
+    if field is not None:
+        loc += f": field '{field}'"
+    return loc
