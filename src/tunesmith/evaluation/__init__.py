@@ -1,0 +1,1 @@
+"""Evaluation: metrics, judges and win rates, report, lm-eval bridge."""
