@@ -1,0 +1,159 @@
+"""Prompt templates. A template turns an Example into text segments, each marked trained (a response) or not.
+
+Named templates: ``alpaca`` (with and without input), ``instruction_response``
+(``### Instruction: {prompt}\\n\\n### Response: {response}``), ``qa``
+(``Please answer the following question. Q: {prompt} A: {response}``), and ``chat`` (the tokenizer's own chat
+template). A custom format string with ``{prompt}`` and ``{response}`` markers is accepted too.
+
+The same template renders training examples and generation prompts, and it is saved beside a trained model
+(``tunesmith_template.json``) so generation, evaluation and SPIN use exactly what training used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.data.formats import Example
+from tunesmith.errors import UserError
+
+TEMPLATE_FILE = "tunesmith_template.json"
+
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n{response}"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{prompt}\n\n### Response:\n{response}"
+)
+FORMAT_STRINGS = {
+    "instruction_response": "### Instruction: {prompt}\n\n### Response: {response}",
+    "qa": "Please answer the following question. Q: {prompt} A: {response}",
+}
+NAMES = ("alpaca", "instruction_response", "qa", "chat")
+
+Segments = list[tuple[str, bool]]  # (text, trained)
+
+
+class Template:
+    """Base: ``segments(example)`` -> [(text, trained)]. A turn whose response is None ends at the response start."""
+
+    name: str
+    appends_eos = True  # plain templates append the tokenizer's EOS after every response (trained)
+
+    def segments(self, example: Example) -> Segments:
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        return self.name
+
+
+class FormatTemplate(Template):
+    """A format string with {prompt} and {response} (and optionally {input}); multi-turn repeats it per turn."""
+
+    def __init__(self, name: str, fmt: str, fmt_with_input: str | None = None):
+        if "{response}" not in fmt:
+            raise UserError(f"template {name!r}: the response marker '{{response}}' is absent")
+        if "{prompt}" not in fmt:
+            raise UserError(f"template {name!r}: the prompt marker '{{prompt}}' is absent")
+        if not fmt.rstrip().endswith("{response}"):
+            raise UserError(f"template {name!r}: '{{response}}' must come last")
+        self.name, self.fmt, self.fmt_with_input = name, fmt, fmt_with_input
+
+    @staticmethod
+    def _split(fmt: str) -> str:
+        head = fmt[: fmt.index("{response}")]
+        # A single trailing space belongs to the response ("A: yes" -> prompt "A:", response " yes"), so the
+        # generation prompt ends on a word and the model emits the natural " word" tokens.
+        return head[:-1] if head.endswith(" ") else head
+
+    def segments(self, example: Example) -> Segments:
+        out: Segments = []
+        for i, turn in enumerate(example.turns):
+            prompt = turn.prompt
+            if i == 0 and example.system:
+                prompt = f"{example.system}\n\n{prompt}"
+            use_input = i == 0 and example.input
+            if use_input and self.fmt_with_input is None:
+                prompt = f"{prompt}\n\n{example.input}"
+            fmt = self.fmt_with_input if use_input and self.fmt_with_input else self.fmt
+            head = self._split(fmt)
+            spacer = fmt[len(head): fmt.index("{response}")]
+            out.append((head.replace("{input}", example.input or "").replace("{prompt}", prompt), False))
+            if turn.response is not None:
+                out.append((spacer + turn.response, True))
+        return out
+
+    def spec(self) -> str:
+        return self.name if self.name in NAMES else self.fmt
+
+
+class ChatTemplate(Template):
+    """The tokenizer's own chat template; every assistant message (with its end-of-turn text) is trained."""
+
+    name = "chat"
+    appends_eos = False
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("template 'chat': the tokenizer has no chat template (choose alpaca, "
+                            "instruction_response, qa or a format string)")
+        self.tokenizer = tokenizer
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def segments(self, example: Example) -> Segments:
+        messages = [{"role": "system", "content": example.system}] if example.system else []
+        out: Segments = []
+        rendered = ""
+        for turn in example.turns:
+            prompt_text = turn.prompt if not (example.input and not out) else f"{turn.prompt}\n\n{example.input}"
+            messages.append({"role": "user", "content": prompt_text})
+            prefix = self._render(messages, True)
+            if not prefix.startswith(rendered):
+                raise UserError("template 'chat': the chat template is not prefix-stable (an earlier turn renders "
+                                "differently once later turns are added), so responses cannot be masked reliably")
+            out.append((prefix[len(rendered):], False))
+            rendered = prefix
+            if turn.response is None:
+                break
+            messages.append({"role": "assistant", "content": turn.response})
+            full = self._render(messages, False)
+            if not full.startswith(prefix):
+                raise UserError("template 'chat': the rendered answer does not extend the generation prompt; "
+                                "this chat template cannot be used for response-only training")
+            out.append((full[len(prefix):], True))
+            rendered = full
+        return out
+
+
+def get_template(name: str, tokenizer=None) -> Template:
+    if name == "alpaca":
+        return FormatTemplate("alpaca", ALPACA_NO_INPUT, ALPACA_WITH_INPUT)
+    if name in FORMAT_STRINGS:
+        return FormatTemplate(name, FORMAT_STRINGS[name])
+    if name == "chat":
+        return ChatTemplate(tokenizer)
+    if "{" in name:
+        return FormatTemplate("custom", name)
+    raise UserError(f"unknown template '{name}' (choose {', '.join(NAMES)}, or a format string with "
+                    "{prompt} and {response})")
+
+
+def save_template(template: Template, directory: str | Path) -> None:
+    from tunesmith.io import atomic_write_json
+
+    atomic_write_json(Path(directory) / TEMPLATE_FILE, {"template": template.spec()})
+
+
+def load_saved_template(model_dir: str | Path, tokenizer) -> Template:
+    path = Path(model_dir) / TEMPLATE_FILE
+    if not path.exists():
+        raise UserError(f"{model_dir}: no {TEMPLATE_FILE} (not trained by tunesmith); pass template explicitly")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))["template"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: malformed template file") from None
+    return get_template(spec, tokenizer)

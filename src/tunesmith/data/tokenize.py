@@ -1,0 +1,62 @@
+"""Template segments -> token ids and labels (-100 everywhere but the responses).
+
+Each segment is tokenized on its own and the ids are concatenated, so the prompt a model is given at generation time
+(:func:`encode_prompt`) is token-for-token the prefix it was trained on.
+"""
+from __future__ import annotations
+
+from tunesmith.data.formats import Example
+from tunesmith.data.templates import Template
+
+IGNORE = -100
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer's own encoding starts with BOS (Llama-style); then tunesmith adds it too."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_prompt(tokenizer, template: Template, example: Example) -> list[int]:
+    """Token ids of the generation prompt: the conversation up to where the last response starts."""
+    ex = example if example.turns[-1].response is None else example.for_generation()
+    ids = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    for text, _ in template.segments(ex):
+        ids += _ids(tokenizer, text)
+    return ids
+
+
+def encode(tokenizer, template: Template, example: Example, max_length: int,
+           train_on_prompt: bool = False) -> dict | None:
+    """input_ids + labels for one example, truncated to ``max_length`` from the end (the prompt's start is kept).
+
+    Returns None when no trained token is left (empty response, or the response truncated away).
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    if adds_bos(tokenizer):
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    eos = tokenizer.eos_token_id
+    if example.text is not None:  # plain text: everything is trained
+        t = _ids(tokenizer, example.text) + ([eos] if eos is not None else [])
+        ids += t
+        labels += t
+    else:
+        for text, trained in template.segments(example):
+            t = _ids(tokenizer, text)
+            if trained and template.appends_eos and eos is not None:
+                t = t + [eos]
+            ids += t
+            labels += t if (trained or train_on_prompt) else [IGNORE] * len(t)
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,149 @@
+"""Load models and tokenizers (local directory or hub id), the pad-token policy, LoRA / QLoRA wrapping, and merge."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PAD_TOKEN = "<|pad|>"
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}' (choose float32, bfloat16, float16 or auto)")
+    return DTYPES[name]
+
+
+def _check_source(path: str) -> None:
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise UserError(f"{path}: model directory not found")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_source(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    return tok
+
+
+def ensure_pad_token(tokenizer, model=None) -> bool:
+    """Give a tokenizer without a pad token a dedicated one (never silently the EOS token). Returns True if added."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return False
+    # No pad token, or pad == EOS (which hides EOS from the loss in many collators): add a dedicated one.
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if model is not None:
+        resize_embeddings(model, len(tokenizer))
+    return True
+
+
+def resize_embeddings(model, vocab_size: int) -> None:
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    model.config.pad_token_id = None  # set by the caller from the tokenizer
+
+
+def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bool = False,
+                             trust_remote_code: bool = False, model_class=None):
+    """Load a causal LM (or ``model_class``) and its tokenizer; safetensors only; adds a dedicated pad token."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES.get(dtype, torch.float32) if dtype != "auto" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+    cls = model_class or AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    ensure_pad_token(tokenizer, model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_type: str = "CAUSAL_LM",
+              quantized: bool = False, gradient_checkpointing: bool = False, modules_to_save=None):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    targets = target_modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
+                        modules_to_save=modules_to_save)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"lora_target_modules {target_modules}: {str(e).splitlines()[0]}") from None
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str = "float32") -> str:
+    """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir."""
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
+    base = base or json.loads(cfg_path.read_text())["base_model_name_or_path"]
+    _check_source(base)
+    tokenizer = load_tokenizer(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype), use_safetensors=True)
+    resize_embeddings(model, len(tokenizer))
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tmp = Path(output_dir).with_name(Path(output_dir).name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for name in ("tunesmith_template.json", "tunesmith.yaml", "README.md"):
+        if (Path(adapter_dir) / name).exists():
+            shutil.copy(Path(adapter_dir) / name, tmp / name)
+    if Path(output_dir).exists():
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    return output_dir
+
+
+def cli(argv: list[str]) -> int:
+    """tunesmith merge --adapter DIR --output DIR [--base MODEL] [--dtype float32]"""
+    from tunesmith.config import parse_overrides
+
+    if any(a in ("-h", "--help") for a in argv) or not argv:
+        print("usage: tunesmith merge --adapter ADAPTER_DIR --output OUTPUT_DIR [--base BASE_MODEL] [--dtype D]\n\n"
+              "Folds a LoRA adapter into its base model (read from adapter_config.json unless --base is given)\n"
+              "and saves a plain Hugging Face model with the tokenizer and prompt template.")
+        return 0
+    _, opts = parse_overrides(argv)
+    unknown = set(opts) - {"adapter", "output", "base", "dtype"}
+    if unknown:
+        raise UserError(f"unknown option --{sorted(unknown)[0]}")
+    if "adapter" not in opts or "output" not in opts:
+        raise UserError("--adapter and --output are required")
+    out = merge_adapter(str(opts["adapter"]), str(opts["output"]), opts.get("base"), str(opts.get("dtype", "float32")))
+    print(f"merged model saved to {out}")
+    return 0

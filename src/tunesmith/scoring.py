@@ -1,0 +1,51 @@
+"""Scoring tokens under a model, noise-free: per-sequence log-prob sums (SPIN) and token-weighted dataset loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.tokenize import IGNORE
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys a causal LM forward takes (drops labels and tunesmith's token_mask)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
+
+
+def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each label token, mask of trained tokens), both (batch, seq-1), aligned with shifted labels."""
+    logits = model(**model_inputs(batch)).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return logp * mask, mask
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of log-probabilities of the trained (response) tokens of each row: shape (batch,)."""
+    logp, _ = token_logprobs(model, batch)
+    return logp.sum(dim=1)
+
+
+@torch.no_grad()
+def dataset_loss(model, batches, device=None) -> dict:
+    """Token-weighted mean NLL over all trained tokens of ``batches`` (an iterable of collated batches), noise-free.
+
+    Under torch.distributed each rank passes its own shard; sums are all-reduced so every rank gets the total.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        if device is not None:
+            batch = {k: v.to(device) for k, v in batch.items()}
+        logp, mask = token_logprobs(model, batch)
+        total += torch.stack([-logp.sum().double(), mask.sum().double()]).to(total.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    nll, n = total.tolist()
+    loss = nll / n if n else float("nan")
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}

@@ -1,0 +1,107 @@
+"""Shared fixtures: a tokenizer trained on the spot and a tiny Llama built from a config — all offline."""
+import json
+import os
+import random
+
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+WORDS = ("the a cat dog sat on mat red blue green what is color of sky sea grass answer question please tell me "
+         "about one two three four five six seven eight nine ten yes no it was big small happy sad run jump "
+         "write short story list facts compare name born in city year work hobby").split()
+
+
+def make_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "." for _ in range(n)]
+
+
+def build_tokenizer(path, vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = make_corpus() + ["### Instruction: ### Response: ### Input: Below is an instruction that describes a "
+                              "task. Please answer the following question. Q: A: user assistant system"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_model(path, vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a tiny Llama and its tokenizer (no pad token: tunesmith adds one)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer(path)
+    build_model(path, len(tok))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def alpaca_rows(n: int = 32, seed: int = 1):
+    rng = random.Random(seed)
+    colors = ["red", "blue", "green"]
+    rows = []
+    for i in range(n):
+        c = colors[i % 3]
+        rows.append({"instruction": f"what is the color of {rng.choice(['sky', 'sea', 'grass'])} {i % 5}",
+                     "input": "" if i % 2 else "tell me",
+                     "output": f"the answer is {c} {c} {rng.choice(WORDS)}"})
+    return rows
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows())
+
+
+def sft_config(model_dir, data, out, **over):
+    cfg = dict(model_name_or_path=model_dir, dataset=data, output_dir=str(out), template="alpaca", max_length=128,
+               per_device_train_batch_size=4, num_train_epochs=1, learning_rate=3e-3, logging_steps=1,
+               save_strategy="no", report_to="none", seed=0, use_cpu=True, train_loss_eval_samples=8,
+               disable_tqdm=True, dataloader_num_workers=0)
+    cfg.update(over)
+    return cfg
