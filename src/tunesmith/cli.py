@@ -13,6 +13,7 @@ COMMANDS = {
     "audit": ("tunesmith.data.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
+    "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
 }
 
 USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"

@@ -1,0 +1,80 @@
+"""Reading generation files: JSONL (``tunesmith generate``) or a JSON list (alpaca_eval's model_outputs.json).
+
+Every row needs ``instruction`` and ``output`` (strings); ``generator`` is optional."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import UserError, at
+
+
+@dataclass
+class Generation:
+    instruction: str
+    output: str
+    generator: str
+    loc: str
+    row: dict
+
+
+def read_generations(path: str | Path) -> list[Generation]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: generation file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    rows: list[tuple[int | None, object]] = []
+    if text.lstrip().startswith("["):
+        try:
+            rows = [(None, r) for r in json.loads(text)]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{at(path, e.lineno)}: invalid JSON ({e.msg})") from None
+        rows = [(i, r) for i, (_, r) in enumerate(rows)]  # JSON: "line" is the row index
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{at(path, lineno)}: invalid JSON ({e.msg})") from None
+    out = []
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise UserError(f"{at(path, line)}: expected an object with 'instruction' and 'output'")
+        for key in ("instruction", "output"):
+            if key not in row:
+                raise UserError(f"{at(path, line, key)}: missing")
+            if not isinstance(row[key], str):
+                raise UserError(f"{at(path, line, key)}: expected a string, got {type(row[key]).__name__}")
+        out.append(Generation(row["instruction"], row["output"], str(row.get("generator") or path.stem),
+                              f"{path}:{line}", row))
+    if not out:
+        raise UserError(f"{path}: no generations in the file")
+    return out
+
+
+def pair_generations(a: list[Generation], b: list[Generation]) -> list[tuple[Generation, Generation]]:
+    """Match the two sides prompt by prompt (by instruction text, duplicates in order). Any prompt present on one
+    side only is an error naming its location."""
+    pool: dict[str, list[Generation]] = {}
+    for g in b:
+        pool.setdefault(g.instruction, []).append(g)
+    pairs = []
+    for g in a:
+        matches = pool.get(g.instruction)
+        if not matches:
+            other = Path(b[0].loc.rsplit(":", 1)[0]).name
+            raise UserError(f"{g.loc}: field 'instruction': prompt not found in {other} "
+                            f"({g.instruction[:60]!r}); both files must hold the same prompts")
+        pairs.append((g, matches.pop(0)))
+    left = [g for gs in pool.values() for g in gs]
+    if left:
+        other = Path(a[0].loc.rsplit(":", 1)[0]).name
+        raise UserError(f"{left[0].loc}: field 'instruction': prompt not found in {other} "
+                        f"({left[0].instruction[:60]!r}); both files must hold the same prompts")
+    return pairs

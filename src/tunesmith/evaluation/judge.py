@@ -1,0 +1,473 @@
+"""Pairwise judging of two generation files, prompt by prompt (`tunesmith judge`).
+
+Judges (all answer "1", "2" or "tie" for one instruction and two answers):
+
+* ``endpoint``: any OpenAI-compatible chat-completions server (hosted, vLLM, llama.cpp). The API key is read from the
+  environment variable named by ``api_key_env`` and is never logged or written anywhere. Timeouts, retries with
+  exponential backoff; a reply that cannot be parsed is retried too.
+* ``local``: a local causal LM run with transformers (greedy, a few tokens).
+* ``python``: any callable ``f(instruction, output_1, output_2) -> "1" | "2" | "tie"`` (``module:function``).
+* ``sheet_export`` / ``sheet_import``: a human sheet. Export writes shuffled, blinded pairs as CSV (to fill in) and
+  HTML (to read); the side order is kept in a key file; import reads the filled CSV.
+
+Every machine judge is asked twice per prompt, once in each answer order, and a side wins only if preferred in both
+(see :func:`tunesmith.evaluation.winrate.combine_orders`). Verdicts are cached on disk (one JSON line appended per
+verdict), so a rerun asks only what is missing. A prompt whose judge call still fails after the retries is counted
+"unjudged" (never a tie); if ``max_consecutive_failures`` prompts fail in a row the step stops with an error, after
+writing the judgements obtained so far.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import importlib
+import json
+import logging
+import os
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from tunesmith.errors import UserError, at
+from tunesmith.evaluation.genfile import Generation, pair_generations, read_generations
+from tunesmith.evaluation.winrate import combine_orders, format_summary, win_rate
+from tunesmith.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+log = logging.getLogger("tunesmith.judge")
+
+SYSTEM_PROMPT = ("You are a careful, impartial judge. You compare two answers to the same instruction and pick the one "
+                 "that follows the instruction better: more helpful, correct, relevant and clear. The order in which "
+                 "the answers are shown and their length must not sway you.")
+USER_PROMPT = ("## Instruction\n{instruction}\n\n## Answer 1\n{output_1}\n\n## Answer 2\n{output_2}\n\n"
+               "Which answer is better? Reply with exactly one of: 1, 2, tie.")
+_VERDICT = re.compile(r"^\W*(?:answer\s*)?(1|2|tie)\b", re.IGNORECASE)
+
+
+class JudgeFailure(Exception):
+    """One judge call failed (after the judge's own retries): that prompt is counted unjudged."""
+
+
+class JudgeStepError(UserError):
+    """The judge cannot work at all (bad key, wrong URL, too many failures in a row): the step stops."""
+
+
+def parse_verdict(reply: str) -> str:
+    m = _VERDICT.match(reply.strip())
+    if not m:
+        raise JudgeFailure(f"unparseable judge reply {reply.strip()[:80]!r}")
+    return m.group(1).lower()
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- judges
+
+class EndpointJudge:
+    """OpenAI-compatible ``POST {base_url}/chat/completions``."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
+                 max_retries: int = 4, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 8):
+        if not base_url.startswith(("http://", "https://")):
+            raise UserError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self._key = None
+        if api_key_env:
+            self._key = os.environ.get(api_key_env)
+            if not self._key:
+                raise UserError(f"environment variable {api_key_env} (api_key_env) is not set; set it to the API key, "
+                                f"or pass --api_key_env '' for a server without a key")
+        self.id = _sha("endpoint", self.url, model, temperature, max_tokens, SYSTEM_PROMPT, USER_PROMPT)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    def _post(self, messages: list[dict]) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = self._redact(e.read()[:200].decode("utf-8", "replace"))
+            if e.code in (401, 403, 404):  # the same request will never work: stop the step
+                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} ({detail.strip()})") from None
+            raise JudgeFailure(f"HTTP {e.code} ({detail.strip()[:100]})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise JudgeFailure(f"{type(reason).__name__}: {self._redact(str(reason))}") from None
+        try:
+            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeFailure(f"malformed response body {self._redact(raw[:80].decode('utf-8', 'replace'))!r}") \
+                from None
+
+    def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": USER_PROMPT.format(instruction=instruction, output_1=output_1,
+                                                                   output_2=output_2)}]
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return parse_verdict(self._post(messages))
+            except JudgeFailure as e:
+                reason = str(e)
+            if attempt < self.max_retries:
+                delay = self.backoff * 2 ** attempt
+                log.warning("judge call failed (%s); retry %d/%d in %.1fs", reason, attempt + 1, self.max_retries,
+                            delay)
+                time.sleep(delay)
+        raise JudgeFailure(f"{reason} (after {self.max_retries} retries)")
+
+
+class LocalJudge:
+    """A causal LM judge run with transformers: greedy, a few new tokens, same prompt as the endpoint judge."""
+
+    def __init__(self, model_path: str, max_new_tokens: int = 4, model=None, tokenizer=None):
+        if model is None:
+            from tunesmith.models import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(model_path)
+        self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
+        self.id = _sha("local", str(model_path), max_new_tokens, SYSTEM_PROMPT, USER_PROMPT)
+
+    def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
+        import torch
+
+        user = USER_PROMPT.format(instruction=instruction, output_1=output_1, output_2=output_2)
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
+                add_generation_prompt=True, tokenize=True, return_dict=False)
+        else:
+            ids = self.tokenizer(f"{SYSTEM_PROMPT}\n\n{user}\nVerdict:")["input_ids"]
+        input_ids = torch.tensor([list(ids)], device=self.model.device)
+        with torch.no_grad():
+            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                      max_new_tokens=self.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        return parse_verdict(self.tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True))
+
+
+class PythonJudge:
+    """Wrap ``f(instruction, output_1, output_2)`` returning "1"/"2"/"tie" (1/2/0 accepted)."""
+
+    def __init__(self, fn: Callable | str):
+        if isinstance(fn, str):
+            module, _, name = fn.partition(":")
+            if not name:
+                raise UserError(f"python_judge must look like 'module:function', got {fn!r}")
+            try:
+                fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as e:
+                raise UserError(f"python_judge {fn!r}: cannot import ({e})") from None
+        self.fn = fn
+        self.id = _sha("python", getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)))
+
+    def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
+        try:
+            v = self.fn(instruction, output_1, output_2)
+        except Exception as e:  # a judge bug on one prompt: that prompt is unjudged, the rest go on
+            raise JudgeFailure(f"python judge raised {type(e).__name__}: {e}") from None
+        v = {1: "1", 2: "2", 0: "tie"}.get(v, v) if not isinstance(v, bool) else v
+        if v not in ("1", "2", "tie"):
+            raise JudgeFailure(f"python judge returned {v!r}; expected '1', '2' or 'tie'")
+        return v
+
+
+# ---------------------------------------------------------------- cache
+
+class VerdictCache:
+    """Append-only JSONL of verdicts keyed by (judge, instruction, answer 1, answer 2). Each verdict is one line
+    written with a single ``write`` on an O_APPEND descriptor and fsynced; a torn last line (crash) is ignored."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.data: dict[str, str] = {}
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.data[row["key"]] = row["verdict"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def put(self, key: str, verdict: str) -> None:
+        self.data[key] = verdict
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps({"key": key, "verdict": verdict}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- the judging loop
+
+def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cache: VerdictCache | None = None,
+                both_orders: bool = True, max_consecutive_failures: int = 5, progress: bool = True,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Judge every pair; returns one row per prompt with ``outcome`` in A / B / tie / unjudged.
+
+    With ``both_orders=False`` A is always shown first (position bias not controlled)."""
+    judge_id = getattr(judge, "id", None) or _sha("callable", repr(judge))
+    rows, fails_in_a_row = [], 0
+
+    def ask(instruction, first, second):
+        key = _sha(judge_id, instruction, first, second)
+        if cache is not None and (hit := cache.get(key)) is not None:
+            return hit, None
+        try:
+            v = judge(instruction, first, second)
+        except JudgeFailure as e:
+            return None, str(e)
+        if cache is not None:
+            cache.put(key, v)
+        return v, None
+
+    for i, (a, b) in enumerate(pairs):
+        v1, err1 = ask(a.instruction, a.output, b.output)
+        v2, err2 = (ask(a.instruction, b.output, a.output) if both_orders and v1 is not None else (None, None))
+        if both_orders:
+            outcome = combine_orders(v1, v2)
+        else:
+            outcome = {"1": "A", "2": "B", "tie": "tie", None: "unjudged"}[v1]
+        row = {"index": i, "instruction": a.instruction, "outcome": outcome, "verdict_a_first": v1,
+               "verdict_b_first": v2 if both_orders else None, "loc_a": a.loc, "loc_b": b.loc}
+        if outcome == "unjudged":
+            row["reason"] = err1 or err2
+            fails_in_a_row += 1
+            log.warning("prompt %d unjudged: %s", i, row["reason"])
+        else:
+            fails_in_a_row = 0
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        if progress:
+            print(f"\rjudged {i + 1}/{len(pairs)}", end="", file=sys.stderr, flush=True)
+        if max_consecutive_failures and fails_in_a_row >= max_consecutive_failures:
+            if progress:
+                print(file=sys.stderr)
+            raise JudgeStepError(f"the judge failed on {fails_in_a_row} prompts in a row (last: {row['reason']}); "
+                                 f"{len(rows) - fails_in_a_row} judgements kept")
+    if progress:
+        print(file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------- human sheets
+
+SHEET_FIELDS = ["id", "instruction", "answer_1", "answer_2", "verdict"]
+
+
+def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path, seed: int = 0) -> dict:
+    """Write ``sheet.csv`` (fill the ``verdict`` column with 1, 2 or tie), ``sheet.html`` (for reading) and
+    ``sheet_key.json`` (which side is answer 1; keep it away from the raters). Pairs and sides are shuffled."""
+    out_dir = Path(out_dir)
+    rng = random.Random(seed)
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    rows, key = [], {}
+    for n, i in enumerate(order, 1):
+        a, b = pairs[i]
+        a_first = rng.random() < 0.5
+        sid = f"q{n:04d}"
+        key[sid] = {"index": i, "answer_1": "A" if a_first else "B", "instruction": a.instruction}
+        rows.append({"id": sid, "instruction": a.instruction, "answer_1": a.output if a_first else b.output,
+                     "answer_2": b.output if a_first else a.output, "verdict": ""})
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SHEET_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out_dir / "sheet.csv", buf.getvalue())
+    cells = "".join(
+        f"<tr><td>{r['id']}</td><td>{html.escape(r['instruction'])}</td><td>{html.escape(r['answer_1'])}</td>"
+        f"<td>{html.escape(r['answer_2'])}</td></tr>\n" for r in rows)
+    atomic_write_text(out_dir / "sheet.html", (
+        "<!doctype html><meta charset='utf-8'><title>tunesmith judging sheet</title>"
+        "<style>body{font-family:sans-serif}td{vertical-align:top;white-space:pre-wrap;border:1px solid #ccc;"
+        "padding:6px;max-width:40em}</style>"
+        "<h1>Which answer is better?</h1><p>For each id, write <b>1</b>, <b>2</b> or <b>tie</b> in the "
+        "<code>verdict</code> column of <code>sheet.csv</code>. Judge helpfulness and correctness; ignore the order."
+        "</p><table><tr><th>id</th><th>instruction</th><th>answer 1</th><th>answer 2</th></tr>\n"
+        f"{cells}</table>\n"))
+    atomic_write_json(out_dir / "sheet_key.json", key)
+    return {"sheet": str(out_dir / "sheet.csv"), "html": str(out_dir / "sheet.html"),
+            "key": str(out_dir / "sheet_key.json"), "n": len(rows)}
+
+
+def import_sheet(sheet: str | Path, key_path: str | Path) -> list[dict]:
+    """Read a filled sheet; rows with an empty verdict are "unjudged". Returns rows in the original prompt order."""
+    sheet, key_path = Path(sheet), Path(key_path)
+    try:
+        key = json.loads(key_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{key_path}: sheet key not found (it is written next to sheet.csv by sheet_export)") from None
+    except ValueError as e:
+        raise UserError(f"{key_path}: invalid JSON ({e})") from None
+    try:
+        with open(sheet, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in ("id", "verdict") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"{at(sheet, 1, missing[0])}: column missing")
+            raw = [(reader.line_num, r) for r in reader]
+    except FileNotFoundError:
+        raise UserError(f"{sheet}: sheet not found") from None
+    rows, seen = {}, set()
+    for line, r in raw:
+        sid = (r.get("id") or "").strip()
+        if sid not in key:
+            raise UserError(f"{at(sheet, line, 'id')}: unknown id {sid!r} (not in {key_path.name})")
+        if sid in seen:
+            raise UserError(f"{at(sheet, line, 'id')}: duplicate id {sid!r}")
+        seen.add(sid)
+        v = (r.get("verdict") or "").strip().lower()
+        if v not in ("", "1", "2", "tie"):
+            raise UserError(f"{at(sheet, line, 'verdict')}: expected 1, 2, tie or empty, got {v!r}")
+        k = key[sid]
+        if v == "":
+            outcome = "unjudged"
+        elif v == "tie":
+            outcome = "tie"
+        else:
+            outcome = k["answer_1"] if v == "1" else ("B" if k["answer_1"] == "A" else "A")
+        rows[k["index"]] = {"index": k["index"], "instruction": k["instruction"], "outcome": outcome,
+                            "sheet_id": sid, "verdict": v or None}
+    for sid, k in key.items():
+        if sid not in seen:
+            rows[k["index"]] = {"index": k["index"], "instruction": k["instruction"], "outcome": "unjudged",
+                                "sheet_id": sid, "verdict": None, "reason": "row missing from sheet"}
+    return [rows[i] for i in sorted(rows)]
+
+
+# ---------------------------------------------------------------- CLI
+
+@dataclass
+class JudgeConfig:
+    a: str = field(default="", metadata={"help": "generations of model A (JSONL from `tunesmith generate`, or "
+                                                 "alpaca_eval JSON); the win rate is A's"})
+    b: str = field(default="", metadata={"help": "generations of model B (same prompts)"})
+    output_dir: str = field(default="", metadata={"help": "where judgements.jsonl, winrate.json and the cache go"})
+    judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field(
+        default="endpoint", metadata={"help": "endpoint | local | python | sheet_export | sheet_import"})
+    base_url: str = field(default="", metadata={"help": "endpoint: e.g. https://api.openai.com/v1 or "
+                                                        "http://127.0.0.1:8000/v1"})
+    model: str = field(default="", metadata={"help": "endpoint: model name; local: model directory"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "endpoint: NAME of the environment variable holding the API key ('' for none); the key itself is "
+                "never logged or saved"})
+    timeout: float = field(default=60.0, metadata={"help": "endpoint: seconds per request"})
+    max_retries: int = field(default=4, metadata={"help": "endpoint: retries per call (exponential backoff)"})
+    backoff: float = field(default=1.0, metadata={"help": "endpoint: first retry delay in seconds (doubles)"})
+    python_judge: str = field(default="", metadata={"help": "python: 'module:function' taking (instruction, "
+                                                            "answer_1, answer_2) and returning '1', '2' or 'tie'"})
+    sheet: str = field(default="", metadata={"help": "sheet_import: the filled sheet.csv (key: sheet_key.json "
+                                                     "next to it)"})
+    both_orders: bool = field(default=True, metadata={"help": "ask each prompt in both answer orders"})
+    max_consecutive_failures: int = field(default=5, metadata={"help": "stop after this many unjudged prompts "
+                                                                       "in a row (0: never)"})
+    cache: str = field(default="", metadata={"help": "verdict cache file (default OUTPUT_DIR/judge_cache.jsonl)"})
+    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the interval"})
+    confidence: float = field(default=0.95, metadata={"help": "interval level"})
+    seed: int = field(default=0, metadata={"help": "seed for the bootstrap and the sheet shuffle"})
+    name_a: str = field(default="", metadata={"help": "display name of A (default: its 'generator' field)"})
+    name_b: str = field(default="", metadata={"help": "display name of B"})
+
+    def __post_init__(self):
+        for key in ("output_dir",) + (() if self.judge == "sheet_import" else ("a", "b")):
+            if not getattr(self, key):
+                raise UserError(f"'{key}' is required")
+        if self.judge == "endpoint" and not (self.base_url and self.model):
+            raise UserError("judge endpoint needs 'base_url' and 'model'")
+        if self.judge == "local" and not self.model:
+            raise UserError("judge local needs 'model' (a model directory)")
+        if self.judge == "python" and not self.python_judge:
+            raise UserError("judge python needs 'python_judge' (module:function)")
+        if self.judge == "sheet_import" and not self.sheet:
+            raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
+
+
+def make_judge(cfg: JudgeConfig):
+    if cfg.judge == "endpoint":
+        return EndpointJudge(cfg.base_url, cfg.model, cfg.api_key_env or None, cfg.timeout, cfg.max_retries,
+                             cfg.backoff)
+    if cfg.judge == "local":
+        return LocalJudge(cfg.model)
+    return PythonJudge(cfg.python_judge)
+
+
+def run(cfg: JudgeConfig) -> dict:
+    """Judge and write ``judgements.jsonl`` + ``winrate.json`` into ``output_dir``. Returns the win-rate summary."""
+    out = Path(cfg.output_dir)
+    if cfg.judge == "sheet_import":
+        rows = import_sheet(cfg.sheet, Path(cfg.sheet).with_name("sheet_key.json"))
+        name_a, name_b = cfg.name_a or "A", cfg.name_b or "B"
+    else:
+        gen_a, gen_b = read_generations(cfg.a), read_generations(cfg.b)
+        pairs = pair_generations(gen_a, gen_b)
+        name_a, name_b = cfg.name_a or gen_a[0].generator, cfg.name_b or gen_b[0].generator
+        if name_a == name_b:
+            name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
+        if cfg.judge == "sheet_export":
+            info = export_sheet(pairs, out, cfg.seed)
+            print(f"wrote {info['n']} pairs to {info['sheet']} (fill 'verdict') and {info['html']}; "
+                  f"keep {info['key']} from the raters")
+            return info
+        judge = make_judge(cfg)
+        cache = VerdictCache(cfg.cache or out / "judge_cache.jsonl")
+        rows: list[dict] = []
+        try:
+            judge_pairs(pairs, judge, cache, cfg.both_orders, cfg.max_consecutive_failures, on_row=rows.append)
+        except JudgeStepError:
+            atomic_write_jsonl(out / "judgements.partial.jsonl", rows)
+            print(f"judgements obtained so far: {out / 'judgements.partial.jsonl'} (and the cache; a rerun "
+                  f"resumes)", file=sys.stderr)
+            raise
+    summary = win_rate([r["outcome"] for r in rows], cfg.n_bootstrap, cfg.confidence, cfg.seed)
+    summary.update(name_a=name_a, name_b=name_b, judge=cfg.judge, judge_model=cfg.model or cfg.python_judge or None,
+                   both_orders=cfg.both_orders if cfg.judge != "sheet_import" else False)
+    atomic_write_jsonl(out / "judgements.jsonl", rows)
+    atomic_write_json(out / "winrate.json", summary)
+    print(format_summary(summary, name_a, name_b))
+    if summary["n"] == 0:
+        raise JudgeStepError(f"no prompt could be judged ({summary['unjudged']} unjudged); see "
+                             f"{out / 'judgements.jsonl'}")
+    return summary
+
+
+def cli(argv: list[str]) -> int:
+    from tunesmith.config import parse_cli
+
+    cfg = parse_cli(JudgeConfig, argv, "judge", "Compare two generation files prompt by prompt with a judge and "
+                                                 "report win rates with bootstrap intervals.")
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run(cfg)
+    return 0
+
+
+__all__ = ["EndpointJudge", "LocalJudge", "PythonJudge", "VerdictCache", "judge_pairs", "export_sheet",
+           "import_sheet", "JudgeConfig", "run", "cli", "parse_verdict", "JudgeFailure", "JudgeStepError"]
