@@ -13,6 +13,8 @@ COMMANDS = {
     "audit": ("tunesmith.data.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
+    "classify": ("tunesmith.classify", "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
+    "predict": ("tunesmith.predict", "label sentences or a data file with a trained classifier"),
     "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
 }
 
