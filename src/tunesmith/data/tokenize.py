@@ -24,21 +24,7 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def encode_prompt(tokenizer, template: Template, example: Example) -> list[int]:
-    """Token ids of the generation prompt: the conversation up to where the last response starts."""
-    ex = example if example.turns[-1].response is None else example.for_generation()
-    ids = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    for text, _ in template.segments(ex):
-        ids += _ids(tokenizer, text)
-    return ids
-
-
-def encode(tokenizer, template: Template, example: Example, max_length: int,
-           train_on_prompt: bool = False) -> dict | None:
-    """input_ids + labels for one example, truncated to ``max_length`` from the end (the prompt's start is kept).
-
-    Returns None when no trained token is left (empty response, or the response truncated away).
-    """
+def _tokens(tokenizer, template: Template, example: Example, train_on_prompt: bool) -> tuple[list, list]:
     ids: list[int] = []
     labels: list[int] = []
     if adds_bos(tokenizer):
@@ -47,15 +33,29 @@ def encode(tokenizer, template: Template, example: Example, max_length: int,
     eos = tokenizer.eos_token_id
     if example.text is not None:  # plain text: everything is trained
         t = _ids(tokenizer, example.text) + ([eos] if eos is not None else [])
+        return ids + t, labels + t
+    for text, trained in template.segments(example):
+        t = _ids(tokenizer, text)
+        if trained and template.appends_eos and eos is not None:
+            t = t + [eos]
         ids += t
-        labels += t
-    else:
-        for text, trained in template.segments(example):
-            t = _ids(tokenizer, text)
-            if trained and template.appends_eos and eos is not None:
-                t = t + [eos]
-            ids += t
-            labels += t if (trained or train_on_prompt) else [IGNORE] * len(t)
+        labels += t if (trained or train_on_prompt) else [IGNORE] * len(t)
+    return ids, labels
+
+
+def encode_prompt(tokenizer, template: Template, example: Example) -> list[int]:
+    """Token ids of the generation prompt: the conversation up to where the last response starts."""
+    ex = example if example.turns[-1].response is None else example.for_generation()
+    return _tokens(tokenizer, template, ex, train_on_prompt=False)[0]
+
+
+def encode(tokenizer, template: Template, example: Example, max_length: int,
+           train_on_prompt: bool = False) -> dict | None:
+    """input_ids + labels for one example, truncated to ``max_length`` from the end (the prompt's start is kept).
+
+    Returns None when no trained token is left (empty response, or the response truncated away).
+    """
+    ids, labels = _tokens(tokenizer, template, example, train_on_prompt)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels):
         return None
