@@ -12,6 +12,7 @@ COMMANDS = {
     "sft": ("tunesmith.sft", "supervised fine-tuning (full, LoRA, QLoRA), optional NEFTune"),
     "audit": ("tunesmith.data.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
+    "spin": ("tunesmith.spin", "SPIN self-play fine-tuning: all iterations in one resumable run"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
     "classify": ("tunesmith.classify", "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
     "predict": ("tunesmith.predict", "label sentences or a data file with a trained classifier"),

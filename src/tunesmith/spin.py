@@ -1,0 +1,689 @@
+"""SPIN, self-play fine-tuning (Chen et al. 2024): every iteration in one resumable command.
+
+Iteration t starts from theta_t (theta_0 = the SFT model) and reads top to bottom in :func:`run_iteration`:
+
+1. generate   theta_t answers every SFT prompt, in batches, with exactly the training template (the prompt ids are
+              ``encode_prompt``'s, the prefix of the training rows). Shards of ``shard_size`` prompts are written
+              atomically to ``iteration-t/generations/``; under torchrun rank r takes shards r, r+world, ...
+2. reference  log p_theta_t of the real and the generated answer of every training pair, noise-free, computed once
+              and stored in ``iteration-t/reference/`` shards: no second model is held during training.
+3. train      theta_{t+1} from theta_t on the pairs of iteration t (and t-1 with ``mix_previous_iteration``) with
+
+                  t_i = beta * (log p(y|x)/p_t(y|x) - log p(y'|x)/p_t(y'|x))      (log p = sums over answer tokens)
+                  sigmoid: log(1 + exp(-t_i))          hinge: max(0, 1 - t_i)
+
+              in a Trainer subclass that scores real and generated rows in one forward (NEFTune noise on this
+              policy pass only, when configured). Trainer checkpoints in ``iteration-t/trainer`` allow a resume.
+4. save       ``iteration-t/model`` (renamed into place when complete). Under LoRA the adapter is merged first, so
+              the next generator and reference is theta_{t+1} itself, never theta_0.
+
+``spin_state.json`` (written atomically by rank 0 after every stage) records finished stages and their metrics, with
+a fingerprint of the config; a rerun skips finished stages and shards, resumes training from the last complete
+checkpoint, and refuses an output directory that holds a different run. ``summary.md`` / ``summary.json`` hold one
+row per iteration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+from tunesmith.config import build_config, parse_cli, save_yaml
+from tunesmith.data.collate import Collator
+from tunesmith.data.prepare import load_examples, tokenize_examples
+from tunesmith.data.templates import get_template, load_saved_template, save_template
+from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
+from tunesmith.errors import UserError
+from tunesmith.io import atomic_write_json, atomic_write_text
+from tunesmith.neftune import add_noise_to_batch
+from tunesmith.scoring import dataset_loss, sequence_logprobs
+from tunesmith.sft import JsonlMetrics, SFTConfig, TunesmithTrainer
+
+log = logging.getLogger("tunesmith")
+
+STATE_FILE = "spin_state.json"
+STAGES = ("generate", "reference", "train")
+
+
+def _f(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SPINConfig(SFTConfig):
+    """SFTConfig (data, model, LoRA, NEFTune, TrainingArguments) plus SPIN's iteration and generation keys.
+
+    ``beta``, ``learning_rate`` and ``num_train_epochs`` take one value or one per iteration. Defaults follow the
+    paper's recipe (RMSProp, no weight decay, linear schedule, warmup 0.1, beta 0.1, 2 epochs, mixing t and t-1).
+    """
+
+    num_iterations: int = _f(1, "Number of SPIN iterations (the paper: 4).")
+    beta: list[float] = _f([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
+    learning_rate: list[float] = _f([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
+    num_train_epochs: list[float] = _f([2.0], "Epochs per iteration: one value or one per iteration.")
+    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
+    mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
+    max_new_tokens: int = _f(256, "Generation budget per answer; answers cut there are counted and reported.")
+    do_sample: bool = _f(False, "Sample the synthetic answers (default greedy).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling.")
+    repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
+    generation_batch_size: int = _f(16, "Prompts per generation batch.")
+    shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
+    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
+    # TrainingArguments defaults that follow the paper
+    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
+    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
+    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
+    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
+    save_steps: float = _f(200, "Checkpoint every N steps.")
+    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
+    train_loss_eval_samples: int = _f(0, "Unused by SPIN.")
+
+    def __post_init__(self):
+        n = self.num_iterations
+        if n < 1:
+            raise UserError(f"num_iterations must be at least 1, got {n}")
+        for key in ("beta", "learning_rate", "num_train_epochs"):
+            values = getattr(self, key)
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) == 1:
+                values = values * n
+            if len(values) != n:
+                raise UserError(f"field '{key}' has {len(values)} values but num_iterations is {n} (give one value "
+                                f"or one per iteration)")
+            bad = [v for v in values if not v > 0]
+            if bad:
+                raise UserError(f"field '{key}' must be > 0, got {bad[0]}")
+            setattr(self, key, [float(v) for v in values])
+        if self.loss_type not in ("sigmoid", "hinge"):
+            raise UserError(f"field 'loss_type' must be sigmoid or hinge, got {self.loss_type!r}")
+        for key in ("max_new_tokens", "generation_batch_size", "shard_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
+            raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
+        if self.packing:
+            raise UserError("field 'packing' is not supported by SPIN (pairs are scored row by row)")
+        if self.train_on_prompt:
+            raise UserError("field 'train_on_prompt' is not supported by SPIN (log-probs are over answer tokens)")
+        if self.dataset_format == "text":
+            raise UserError("dataset_format 'text' has no prompts and real answers; SPIN needs prompt/answer data")
+        super().__post_init__()
+
+    def iteration_args(self, t: int, output_dir: Path) -> TrainingArguments:
+        """Plain TrainingArguments for iteration ``t``: this config with the iteration's scalar values."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        values.update(output_dir=str(output_dir), learning_rate=self.learning_rate[t],
+                      num_train_epochs=self.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
+                      resume_from_checkpoint=None)
+        return TrainingArguments(**values)
+
+
+# Keys that determine a run's results: a rerun with other values is a different run.
+FINGERPRINT_KEYS = (
+    "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
+    "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
+    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "do_sample", "temperature", "top_p",
+    "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
+    "adam_beta2", "adam_epsilon",
+)
+
+
+def fingerprint_values(cfg: SPINConfig) -> dict:
+    out = {}
+    for key in FINGERPRINT_KEYS:
+        v = getattr(cfg, key)
+        out[key] = v.value if hasattr(v, "value") else v
+    return out
+
+
+def fingerprint(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor, ref_real: torch.Tensor,
+              ref_generated: torch.Tensor, beta: float, loss_type: str = "sigmoid"):
+    """Per-pair SPIN loss and its argument t = beta * (log-ratio of the real answer - log-ratio of the generated).
+
+    sigmoid: log(1 + exp(-t)) (= DPO's sigmoid loss, chosen = real, rejected = generated); hinge: max(0, 1 - t).
+    """
+    t = beta * ((policy_real - ref_real) - (policy_generated - ref_generated))
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(t), t
+    if loss_type == "hinge":
+        return torch.relu(1 - t), t
+    raise ValueError(f"loss_type must be sigmoid or hinge, got {loss_type!r}")
+
+
+class PairCollator:
+    """A batch of pairs -> one right-padded batch of 2B rows (B real answers, then B generated) + reference log-probs."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = Collator(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.rows([f["real"] for f in features] + [f["generated"] for f in features])
+        if "ref_real" in features[0]:
+            batch["ref_real"] = torch.tensor([f["ref_real"] for f in features], dtype=torch.float32)
+            batch["ref_generated"] = torch.tensor([f["ref_generated"] for f in features], dtype=torch.float32)
+        return batch
+
+
+class SPINTrainer(TunesmithTrainer):
+    """Trainer whose loss is SPIN's pairwise loss against stored reference log-probs (no reference model)."""
+
+    def __init__(self, *args, beta: float, loss_type: str = "sigmoid", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta, self.loss_type = beta, loss_type
+        self.model_accepts_loss_kwargs = False  # a per-pair mean: let the Trainer scale it for accumulation
+        self._stats: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rows = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+        if self.noise_alpha and model.training:
+            rows = add_noise_to_batch(model, rows, self.noise_alpha, self.noise_distribution)
+        real, generated = sequence_logprobs(model, rows).chunk(2)
+        losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
+                              self.loss_type)
+        if model.training:
+            self._stats["rewards/margin"].append(t.mean().item())
+            self._stats["rewards/accuracy"].append((t > 0).float().mean().item())
+            self._stats["logps/real"].append(real.mean().item())
+            self._stats["logps/generated"].append(generated.mean().item())
+        loss = losses.mean()
+        return (loss, {"margin": t}) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._stats and "loss" in logs:
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._stats.items()}}
+            self._stats.clear()
+        super().log(logs, start_time)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class Prompt:
+    index: int
+    loc: str
+    prompt_ids: list[int]  # what the generator is given: the training rows' prefix
+    real_ids: list[int]  # the real answer's tokens as trained (with the template's end-of-answer tokens)
+
+
+def build_prompts(examples, tokenizer, template, max_length: int, source: str) -> tuple[list[Prompt], list[str]]:
+    """Prompts and real answers of an SFT set; prompts that leave no room for an answer are dropped (listed)."""
+    prompts, dropped = [], []
+    for ex in examples:
+        if ex.text is not None:
+            raise UserError(f"{ex.loc}: a plain-text record has no prompt and real answer; SPIN needs both")
+        answer = ex.turns[-1].response
+        if answer is None or not answer.strip():
+            raise UserError(f"{ex.loc}: the prompt has no real answer (SPIN trains real answers against generated "
+                            "ones)")
+        prompt = encode_prompt(tokenizer, template, ex)
+        full = encode(tokenizer, template, ex, max_length=10**9)
+        if full is None or full["input_ids"][: len(prompt)] != prompt:
+            raise UserError(f"{ex.loc}: template {template.spec()!r} renders the generation prompt differently from "
+                            "the training text; it cannot be used for SPIN")
+        if len(prompt) >= max_length:
+            dropped.append(ex.loc)
+            continue
+        prompts.append(Prompt(len(prompts), ex.loc, prompt, full["input_ids"][len(prompt):]))
+    if not prompts:
+        raise UserError(f"{source}: no prompt fits in max_length={max_length} with room for an answer")
+    return prompts, dropped
+
+
+def pair_row(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> dict:
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------------ shards on disk
+
+
+def shard_path(directory: Path, k: int) -> Path:
+    return directory / f"shard-{k:05d}.json"
+
+
+def read_shards(directory: Path, n_shards: int) -> list[dict]:
+    shards = []
+    for k in range(n_shards):
+        path = shard_path(directory, k)
+        try:
+            shards.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing shard (the run directory was modified)") from None
+    return shards
+
+
+def _barrier(cfg: SPINConfig) -> None:
+    if cfg.world_size > 1:
+        torch.distributed.barrier()
+
+
+def _shard_seed(seed: int, t: int, k: int) -> int:
+    return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
+
+
+def generate_shards(cfg: SPINConfig, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
+                    on_event=None) -> None:
+    """Answer every prompt with ``model``; each missing shard of this rank is generated and written atomically."""
+    from tunesmith.generate import generate  # batched, left-padded; TODO: vLLM backend for large runs
+
+    n_shards = -(-len(prompts) // cfg.shard_size)
+    eos = tokenizer.eos_token_id
+    for k in range(cfg.process_index, n_shards, cfg.world_size):
+        path = shard_path(directory, k)
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        chunk = prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+        outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
+                        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=_shard_seed(cfg.seed, t, k))
+        rows = []
+        for p, o in zip(chunk, outs):
+            ids = o["output_ids"] + ([] if o["truncated"] or eos is None else [eos])  # the answer as generated
+            rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
+                         "truncated": o["truncated"]})
+        atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
+        if on_event:
+            on_event("generate", t, k)
+
+
+@torch.no_grad()
+def score_pairs(model, pairs: list[dict], collator: PairCollator, batch_size: int, device) -> tuple[list, list]:
+    """Noise-free summed answer log-probs of the real and generated row of every pair (in order)."""
+    was_training = model.training
+    model.eval()
+    real, generated = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collator(pairs[start:start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        r, g = sequence_logprobs(model, batch).chunk(2)
+        real += r.tolist()
+        generated += g.tolist()
+    model.train(was_training)
+    return real, generated
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class Run:
+    """One SPIN run: config, data and the state on disk. :meth:`train` runs or resumes every iteration."""
+
+    def __init__(self, cfg: SPINConfig, callbacks=(), on_event=None):
+        from tunesmith.models import ensure_pad_token, load_tokenizer
+
+        self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
+        self.out = Path(cfg.output_dir)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        ensure_pad_token(self.tokenizer)
+        if cfg.template:
+            self.template = get_template(cfg.template, self.tokenizer)
+        else:
+            self.template = load_saved_template(cfg.model_name_or_path, self.tokenizer)
+        examples = load_examples(cfg.dataset, cfg.dataset_format, cfg.dataset_split)
+        self.prompts, dropped = build_prompts(examples, self.tokenizer, self.template, cfg.max_length, cfg.dataset)
+        if dropped and cfg.process_index == 0:
+            log.warning(f"spin: {len(dropped)} prompts leave no room for an answer in max_length={cfg.max_length} "
+                        f"and are skipped (first: {dropped[0]})")
+        self.eval_set = None
+        if cfg.eval_dataset:
+            eval_examples = load_examples(cfg.eval_dataset, cfg.dataset_format, "validation")
+            self.eval_set, _ = tokenize_examples(eval_examples, self.tokenizer, self.template, cfg.max_length,
+                                                 source=cfg.eval_dataset)
+        self.collator = PairCollator(self.tokenizer.pad_token_id)
+        self.device = cfg.device
+        self.fp_values = fingerprint_values(cfg)
+        self.fp = fingerprint(self.fp_values)
+        self.state = self._open_state()
+
+    # ---- state
+
+    def _open_state(self) -> dict:
+        path = self.out / STATE_FILE
+        if path.exists():
+            try:
+                state = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}: malformed state file") from None
+            if state.get("fingerprint") != self.fp:
+                old = state.get("config", {})
+                diff = sorted(k for k in set(old) | set(self.fp_values) if old.get(k) != self.fp_values.get(k))
+                raise UserError(f"{self.out}: holds a different SPIN run (config differs in {', '.join(diff) or '?'}); "
+                                "choose another output_dir")
+            return state
+        if self.out.exists() and any(self.out.iterdir()):
+            raise UserError(f"{self.out}: not empty and holds no SPIN run; choose an empty or new output_dir")
+        state = {"fingerprint": self.fp, "config": self.fp_values, "prompts": len(self.prompts), "iterations": {}}
+        _barrier(self.cfg)  # every rank has checked the directory before rank 0 writes into it
+        if self.cfg.process_index == 0:
+            atomic_write_json(path, state)
+        return state
+
+    def done(self, t: int, stage: str) -> dict | None:
+        return self.state["iterations"].get(str(t), {}).get(stage)
+
+    def mark(self, t: int, stage: str, metrics: dict) -> None:
+        self.state["iterations"].setdefault(str(t), {})[stage] = metrics
+        if self.cfg.process_index == 0:
+            atomic_write_json(self.out / STATE_FILE, self.state)
+            self.write_summary()
+        _barrier(self.cfg)
+        if self.on_event:
+            self.on_event(stage + "_done", t, None)
+
+    # ---- paths and model
+
+    def iter_dir(self, t: int) -> Path:
+        return self.out / f"iteration-{t}"
+
+    def model_dir(self, t: int) -> str:
+        """theta_t: the SFT model for t = 0, else the model saved by iteration t-1."""
+        return self.cfg.model_name_or_path if t == 0 else str(self.iter_dir(t - 1) / "model")
+
+    def load_model(self, t: int):
+        from transformers import set_seed
+
+        from tunesmith.models import load_model_and_tokenizer
+
+        set_seed(self.cfg.seed)  # a tokenizer without pad token gets a new embedding row: make it the same each load
+        model, _ = load_model_and_tokenizer(self.model_dir(t), self.cfg.dtype, self.cfg.load_in_4bit,
+                                            self.cfg.trust_remote_code)
+        if not self.cfg.load_in_4bit:
+            model = model.to(self.device)
+        return model
+
+    def sources(self, t: int) -> list[int]:
+        """Iterations whose generated answers iteration t trains on."""
+        return [t, t - 1] if self.cfg.mix_previous_iteration and t > 0 else [t]
+
+    def pairs(self, t: int, with_reference: bool) -> list[dict]:
+        """The training pairs of iteration t, in a fixed order (source iteration, prompt index)."""
+        cfg, n = self.cfg, len(self.prompts)
+        n_gen = -(-n // cfg.shard_size)
+        out = []
+        for s in self.sources(t):
+            rows = [r for sh in read_shards(self.iter_dir(s) / "generations", n_gen) for r in sh["rows"]]
+            for p, r in zip(self.prompts, rows):
+                out.append({"real": pair_row(p.prompt_ids, p.real_ids, cfg.max_length),
+                            "generated": pair_row(r["prompt_ids"], r["ids"], cfg.max_length)})
+        if with_reference:
+            refs = [r for sh in read_shards(self.iter_dir(t) / "reference", -(-len(out) // cfg.shard_size))
+                    for r in sh["rows"]]
+            for pair, ref in zip(out, refs):
+                pair["ref_real"], pair["ref_generated"] = ref["ref_real"], ref["ref_generated"]
+        return out
+
+    # ---- stages
+
+    def stage_generate(self, t: int, model) -> dict:
+        cfg = self.cfg
+        directory = self.iter_dir(t) / "generations"
+        directory.mkdir(parents=True, exist_ok=True)
+        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event)
+        _barrier(cfg)
+        shards = read_shards(directory, -(-len(self.prompts) // cfg.shard_size))
+        rows = [r for sh in shards for r in sh["rows"]]
+        if [r["index"] for r in rows] != list(range(len(self.prompts))):
+            raise UserError(f"{directory}: shards do not hold each prompt exactly once (the run directory was "
+                            "modified)")
+        lengths = [len(r["ids"]) for r in rows]
+        return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows),
+                "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
+                "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed}
+
+    def stage_reference(self, t: int, model) -> dict:
+        cfg = self.cfg
+        directory = self.iter_dir(t) / "reference"
+        directory.mkdir(parents=True, exist_ok=True)
+        pairs = self.pairs(t, with_reference=False)
+        n_shards = -(-len(pairs) // cfg.shard_size)
+        for k in range(cfg.process_index, n_shards, cfg.world_size):
+            path = shard_path(directory, k)
+            if path.exists():
+                continue
+            start = time.perf_counter()
+            chunk = pairs[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+            real, gen = score_pairs(model, chunk, self.collator, cfg.per_device_eval_batch_size, self.device)
+            rows = [{"ref_real": a, "ref_generated": b} for a, b in zip(real, gen)]
+            atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
+            if self.on_event:
+                self.on_event("reference", t, k)
+        _barrier(cfg)
+        shards = read_shards(directory, n_shards)
+        rows = [r for sh in shards for r in sh["rows"]]
+        return {"pairs": len(rows), "ref_real": sum(r["ref_real"] for r in rows) / len(rows),
+                "ref_generated": sum(r["ref_generated"] for r in rows) / len(rows),
+                "seconds": sum(sh["seconds"] for sh in shards)}
+
+    def stage_train(self, t: int, model) -> dict:
+        from transformers import set_seed
+
+        from tunesmith.models import wrap_lora
+
+        cfg = self.cfg
+        it = self.iter_dir(t)
+        pairs = self.pairs(t, with_reference=True)
+        final = it / "model"
+        result_path = it / "train_result.json"
+        start = time.perf_counter()
+        if not final.exists():  # else: killed after the model was saved and before the state was written
+            set_seed(cfg.seed)
+            if cfg.use_peft:
+                model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                                  quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
+            args = cfg.iteration_args(t, it / "trainer")
+            trainer = SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=self.collator,
+                                  processing_class=self.tokenizer, neftune_alpha=cfg.neftune_noise_alpha,
+                                  neftune_distribution=cfg.neftune_noise_distribution, beta=cfg.beta[t],
+                                  loss_type=cfg.loss_type)
+            trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
+            for cb in self.callbacks:
+                trainer.add_callback(cb)
+            checkpoint = last_complete_checkpoint(it / "trainer")
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+            if cfg.process_index == 0:
+                atomic_write_json(result_path, {"train_loss": output.training_loss, "steps": output.global_step,
+                                                "seconds": time.perf_counter() - start})
+            model = trainer.model
+            if cfg.process_index == 0:
+                self.save_model(t, model)
+            _barrier(cfg)
+            model = None
+        # end-of-iteration metrics: theta_{t+1} on the iteration's pairs, noise-free, against the stored reference
+        model = self.load_model(t + 1)
+        metrics = self.pair_metrics(model, pairs, cfg.beta[t])
+        if self.eval_set:
+            metrics["eval_loss"] = self.eval_loss(model)
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+        metrics.update({"loss": result.get("train_loss"), "steps": result.get("steps"),
+                        "seconds": result.get("seconds"), "beta": cfg.beta[t], "learning_rate": cfg.learning_rate[t],
+                        "num_train_epochs": cfg.num_train_epochs[t], "trained_on_iterations": self.sources(t)})
+        return metrics
+
+    def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
+        cfg = self.cfg
+        mine = pairs[cfg.process_index::cfg.world_size]
+        real, gen = score_pairs(model, mine, self.collator, cfg.per_device_eval_batch_size, self.device)
+        real, gen = torch.tensor(real, dtype=torch.float64), torch.tensor(gen, dtype=torch.float64)
+        ref_r = torch.tensor([p["ref_real"] for p in mine], dtype=torch.float64)
+        ref_g = torch.tensor([p["ref_generated"] for p in mine], dtype=torch.float64)
+        losses, t = spin_loss(real, gen, ref_r, ref_g, beta, cfg.loss_type)
+        sums = torch.stack([real.sum(), gen.sum(), ref_r.sum(), ref_g.sum(), t.sum(), (t > 0).double().sum(),
+                            losses.sum(), torch.tensor(float(len(mine)), dtype=torch.float64)])
+        if cfg.world_size > 1:
+            sums = sums.to(self.device)
+            torch.distributed.all_reduce(sums)
+        s = sums.cpu().tolist()
+        n = s[7]
+        return {"policy_real": s[0] / n, "policy_generated": s[1] / n, "ref_real": s[2] / n,
+                "ref_generated": s[3] / n, "reward_margin": s[4] / n, "reward_accuracy": s[5] / n,
+                "final_pair_loss": s[6] / n}
+
+    def eval_loss(self, model) -> float:
+        cfg = self.cfg
+        rows = self.eval_set[cfg.process_index::cfg.world_size]
+        collate = Collator(self.tokenizer.pad_token_id)
+        bs = cfg.per_device_eval_batch_size
+        batches = (collate(rows[i:i + bs]) for i in range(0, len(rows), bs))
+        return dataset_loss(model, batches, device=self.device)["loss"]
+
+    def save_model(self, t: int, model) -> None:
+        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete."""
+        from tunesmith.models import merge_adapter
+
+        cfg, it = self.cfg, self.iter_dir(t)
+        tmp = it / "model.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.use_peft and cfg.load_in_4bit:  # merge into the full-precision base read from disk
+            adapter = it / "adapter"
+            shutil.rmtree(adapter, ignore_errors=True)
+            model.save_pretrained(adapter, safe_serialization=True)
+            self.tokenizer.save_pretrained(adapter)
+            save_template(self.template, adapter)
+            merge_adapter(str(adapter), str(tmp), base=self.model_dir(t), dtype=cfg.dtype)
+        else:
+            if cfg.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            save_template(self.template, tmp)
+        save_yaml(cfg, tmp / "tunesmith.yaml")
+        os.replace(tmp, it / "model")
+
+    # ---- driver
+
+    def train(self) -> str:
+        cfg = self.cfg
+        for t in range(cfg.num_iterations):
+            if all(self.done(t, s) for s in STAGES):
+                continue
+            model = None
+            for stage in STAGES:
+                if self.done(t, stage):
+                    continue
+                if model is None:
+                    model = self.load_model(t)
+                if cfg.process_index == 0:
+                    log.info(f"spin: iteration {t}: {stage}")
+                metrics = getattr(self, f"stage_{stage}")(t, model)
+                if stage == "train":
+                    model = None
+                    if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
+                        shutil.rmtree(self.iter_dir(t) / "trainer", ignore_errors=True)
+                self.mark(t, stage, metrics)
+                if cfg.process_index == 0:
+                    log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
+                        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        if cfg.process_index == 0:
+            self.write_summary()
+        _barrier(cfg)
+        return str(self.iter_dir(cfg.num_iterations - 1) / "model")
+
+    # ---- summary
+
+    def summary_rows(self) -> list[dict]:
+        rows = []
+        for t in range(self.cfg.num_iterations):
+            st = self.state["iterations"].get(str(t), {})
+            g, r, tr = st.get("generate", {}), st.get("reference", {}), st.get("train", {})
+            rows.append({"iteration": t, "loss": tr.get("loss"), "policy_real": tr.get("policy_real"),
+                         "policy_generated": tr.get("policy_generated"), "ref_real": r.get("ref_real"),
+                         "ref_generated": r.get("ref_generated"), "reward_margin": tr.get("reward_margin"),
+                         "reward_accuracy": tr.get("reward_accuracy"), "truncated": g.get("truncated"),
+                         "prompts": g.get("prompts"), "generate_s": g.get("seconds"),
+                         "reference_s": r.get("seconds"), "train_s": tr.get("seconds"),
+                         "eval_loss": tr.get("eval_loss")})
+        return rows
+
+    def write_summary(self) -> None:
+        rows = self.summary_rows()
+        atomic_write_json(self.out / "summary.json", rows)
+        atomic_write_text(self.out / "summary.md", format_table(rows))
+
+
+COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("policy_real", "logp real (policy)"),
+           ("ref_real", "logp real (ref)"), ("policy_generated", "logp gen (policy)"),
+           ("ref_generated", "logp gen (ref)"), ("reward_margin", "margin"), ("reward_accuracy", "accuracy"),
+           ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
+           ("train_s", "train s"), ("eval_loss", "eval loss")]
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        tr = "-" if r["truncated"] is None else f"{r['truncated']}/{r['prompts']}"
+        lines.append("| " + " | ".join(tr if k == "truncated" else cell(r[k]) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) is complete, if any."""
+    if not directory.is_dir():
+        return None
+    found = []
+    for p in directory.iterdir():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit():
+            found.append((int(p.name[11:]), p))
+    for _, p in sorted(found, reverse=True):
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(p)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def train(config, callbacks=(), on_event=None) -> str:
+    """Run (or resume) every SPIN iteration. ``config``: a SPINConfig or a dict of its keys. Returns the final model.
+
+    ``callbacks`` are extra TrainerCallbacks; ``on_event(stage, iteration, shard)`` is called after every shard and
+    stage written (both hooks exist for monitoring and for the crash tests).
+    """
+    cfg = config if isinstance(config, SPINConfig) else build_config(SPINConfig, dict(config), "config")
+    return Run(cfg, callbacks, on_event).train()
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_cli(SPINConfig, argv, "spin", "SPIN self-play fine-tuning: every iteration (generate, reference "
+                    "log-probs, train, save) in one resumable run from an SFT model and its SFT data.")
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    final = train(cfg)
+    if cfg.process_index == 0:
+        print((Path(cfg.output_dir) / "summary.md").read_text(encoding="utf-8"), end="")
+        print(f"final model: {final}")
+    return 0
