@@ -17,6 +17,8 @@ COMMANDS = {
     "classify": ("tunesmith.classify", "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
     "predict": ("tunesmith.predict", "label sentences or a data file with a trained classifier"),
     "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
+    "eval": ("tunesmith.evaluation.evaluate", "loss/perplexity, lengths, repetition, diversity, ROUGE-L/BLEU; JSON"),
+    "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
 }
 
 USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"

@@ -1,0 +1,162 @@
+"""`tunesmith eval`: the NEFTune paper's measurements for one run, written as one JSON file.
+
+* ``model`` + ``dataset``: noise-free, token-weighted loss and perplexity of the model on the dataset's responses
+  (the same masking and template as training; NEFTune Fig. 4 compares this on training and held-out data).
+* ``generations`` (files from ``tunesmith generate``): per file, answer lengths, rep-2/3/4, diversity and
+  log-diversity on the first ``n_tokens`` whitespace tokens (Table 4), the count of outputs cut at
+  ``max_new_tokens``, and ROUGE-L / BLEU against reference answers (Fig. 5: generations on training prompts vs the
+  training answers). References come from each row's ``reference`` field (written by ``tunesmith generate`` when the
+  prompts file has answers) or from ``references``, a dataset matched by instruction.
+
+Save it as ``RUN_DIR/eval.json`` and ``tunesmith report`` picks it up.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.errors import UserError
+from tunesmith.evaluation import metrics as M
+from tunesmith.evaluation.genfile import read_generations
+
+
+@dataclass
+class EvalConfig:
+    output: str = field(default="", metadata={"help": "result JSON (put it at RUN_DIR/eval.json for the report)"})
+    model: str = field(default="", metadata={"help": "model directory, for loss / perplexity on 'dataset'"})
+    dataset: list[str] = field(default_factory=list, metadata={
+        "help": "dataset(s) (any SFT format) to score the model's loss on, e.g. train.jsonl,heldout.jsonl"})
+    dataset_format: str = field(default="auto", metadata={"help": "format of 'dataset' and 'references'"})
+    split: str = field(default="train", metadata={"help": "split, for hub datasets"})
+    template: str = field(default="", metadata={"help": "prompt template (default: the model's saved one)"})
+    max_length: int = field(default=512, metadata={"help": "truncate scored examples to this many tokens"})
+    batch_size: int = field(default=8, metadata={"help": "batch size for scoring"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
+    generations: list[str] = field(default_factory=list, metadata={"help": "generation file(s) to measure"})
+    references: str = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
+                                                          "instruction (default: each row's 'reference' field)"})
+    n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
+                                                        "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
+    run_name: str = field(default="", metadata={"help": "name shown in reports (default: the output's folder)"})
+
+    def __post_init__(self):
+        if not self.output:
+            raise UserError("'output' is required")
+        if self.dataset and not self.model:
+            raise UserError("'dataset' needs 'model' (the model whose loss is measured)")
+        if not self.dataset and not self.generations:
+            raise UserError("nothing to evaluate: give 'model' + 'dataset' and/or 'generations'")
+        if self.n_tokens < 4:
+            raise UserError(f"n_tokens must be at least 4 (rep-4 needs 4-grams), got {self.n_tokens}")
+
+
+def dataset_loss_of(model, tokenizer, template, source: str, cfg: EvalConfig) -> dict:
+    import torch
+
+    from tunesmith.data.collate import Collator
+    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.scoring import dataset_loss
+
+    examples = load_examples(source, cfg.dataset_format, cfg.split)
+    rows, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, source=source)
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; the token-weighted sum is order-free
+    batches = torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
+    result = dataset_loss(model, batches, device=next(model.parameters()).device)
+    return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
+
+
+def reference_map(source: str, cfg: EvalConfig) -> dict[str, str]:
+    from tunesmith.data.prepare import load_examples
+
+    refs = {}
+    for ex in load_examples(source, cfg.dataset_format, cfg.split):
+        if ex.text is None and ex.turns[-1].response is not None:
+            refs.setdefault(ex.turns[-1].prompt, ex.turns[-1].response)
+    if not refs:
+        raise UserError(f"{source}: empty reference set (no record with an answer)")
+    return refs
+
+
+def generation_stats(path: str, n_tokens: int, refs: dict[str, str] | None = None) -> dict:
+    gens = read_generations(path)
+    outputs = [g.output for g in gens]
+    out = {"file": str(path), "generator": gens[0].generator, "n": len(gens),
+           "truncated": sum(bool(g.row.get("truncated")) for g in gens),
+           "decoding": gens[0].row.get("decoding"),
+           "length": M.lengths(outputs), "diversity": M.rep_diversity(outputs, n_tokens)}
+    if refs is not None:
+        missing = [g for g in gens if g.instruction not in refs]
+        if missing:
+            raise UserError(f"{missing[0].loc}: field 'instruction': no reference answer for this prompt")
+        references = [refs[g.instruction] for g in gens]
+    elif all("reference" in g.row for g in gens):
+        references = [str(g.row["reference"]) for g in gens]
+    else:
+        references = None
+    if references is not None:
+        ov = M.overlap(outputs, references)
+        out["overlap"] = ov | {"rouge_l_median": statistics.median(ov["rouge_l"]),
+                               "bleu_sentence_median": statistics.median(ov["bleu"])}
+    else:
+        out["overlap"] = None
+        out["overlap_note"] = "no references: rows lack 'reference' and no 'references' dataset was given"
+    return out
+
+
+def run(cfg: EvalConfig) -> dict:
+    from tunesmith.io import atomic_write_json
+
+    result = {"run": cfg.run_name or Path(cfg.output).resolve().parent.name, "n_tokens": cfg.n_tokens,
+              "log_diversity_cap": M.LOG_DIVERSITY_CAP}
+    if cfg.dataset:
+        from tunesmith.data.templates import get_template, load_saved_template
+        from tunesmith.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model,
+                                                                                                  tokenizer)
+        result["model"] = cfg.model
+        result["loss"] = {src: dataset_loss_of(model, tokenizer, template, src, cfg) for src in cfg.dataset}
+    refs = reference_map(cfg.references, cfg) if cfg.references else None
+    result["generations"] = {}
+    for path in cfg.generations:
+        stats = generation_stats(path, cfg.n_tokens, refs)
+        result["generations"][Path(path).stem] = stats
+    atomic_write_json(cfg.output, result)
+    print(format_result(result))
+    return result
+
+
+def _f(x, nd=2):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def format_result(r: dict) -> str:
+    lines = [f"run {r['run']}"]
+    for src, v in (r.get("loss") or {}).items():
+        lines.append(f"  loss on {src}: {v['loss']:.4f} (perplexity {v['perplexity']:.2f}, {v['tokens']} tokens, "
+                     f"{v['examples']} examples, noise-free)")
+    for name, g in r["generations"].items():
+        d, ln = g["diversity"], g["length"]
+        lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "
+                     f"rep-2 {_f(d['rep_2'])} rep-3 {_f(d['rep_3'])} rep-4 {_f(d['rep_4'])} "
+                     f"diversity {_f(d['diversity'], 3)} log-div {_f(d['log_diversity'])} "
+                     f"(first {d['n_tokens']} words; {d['n_too_short']} shorter left out; cut at budget "
+                     f"{g['truncated']})")
+        if g["overlap"]:
+            o = g["overlap"]
+            lines.append(f"    vs references: ROUGE-L {o['rouge_l_mean']:.4f}  BLEU corpus {o['bleu_corpus']:.2f} "
+                         f"sentence mean {o['bleu_sentence_mean']:.2f}")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    from tunesmith.config import parse_cli
+
+    cfg = parse_cli(EvalConfig, argv, "eval", "Loss / perplexity on datasets (noise-free) and length, repetition, "
+                                              "diversity and ROUGE-L / BLEU of generation files; writes JSON.")
+    if cfg is None:
+        return 0
+    run(cfg)
+    return 0

@@ -1,0 +1,147 @@
+"""`tunesmith eval` and `tunesmith report`: the full flow on two tiny SFT runs (with and without NEFTune)."""
+import json
+
+import pytest
+import torch
+
+from conftest import sft_config, write_jsonl, alpaca_rows
+from tunesmith.cli import main
+from tunesmith.errors import UserError
+from tunesmith.evaluation import metrics as M
+from tunesmith.evaluation.evaluate import EvalConfig, generation_stats, run as run_eval
+from tunesmith.evaluation.winrate import win_rate
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model_dir, tmp_path_factory):
+    """Two real SFT runs on the same data, one with NEFTune, plus greedy generations on the training prompts."""
+    from tunesmith.sft import train
+
+    root = tmp_path_factory.mktemp("runs")
+    data = write_jsonl(root / "train.jsonl", alpaca_rows(24))
+    heldout = write_jsonl(root / "heldout.jsonl", alpaca_rows(8, seed=7))
+    runs = {}
+    for name, alpha in (("base", None), ("neft", 5.0)):
+        out = root / name
+        cfg = sft_config(tiny_model_dir, data, out, eval_dataset=heldout, eval_strategy="steps", eval_steps=3,
+                         num_train_epochs=2, **({"neftune_noise_alpha": alpha} if alpha else {}))
+        train(cfg)
+        gen = out / "gen_train.jsonl"
+        assert main(["generate", "--model", str(out), "--prompts", data, "--output", str(gen),
+                     "--max_new_tokens", "12", "--repetition_penalty", "1.2", "--generator", name]) == 0
+        runs[name] = out
+    return root, data, heldout, runs
+
+
+def manual_loss(model_dir, data):
+    """Token-weighted NLL over response tokens computed straight from HF's own per-example loss."""
+    from tunesmith.data.prepare import load_examples
+    from tunesmith.data.templates import load_saved_template
+    from tunesmith.data.tokenize import encode
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    template = load_saved_template(model_dir, tok)
+    total = count = 0.0
+    for ex in load_examples(data):
+        enc = encode(tok, template, ex, 512)
+        n = sum(1 for x in enc["labels"][1:] if x != -100)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([enc["input_ids"]]), labels=torch.tensor([enc["labels"]]))
+        total += out.loss.item() * n
+        count += n
+    return total / count
+
+
+def test_eval_loss_and_generation_metrics(two_runs, capsys):
+    root, data, heldout, runs = two_runs
+    out = runs["neft"] / "eval.json"
+    assert main(["eval", "--model", str(runs["neft"]), "--dataset", f"{data},{heldout}", "--generations",
+                 str(runs["neft"] / "gen_train.jsonl"), "--n_tokens", "4", "--batch_size", "5",
+                 "--output", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["run"] == "neft"
+    assert r["loss"][data]["loss"] == pytest.approx(manual_loss(str(runs["neft"]), data), rel=1e-4)
+    assert r["loss"][heldout]["examples"] == 8
+    assert r["loss"][data]["perplexity"] == pytest.approx(torch.tensor(r["loss"][data]["loss"]).exp().item(),
+                                                          rel=1e-5)
+    g = r["generations"]["gen_train"]
+    rows = [json.loads(x) for x in (runs["neft"] / "gen_train.jsonl").read_text().splitlines()]
+    outputs, refs = [x["output"] for x in rows], [x["reference"] for x in rows]
+    assert g["n"] == 24 and g["generator"] == "neft"
+    assert g["overlap"]["rouge_l_mean"] == pytest.approx(M.overlap(outputs, refs)["rouge_l_mean"])
+    assert g["overlap"]["bleu_corpus"] == pytest.approx(M.corpus_bleu(outputs, refs))
+    assert g["diversity"] == M.rep_diversity(outputs, 4)
+    assert "loss on" in capsys.readouterr().out
+
+
+def test_eval_references_file_and_errors(tmp_path):
+    gens = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q1", "output": "the cat sat"},
+                                              {"instruction": "q2", "output": "a dog ran far away"}])
+    refs = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "q2", "output": "a dog ran"},
+                                              {"instruction": "q1", "output": "the cat sat"}])
+    s = generation_stats(gens, 4, refs={"q1": "the cat sat", "q2": "a dog ran"})
+    assert s["overlap"]["rouge_l"] == [1.0, pytest.approx(2 * 1 * 0.6 / 1.6)]
+    r = run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[gens], references=refs, n_tokens=4))
+    assert r["generations"]["g"]["overlap"]["rouge_l"][0] == 1.0
+    no_ref = generation_stats(gens, 4)
+    assert no_ref["overlap"] is None and "no references" in no_ref["overlap_note"]
+    with pytest.raises(UserError, match=r"g.jsonl:2: field 'instruction': no reference"):
+        generation_stats(gens, 4, refs={"q1": "x"})
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "q1"}])
+    with pytest.raises(UserError):
+        run_eval(EvalConfig(output=str(tmp_path / "e2.json"), generations=[gens], references=empty))
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        EvalConfig(output="x")
+    with pytest.raises(UserError, match="n_tokens must be at least 4"):
+        EvalConfig(output="x", generations=[gens], n_tokens=3)
+
+
+def test_report_renders_with_plots(two_runs, tmp_path, capsys):
+    root, data, heldout, runs = two_runs
+    for name in ("base", "neft"):
+        assert main(["eval", "--generations", str(runs[name] / "gen_train.jsonl"), "--n_tokens", "4",
+                     "--output", str(runs[name] / "eval.json")]) == 0
+    wr_dir = tmp_path / "judge"
+    wr_dir.mkdir()
+    (wr_dir / "winrate.json").write_text(json.dumps(win_rate(["A"] * 7 + ["B"] * 2 + ["tie"] * 3) |
+                                                    {"name_a": "neft", "name_b": "base", "judge": "python"}))
+    out = tmp_path / "report"
+    assert main(["report", str(runs["base"]), str(runs["neft"]), "--output", str(out), "--winrate",
+                 str(wr_dir)]) == 0
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for png in ("loss_curves.png", "overlap.png", "winrates.png"):
+        data_ = (out / png).read_bytes()
+        assert data_[:8] == b"\x89PNG\r\n\x1a\n" and len(data_) > 5000, png
+        assert f"]({png})" in md and f"src='{png}'" in page
+        import matplotlib.image
+
+        img = matplotlib.image.imread(out / png)
+        assert img.shape[0] > 100 and img.std() > 0.01  # something is drawn
+    # numbers a reader needs are in the text, not only in JSON
+    ev = json.loads((runs["neft"] / "eval.json").read_text())["generations"]["gen_train"]
+    assert f"{ev['overlap']['rouge_l_mean']:.4f}" in md
+    assert "neft / gen_train" in md and "base / gen_train" in md
+    assert "70.83" in md and "77.78" in md  # 100·(7 + 1.5)/12 and 100·7/(12 − 3)
+    log = [json.loads(x) for x in (runs["neft"] / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_eval_loss" in x for x in log) and any("eval_train_loss" in x for x in log)
+    assert "held-out loss (last logged)" in md and "<table>" in page
+    assert "3 plots" in capsys.readouterr().out
+
+
+def test_report_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither metrics.jsonl nor eval.json"):
+        main_report([str(tmp_path / "empty")])
+    with pytest.raises(UserError, match="run directory not found"):
+        main_report([str(tmp_path / "nope")])
+    (tmp_path / "w.json").write_text("{}")
+    with pytest.raises(UserError, match="field 'n': missing"):
+        main_report(["--winrate", str(tmp_path / "w.json")])
+
+
+def main_report(argv):
+    from tunesmith.evaluation.report import cli
+
+    return cli(argv)
