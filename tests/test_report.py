@@ -102,6 +102,9 @@ def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     for name in ("base", "neft"):
         assert main(["eval", "--generations", str(runs[name] / "gen_train.jsonl"), "--n_tokens", "4",
                      "--output", str(runs[name] / "eval.json")]) == 0
+    ev = json.loads((runs["base"] / "eval.json").read_text())
+    ev["benchmarks"] = {"results": {"tiny_colors": {"acc": 0.375, "acc_stderr": 0.18}}}
+    (runs["base"] / "eval.json").write_text(json.dumps(ev))
     wr_dir = tmp_path / "judge"
     wr_dir.mkdir()
     (wr_dir / "winrate.json").write_text(json.dumps(win_rate(["A"] * 7 + ["B"] * 2 + ["tie"] * 3) |
@@ -126,6 +129,7 @@ def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     assert "70.83" in md and "77.78" in md  # 100·(7 + 1.5)/12 and 100·7/(12 − 3)
     log = [json.loads(x) for x in (runs["neft"] / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_eval_loss" in x for x in log) and any("eval_train_loss" in x for x in log)
+    assert "| base | tiny_colors | acc 0.3750 | acc_stderr 0.1800 |" in md
     assert "held-out loss (last logged)" in md and "<table>" in page
     assert "3 plots" in capsys.readouterr().out
 

@@ -1,5 +1,8 @@
 """`tunesmith eval`: the NEFTune paper's measurements for one run, written as one JSON file.
 
+* ``model`` + ``tasks``: lm-evaluation-harness benchmarks on the model in memory (named tasks or local task YAML
+  files; see :mod:`tunesmith.evaluation.lm_eval_bridge`).
+
 * ``model`` + ``dataset``: noise-free, token-weighted loss and perplexity of the model on the dataset's responses
   (the same masking and template as training; NEFTune Fig. 4 compares this on training and held-out data).
 * ``generations`` (files from ``tunesmith generate``): per file, answer lengths, rep-2/3/4, diversity and
@@ -39,14 +42,20 @@ class EvalConfig:
     n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
                                                         "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
     run_name: str = field(default="", metadata={"help": "name shown in reports (default: the output's folder)"})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-evaluation-harness tasks: names (arc_easy, mmlu, ...) and/or task .yaml files"})
+    task_include_path: list[str] = field(default_factory=list, metadata={"help": "extra folders of lm-eval task "
+                                                                                 "YAML files"})
+    num_fewshot: int | None = field(default=None, metadata={"help": "lm-eval few-shot examples (task default)"})
+    task_limit: int = field(default=0, metadata={"help": "lm-eval: only the first N documents per task (0: all)"})
 
     def __post_init__(self):
         if not self.output:
             raise UserError("'output' is required")
-        if self.dataset and not self.model:
-            raise UserError("'dataset' needs 'model' (the model whose loss is measured)")
-        if not self.dataset and not self.generations:
-            raise UserError("nothing to evaluate: give 'model' + 'dataset' and/or 'generations'")
+        if (self.dataset or self.tasks) and not self.model:
+            raise UserError("'dataset' and 'tasks' need 'model' (the model to evaluate)")
+        if not self.dataset and not self.generations and not self.tasks:
+            raise UserError("nothing to evaluate: give 'model' + 'dataset' / 'tasks', and/or 'generations'")
         if self.n_tokens < 4:
             raise UserError(f"n_tokens must be at least 4 (rep-4 needs 4-grams), got {self.n_tokens}")
 
@@ -109,15 +118,23 @@ def run(cfg: EvalConfig) -> dict:
 
     result = {"run": cfg.run_name or Path(cfg.output).resolve().parent.name, "n_tokens": cfg.n_tokens,
               "log_diversity_cap": M.LOG_DIVERSITY_CAP}
-    if cfg.dataset:
-        from tunesmith.data.templates import get_template, load_saved_template
+    if cfg.dataset or cfg.tasks:
         from tunesmith.models import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
+        result["model"] = cfg.model
+    if cfg.dataset:
+        from tunesmith.data.templates import get_template, load_saved_template
+
         template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model,
                                                                                                   tokenizer)
-        result["model"] = cfg.model
         result["loss"] = {src: dataset_loss_of(model, tokenizer, template, src, cfg) for src in cfg.dataset}
+    if cfg.tasks:
+        from tunesmith.evaluation.lm_eval_bridge import run_tasks
+
+        result["benchmarks"] = run_tasks(model, tokenizer, cfg.tasks, include_path=cfg.task_include_path,
+                                         num_fewshot=cfg.num_fewshot, limit=cfg.task_limit or None,
+                                         batch_size=cfg.batch_size)
     refs = reference_map(cfg.references, cfg) if cfg.references else None
     result["generations"] = {}
     for path in cfg.generations:
@@ -137,6 +154,8 @@ def format_result(r: dict) -> str:
     for src, v in (r.get("loss") or {}).items():
         lines.append(f"  loss on {src}: {v['loss']:.4f} (perplexity {v['perplexity']:.2f}, {v['tokens']} tokens, "
                      f"{v['examples']} examples, noise-free)")
+    for task, ms in ((r.get("benchmarks") or {}).get("results") or {}).items():
+        lines.append(f"  {task}: " + "  ".join(f"{k} {_f(v, 4)}" for k, v in ms.items()))
     for name, g in r["generations"].items():
         d, ln = g["diversity"], g["length"]
         lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "

@@ -202,6 +202,15 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
         blocks += [("h3", "Final losses"), ("table", ["run", "measure", "loss", "perplexity", "tokens"],
                                             final_rows)]
 
+    bench = [(r["name"], task, m) for r in runs
+             for task, m in (((r["eval"] or {}).get("benchmarks") or {}).get("results") or {}).items()]
+    if bench:
+        rows = [[name, task, ", ".join(f"{k} {_fmt(v, 4)}" for k, v in m.items() if not k.endswith("_stderr")),
+                 ", ".join(f"{k} {_fmt(v, 4)}" for k, v in m.items() if k.endswith("_stderr"))]
+                for name, task, m in bench]
+        blocks += [("h2", "Benchmarks (lm-evaluation-harness)"),
+                   ("table", ["run", "task", "metrics", "standard errors"], rows)]
+
     sets = [(f"{r['name']} / {name}", g) for r in runs for name, g in ((r["eval"] or {}).get("generations") or
                                                                        {}).items()]
     if sets:
