@@ -1,6 +1,7 @@
 """Load models and tokenizers (local directory or hub id), the pad-token policy, LoRA / QLoRA wrapping, and merge."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -57,10 +58,18 @@ def resize_embeddings(model, vocab_size: int) -> None:
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bool = False,
                              trust_remote_code: bool = False, model_class=None):
-    """Load a causal LM (or ``model_class``) and its tokenizer; safetensors only; adds a dedicated pad token."""
+    """Load a causal LM (or ``model_class``) and its tokenizer; safetensors only; adds a dedicated pad token.
+
+    ``path`` may also be a LoRA adapter directory saved by tunesmith: its base is loaded (resized to the adapter's
+    tokenizer) and the adapter applied, ready for inference or further training.
+    """
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path, trust_remote_code)
+    adapter_cfg = Path(path) / "adapter_config.json"
+    base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"] if adapter_cfg.exists() else path
+    if adapter_cfg.exists():
+        _check_source(base)
     kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -71,10 +80,15 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bo
             bnb_4bit_compute_dtype=compute)
     cls = model_class or AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{base}: cannot load model ({str(e).splitlines()[0]})") from None
     ensure_pad_token(tokenizer, model)
+    if adapter_cfg.exists():
+        from peft import PeftModel
+
+        resize_embeddings(model, len(tokenizer))
+        model = PeftModel.from_pretrained(model, path)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -98,24 +112,14 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
         raise UserError(f"lora_target_modules {target_modules}: {str(e).splitlines()[0]}") from None
 
 
-def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str = "float32") -> str:
+def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
     """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir."""
-    import json
     import shutil
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    cfg_path = Path(adapter_dir) / "adapter_config.json"
-    if not cfg_path.exists():
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise UserError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
-    base = base or json.loads(cfg_path.read_text())["base_model_name_or_path"]
-    _check_source(base)
-    tokenizer = load_tokenizer(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=resolve_dtype(dtype), use_safetensors=True)
-    resize_embeddings(model, len(tokenizer))
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = load_model_and_tokenizer(adapter_dir, dtype)
+    model = model.merge_and_unload()
     tmp = Path(output_dir).with_name(Path(output_dir).name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -134,16 +138,16 @@ def cli(argv: list[str]) -> int:
     from tunesmith.config import parse_overrides
 
     if any(a in ("-h", "--help") for a in argv) or not argv:
-        print("usage: tunesmith merge --adapter ADAPTER_DIR --output OUTPUT_DIR [--base BASE_MODEL] [--dtype D]\n\n"
-              "Folds a LoRA adapter into its base model (read from adapter_config.json unless --base is given)\n"
-              "and saves a plain Hugging Face model with the tokenizer and prompt template.")
+        print("usage: tunesmith merge --adapter ADAPTER_DIR --output OUTPUT_DIR [--dtype D]\n\n"
+              "Folds a LoRA adapter into its base model (named in adapter_config.json) and saves a plain\n"
+              "Hugging Face model with the tokenizer and prompt template.")
         return 0
     _, opts = parse_overrides(argv)
-    unknown = set(opts) - {"adapter", "output", "base", "dtype"}
+    unknown = set(opts) - {"adapter", "output", "dtype"}
     if unknown:
         raise UserError(f"unknown option --{sorted(unknown)[0]}")
     if "adapter" not in opts or "output" not in opts:
         raise UserError("--adapter and --output are required")
-    out = merge_adapter(str(opts["adapter"]), str(opts["output"]), opts.get("base"), str(opts.get("dtype", "float32")))
+    out = merge_adapter(str(opts["adapter"]), str(opts["output"]), str(opts.get("dtype", "float32")))
     print(f"merged model saved to {out}")
     return 0

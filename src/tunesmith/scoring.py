@@ -10,8 +10,10 @@ from tunesmith.data.tokenize import IGNORE
 
 
 def model_inputs(batch: dict) -> dict:
-    """The keys a causal LM forward takes (drops labels and tunesmith's token_mask)."""
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids", "inputs_embeds")}
+    """The keys a causal LM forward takes (drops labels and tunesmith's token_mask). No KV cache: transformers only
+    isolates packed examples (block-diagonal mask from position_ids) when no cache is in use."""
+    keep = ("input_ids", "attention_mask", "position_ids", "inputs_embeds")
+    return {**{k: v for k, v in batch.items() if k in keep}, "use_cache": False}
 
 
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,6 +120,8 @@ class TunesmithTrainer(Trainer):
             inputs = add_noise_to_batch(model, inputs, self.noise_alpha, self.noise_distribution)
         else:
             inputs = {k: v for k, v in inputs.items() if k != "token_mask"}
+        # No KV cache in training: packed rows are isolated by position_ids only when no cache is in use.
+        inputs["use_cache"] = False
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -182,8 +184,12 @@ def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
     atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
 
 
-def train(config) -> str:
-    """Run SFT from an SFTConfig or a dict of config keys. Returns the output directory."""
+def train(config, callbacks: list | None = None) -> str:
+    """Run SFT from an SFTConfig or a dict of config keys. Returns the output directory.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (progress hooks, early stopping, ...).
+    ``resume_from_checkpoint``: a checkpoint directory, or true / last for the newest one in ``output_dir``.
+    """
     from transformers import set_seed
 
     from tunesmith.models import ensure_pad_token, load_tokenizer
@@ -213,8 +219,12 @@ def train(config) -> str:
         model=model, args=cfg, train_dataset=rows, eval_dataset=evals or None,
         data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
-    trainer.add_callback(JsonlMetrics(out / "metrics.jsonl"))
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    for callback in [JsonlMetrics(out / "metrics.jsonl")] + list(callbacks or []):
+        trainer.add_callback(callback)
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate() if evals else {}
 
     if trainer.is_world_process_zero():

@@ -1,0 +1,50 @@
+"""`tunesmith audit`: what the model will actually be trained on — rendered examples with trained tokens marked, and
+the data summary every training run also logs."""
+from __future__ import annotations
+
+from tunesmith.data.tokenize import IGNORE
+
+START, END = "⟦", "⟧"  # trained spans are shown between these marks
+
+
+def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
+    """Decode ``input_ids`` with every run of trained tokens wrapped in ⟦ ⟧."""
+    out, run, trained = [], [], None
+    for tok_id, label in zip(input_ids, labels):
+        is_trained = label != IGNORE
+        if trained is not None and is_trained != trained:
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            out.append(f"{START}{text}{END}" if trained else text)
+            run = []
+        run.append(tok_id)
+        trained = is_trained
+    if run:
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        out.append(f"{START}{text}{END}" if trained else text)
+    return "".join(out)
+
+
+def cli(argv: list[str]) -> int:
+    from tunesmith.config import parse_cli
+    from tunesmith.models import ensure_pad_token, load_tokenizer
+    from tunesmith.sft import SFTConfig, prepare_data
+
+    show = 3
+    if "--show" in argv:
+        i = argv.index("--show")
+        show = int(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    cfg = parse_cli(SFTConfig, argv, "audit", "Show rendered training examples with trained tokens marked "
+                    f"{START}like this{END}, and a summary of the data (--show N examples, default 3).")
+    if cfg is None:
+        return 0
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    _, train_set, summary, _, eval_summary = prepare_data(cfg, tokenizer)
+    for i, ex in enumerate(train_set[:show]):
+        print(f"--- example {i} ({len(ex['input_ids'])} tokens)")
+        print(mark_trained(tokenizer, ex["input_ids"], ex["labels"]))
+    print("---")
+    for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
+        print(line)
+    return 0
