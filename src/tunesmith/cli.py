@@ -19,6 +19,7 @@ COMMANDS = {
     "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
     "eval": ("tunesmith.evaluation.evaluate", "loss/perplexity, lengths, repetition, diversity, ROUGE-L/BLEU; JSON"),
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
+    "demo": ("tunesmith.demo.run", "fine-tune the shipped tiny model with and without NEFTune, compare in a report"),
 }
 
 USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"
