@@ -312,3 +312,14 @@ def test_combine_orders():
     assert combine_orders("1", "2") == "A" and combine_orders("2", "1") == "B"
     assert combine_orders("1", "1") == "tie" and combine_orders("tie", "2") == "tie"
     assert combine_orders(None, "2") == "unjudged"
+
+
+def test_alpaca_eval_json_list_is_read(tmp_path):
+    p = tmp_path / "model_outputs.json"
+    p.write_text(json.dumps([{"instruction": "q1", "output": "o1", "generator": "m"},
+                             {"instruction": "q2", "output": "o2"}]))
+    gens = read_generations(p)
+    assert [(g.instruction, g.output, g.generator) for g in gens] == [("q1", "o1", "m"), ("q2", "o2", "model_outputs")]
+    p.write_text(json.dumps([{"instruction": "q1", "output": 3}]))
+    with pytest.raises(UserError, match="model_outputs.json:0: field 'output': expected a string"):
+        read_generations(p)

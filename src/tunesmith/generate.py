@@ -2,7 +2,8 @@
 
 Prompts are sorted by length (longest first) and cut into batches, each left-padded to its own longest prompt, and
 generated with the KV cache; outputs come back in input order. Greedy decoding gives the same outputs whatever the
-batch size or order (up to float rounding: padding is masked and position ids follow the attention mask).
+batch size or order (up to float rounding: padding is masked and position ids follow the attention mask). Sampling
+with a seed is reproducible for the same prompts and batch size (the random stream depends on the batch layout).
 
 Output JSONL, one row per prompt, readable by alpaca_eval (``instruction``, ``output``, ``generator``) plus:
 ``input`` (alpaca input, if any), ``reference`` (the record's own answer, if it had one — what ``tunesmith eval``
