@@ -1,0 +1,382 @@
+"""SPIN: the loss (hand-computed and against TRL's DPO sigmoid loss), two iterations end to end (full and LoRA),
+kill -9 during generation and training then resume, token-identical prompts, and bad input."""
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import alpaca_rows, sft_config, write_jsonl
+
+from tunesmith import spin
+from tunesmith.data.formats import Example, Turn
+from tunesmith.data.templates import get_template
+from tunesmith.data.tokenize import encode, encode_prompt
+from tunesmith.errors import UserError
+from tunesmith.scoring import sequence_logprobs
+
+
+def spin_config(model_dir, data, out, **over):
+    cfg = sft_config(model_dir, data, out, max_length=256, num_iterations=2, beta=0.5, learning_rate=3e-3,
+                     num_train_epochs=1, max_new_tokens=10, shard_size=6, generation_batch_size=4,
+                     per_device_eval_batch_size=8, train_loss_eval_samples=0, save_strategy="steps", save_steps=2)
+    cfg.update(over)
+    return cfg
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def shard_rows(directory):
+    rows = []
+    for p in sorted(Path(directory).glob("shard-*.json")):
+        rows += json.loads(p.read_text())["rows"]
+    return rows
+
+
+@torch.no_grad()
+def logps_under(model, pairs, pad_token_id):
+    batch = spin.PairCollator(pad_token_id)(pairs)
+    return sequence_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("spin-data") / "sft.jsonl", alpaca_rows(12))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model_dir, data_file, tmp_path_factory):
+    """An uninterrupted two-iteration run (full fine-tuning), recording every shard and stage event."""
+    out = tmp_path_factory.mktemp("spin-full") / "run"
+    cfg = spin_config(tiny_model_dir, data_file, out)
+    events = []
+    final = spin.train(cfg, on_event=lambda stage, t, k: events.append((stage, t, k)))
+    run = spin.Run(spin.build_config(spin.SPINConfig, cfg))
+    return {"cfg": cfg, "out": out, "final": final, "events": events, "run": run}
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def test_loss_equals_papers_formula_on_hand_computed_numbers():
+    # pair 1: t = 0.1 * ((-10 - -11) - (-12 - -11.5)) = 0.15; pair 2 (beta 1): t = (3 - (-1)) = 4 -> hinge 0;
+    # pair 3: the generated answer gained more than the real one: t = 0.5 * ((-20 - -19) - (-15 - -17)) = -1.5
+    pr, pg = torch.tensor([-10.0, -5.0, -20.0]), torch.tensor([-12.0, -9.0, -15.0])
+    rr, rg = torch.tensor([-11.0, -8.0, -19.0]), torch.tensor([-11.5, -8.0, -17.0])
+    expected_t = [0.15, 4.0, -1.5]
+    for i, beta in enumerate([0.1, 1.0, 0.5]):
+        sig, t = spin.spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "sigmoid")
+        hinge, _ = spin.spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "hinge")
+        assert t.item() == pytest.approx(expected_t[i], abs=1e-6)
+        assert sig.item() == pytest.approx(math.log(1 + math.exp(-expected_t[i])), abs=1e-6)
+        assert hinge.item() == pytest.approx(max(0.0, 1 - expected_t[i]), abs=1e-6)
+    assert spin.spin_loss(pr[1:2], pg[1:2], rr[1:2], rg[1:2], 1.0, "hinge")[0].item() == 0.0
+
+
+def _triples(tokenizer):
+    template = get_template("alpaca", tokenizer)
+    out = []
+    for i, r in enumerate(alpaca_rows(6)):
+        ex = Example(turns=[Turn(r["instruction"], r["output"])], input=r["input"] or None)
+        prompt = encode_prompt(tokenizer, template, ex)
+        real = encode(tokenizer, template, ex, 10**9)["input_ids"][len(prompt):]
+        generated = tokenizer(f" the sky is {'big ' * (i + 1)}no", add_special_tokens=False)["input_ids"]
+        out.append((prompt, real, generated + [tokenizer.eos_token_id]))
+    return out
+
+
+def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from tunesmith.models import load_model_and_tokenizer
+
+    reference, tok = load_model_and_tokenizer(tiny_model_dir)
+    policy = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy that differs from its reference, so the loss is not log 2
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    triples = _triples(tok)
+    beta = 0.3
+
+    # tunesmith: reference log-probs stored with the pairs, the policy scored in SPINTrainer.compute_loss
+    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256)} for p, r, y in triples]
+    collate = spin.PairCollator(tok.pad_token_id)
+    with torch.no_grad():
+        ref_r, ref_g = sequence_logprobs(reference.eval(), {k: v for k, v in collate(pairs).items()}).chunk(2)
+    for pair, a, b in zip(pairs, ref_r.tolist(), ref_g.tolist()):
+        pair["ref_real"], pair["ref_generated"] = a, b
+    args = spin.TrainingArguments(output_dir=str(tmp_path / "ts"), use_cpu=True, report_to="none")
+    ours = spin.SPINTrainer(model=copy.deepcopy(policy).eval(), args=args, train_dataset=pairs, data_collator=collate,
+                            beta=beta, loss_type="sigmoid")
+    ours_loss = ours.compute_loss(ours.model, collate(pairs)).item()
+
+    # TRL: chosen = real, rejected = generated, a reference copy of the same model, beta = lambda
+    text = Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["sigmoid"], bf16=False, use_cpu=True,
+                         report_to="none", max_length=None, precompute_ref_log_probs=False)
+    trl = DPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=trl_args,
+                     train_dataset=text, processing_class=tok)
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)(
+        [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": y} for p, r, y in triples])
+    trl.model.eval()
+    with torch.no_grad():
+        trl_loss = trl._compute_loss(trl.model, batch, False).item()
+    assert trl_loss > 0.1 and abs(trl_loss - math.log(2)) > 1e-3  # a real cross-check, not the trivial log 2
+    assert ours_loss == pytest.approx(trl_loss, abs=1e-5)
+
+
+def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256), "ref_real": -30.0,
+              "ref_generated": -30.0} for p, r, y in _triples(tok)]
+    collate = spin.PairCollator(tok.pad_token_id)
+    args = spin.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    tr = spin.SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate, beta=0.5,
+                          neftune_alpha=15.0)
+    batch = collate(pairs)
+    model.eval()
+    clean = tr.compute_loss(model, batch).item()
+    assert tr.compute_loss(model, batch).item() == clean  # eval/scoring passes: no noise
+    model.train()
+    noisy = tr.compute_loss(model, batch).item()
+    assert abs(noisy - clean) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_two_iterations_end_to_end(full_run, tiny_model_dir, tiny_tokenizer):
+    out, run = full_run["out"], full_run["run"]
+    state = json.loads((out / "spin_state.json").read_text())
+    assert all(set(state["iterations"][str(t)]) == {"generate", "reference", "train"} for t in (0, 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["iteration"] for r in summary] == [0, 1]
+    assert "| 1 |" in (out / "summary.md").read_text()
+    assert full_run["final"] == str(out / "iteration-1" / "model")
+
+    for t in (0, 1):
+        tr = state["iterations"][str(t)]["train"]
+        # the margin starts at 0 (policy == reference) and rises within the iteration
+        logs = [json.loads(line) for line in (out / f"iteration-{t}" / "metrics.jsonl").read_text().splitlines()]
+        margins = [e["rewards/margin"] for e in logs if "rewards/margin" in e]
+        assert margins[0] == pytest.approx(0.0, abs=1e-4)
+        assert margins[-1] > margins[0] + 0.5
+        assert tr["reward_margin"] > 0.5 and tr["reward_accuracy"] > 0.5
+        assert tr["policy_real"] - tr["ref_real"] > tr["policy_generated"] - tr["ref_generated"]
+        gen = state["iterations"][str(t)]["generate"]
+        rows = shard_rows(out / f"iteration-{t}" / "generations")
+        assert [r["index"] for r in rows] == list(range(12))  # each prompt exactly once
+        assert gen["truncated"] == sum(r["truncated"] for r in rows)
+        assert all(len(r["ids"]) == 10 for r in rows if r["truncated"])
+        assert not (out / f"iteration-{t}" / "trainer").exists()  # checkpoints removed once the model is saved
+
+    # iteration 1 trains on its own and iteration 0's generations (mix_previous_iteration), 24 pairs
+    assert state["iterations"]["1"]["train"]["trained_on_iterations"] == [1, 0]
+    pairs = run.pairs(1, with_reference=True)
+    assert len(pairs) == 24
+    # iteration 1's reference log-probs are iteration 0's model's (theta_1), not the SFT model's
+    stored = torch.tensor([[p["ref_real"], p["ref_generated"]] for p in pairs])
+    r1, g1 = logps_under(load(out / "iteration-0" / "model"), pairs, run.tokenizer.pad_token_id)
+    assert torch.allclose(stored, torch.stack([r1, g1], 1), atol=1e-4)
+    r0, g0 = logps_under(run.load_model(0).eval(), pairs, run.tokenizer.pad_token_id)
+    assert (stored - torch.stack([r0, g0], 1)).abs().max() > 0.1
+
+
+def test_generation_prompt_is_token_identical_to_training_prefix(full_run, data_file):
+    out, run = full_run["out"], full_run["run"]
+    rows = shard_rows(out / "iteration-0" / "generations")
+    pairs = run.pairs(0, with_reference=True)
+    template = get_template("alpaca", run.tokenizer)
+    for r, pair, record in zip(rows, pairs, alpaca_rows(12)):
+        ex = Example(turns=[Turn(record["instruction"], record["output"])], input=record["input"] or None)
+        trained = encode(run.tokenizer, template, ex, 10**9)  # exactly what SFT trains on
+        n = len(r["prompt_ids"])
+        assert r["prompt_ids"] == trained["input_ids"][:n]
+        assert trained["labels"][n - 1] == -100 and trained["labels"][n] != -100  # the answer starts right there
+        assert pair["real"]["input_ids"] == trained["input_ids"]
+        assert pair["generated"]["input_ids"][:n] == r["prompt_ids"]
+        assert pair["generated"]["input_ids"][n:] == r["ids"]
+
+
+def test_rerun_of_a_finished_run_redoes_nothing(full_run):
+    out = full_run["out"]
+    before = (out / "spin_state.json").read_bytes(), (out / "iteration-1" / "model" / "model.safetensors").stat()
+    events = []
+    spin.train(full_run["cfg"], on_event=lambda *e: events.append(e))
+    assert events == []
+    assert (out / "spin_state.json").read_bytes() == before[0]
+    assert (out / "iteration-1" / "model" / "model.safetensors").stat().st_mtime_ns == before[1].st_mtime_ns
+
+
+def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    cfg = spin_config(tiny_model_dir, data, tmp_path / "run", use_peft=True, lora_r=4, lora_alpha=8,
+                      lora_dropout=0.0, learning_rate=1e-2, neftune_noise_alpha=5.0, mix_previous_iteration=False,
+                      shard_size=8)
+    spin.train(cfg)
+    run = spin.Run(spin.build_config(spin.SPINConfig, cfg))
+    merged = tmp_path / "run" / "iteration-0" / "model"
+    assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
+    pairs = run.pairs(1, with_reference=True)
+    assert len(pairs) == 8
+    stored = torch.tensor([[p["ref_real"], p["ref_generated"]] for p in pairs])
+    r1, g1 = logps_under(load(merged), pairs, run.tokenizer.pad_token_id)
+    assert torch.allclose(stored, torch.stack([r1, g1], 1), atol=1e-4)  # theta_1, scored noise-free
+    r0, g0 = logps_under(run.load_model(0).eval(), pairs, run.tokenizer.pad_token_id)
+    assert (stored - torch.stack([r0, g0], 1)).abs().max() > 0.1  # not theta_0
+    state = json.loads((tmp_path / "run" / "spin_state.json").read_text())
+    assert state["iterations"]["1"]["train"]["reward_margin"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ kill and resume
+
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    import torch
+    from transformers import TrainerCallback
+    from tunesmith import spin
+
+    cfg, kill, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(threads)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_event(stage, t, k):
+        if kill.get("stage") == stage and kill["iteration"] == t and kill["shard"] == k:
+            die()
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if kill.get("step") == state.global_step and args.output_dir.endswith(f"iteration-{kill['iteration']}/trainer"):
+                die()
+
+    spin.train(cfg, callbacks=[KillAtStep()], on_event=on_event)
+""")
+
+
+def _run_killable(cfg, kill):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[1])] + sys.path))
+    return subprocess.run([sys.executable, "-c", KILLER, json.dumps(cfg), json.dumps(kill),
+                           str(torch.get_num_threads())], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_during_generation_and_training_then_resume_matches_uninterrupted(full_run, tmp_path):
+    cfg = dict(full_run["cfg"], output_dir=str(tmp_path / "run"))
+    out = tmp_path / "run"
+    # 1. killed right after the first generation shard of iteration 0 is written
+    p = _run_killable(cfg, {"stage": "generate", "iteration": 0, "shard": 0})
+    assert p.returncode == -9, p.stderr[-2000:]
+    gen0 = out / "iteration-0" / "generations"
+    assert sorted(x.name for x in gen0.iterdir()) == ["shard-00000.json"]  # no half shard, no temp file
+    # 2. resumed, then killed at step 3 of iteration 1's training (after the step-2 checkpoint)
+    p = _run_killable(cfg, {"step": 3, "iteration": 1})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert (out / "iteration-1" / "trainer" / "checkpoint-2").exists()
+    assert not (out / "iteration-1" / "model").exists()
+    state = json.loads((out / "spin_state.json").read_text())
+    assert "train" not in state["iterations"]["1"] and "reference" in state["iterations"]["1"]
+    # 3. resumed to the end
+    p = _run_killable(cfg, {})
+    assert p.returncode == 0, p.stderr[-2000:]
+
+    ref = full_run["out"]
+    for t in (0, 1):
+        a = shard_rows(out / f"iteration-{t}" / "generations")
+        b = shard_rows(ref / f"iteration-{t}" / "generations")
+        assert [r["index"] for r in a] == list(range(12))
+        assert [r["ids"] for r in a] == [r["ids"] for r in b]
+        ra, rb = shard_rows(out / f"iteration-{t}" / "reference"), shard_rows(ref / f"iteration-{t}" / "reference")
+        assert len(ra) == len(rb) == (12 if t == 0 else 24)
+        for x, y in zip(ra, rb):
+            assert x["ref_real"] == pytest.approx(y["ref_real"], abs=1e-4)
+            assert x["ref_generated"] == pytest.approx(y["ref_generated"], abs=1e-4)
+    wa, wb = weights(out / "iteration-1" / "model"), weights(ref / "iteration-1" / "model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    # training resumed from checkpoint-2: steps 1-2 (logged before the kill) were not trained or logged again
+    steps = [json.loads(x)["step"] for x in (out / "iteration-1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"beta": 0}, "'beta' must be > 0"),
+    ({"beta": [0.1, -1.0]}, "'beta' must be > 0"),
+    ({"learning_rate": [1e-3, 1e-3, 1e-3]}, "'learning_rate' has 3 values but num_iterations is 2"),
+    ({"num_train_epochs": [1, 2, 3]}, "'num_train_epochs' has 3 values"),
+    ({"loss_type": "ipo"}, "loss_type"),
+    ({"packing": True}, "packing"),
+])
+def test_bad_config_is_a_one_line_user_error(over, message, tiny_model_dir, data_file, tmp_path):
+    with pytest.raises(UserError, match=message) as e:
+        spin.train(spin_config(tiny_model_dir, data_file, tmp_path / "run", **over))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompts_without_real_answers_are_refused(tiny_model_dir, tmp_path):
+    rows = alpaca_rows(4)
+    rows[2]["output"] = "  "
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match=r"d.jsonl:3: the prompt has no real answer"):
+        spin.train(spin_config(tiny_model_dir, data, tmp_path / "run"))
+    del rows[2]["output"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match=r"d.jsonl:3: field 'output' is missing"):
+        spin.train(spin_config(tiny_model_dir, data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_without_template_is_refused(tiny_model_dir, data_file, tmp_path):
+    cfg = spin_config(tiny_model_dir, data_file, tmp_path / "run")
+    del cfg["template"]  # the tiny model was not saved by tunesmith: no tunesmith_template.json
+    with pytest.raises(UserError, match="tunesmith_template.json"):
+        spin.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_of_another_run_is_refused_and_left_untouched(full_run, tmp_path):
+    out = full_run["out"]
+    before = {p: p.read_bytes() for p in out.rglob("*.json")}
+    with pytest.raises(UserError, match="holds a different SPIN run .*beta"):
+        spin.train(dict(full_run["cfg"], beta=0.7))
+    assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no SPIN run"):
+        spin.train(dict(full_run["cfg"], output_dir=str(tmp_path / "other")))
+
+
+def test_cli_bad_input_exits_2_with_one_line(tiny_model_dir, data_file, tmp_path, capsys):
+    from tunesmith.cli import main
+
+    code = main(["spin", "--model_name_or_path", tiny_model_dir, "--dataset", data_file, "--output_dir",
+                 str(tmp_path / "run"), "--template", "alpaca", "--num_iterations", "2", "--beta", "[0.1, 0.2, 0.3]",
+                 "--use_cpu", "true", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "'beta' has 3 values" in err
