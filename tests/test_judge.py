@@ -323,3 +323,15 @@ def test_alpaca_eval_json_list_is_read(tmp_path):
     p.write_text(json.dumps([{"instruction": "q1", "output": 3}]))
     with pytest.raises(UserError, match="model_outputs.json:0: field 'output': expected a string"):
         read_generations(p)
+
+
+def test_parallel_workers_give_the_same_judgements(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("TS_JUDGE_KEY", KEY)
+    prompts_a = [(f"p{i}", "GOOD a" if i % 3 else "meh") for i in range(12)]
+    prompts_b = [(f"p{i}", "GOOD b" if i % 4 == 0 else "nah") for i in range(12)]
+    a, b = files(tmp_path, prompts_a, prompts_b)
+    assert main(judge_args(tmp_path, a, b, server.url, "--workers", "4", "--cache", str(tmp_path / "c.jsonl"))) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out/judgements.jsonl").read_text().splitlines()]
+    expected = ["tie" if (i % 3 != 0) == (i % 4 == 0) else ("A" if i % 3 else "B") for i in range(12)]
+    assert [r["outcome"] for r in rows] == expected and [r["index"] for r in rows] == list(range(12))
+    assert len(server.requests) == 24 and len(J.VerdictCache(tmp_path / "c.jsonl").data) == 24

@@ -225,10 +225,13 @@ class VerdictCache:
 
 def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cache: VerdictCache | None = None,
                 both_orders: bool = True, max_consecutive_failures: int = 5, progress: bool = True,
-                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                on_row: Callable[[dict], None] | None = None, workers: int = 1) -> list[dict]:
     """Judge every pair; returns one row per prompt with ``outcome`` in A / B / tie / unjudged.
 
-    With ``both_orders=False`` A is always shown first (position bias not controlled)."""
+    With ``both_orders=False`` A is always shown first (position bias not controlled). ``workers`` > 1 asks that
+    many prompts at once (threads; results are still taken, cached and counted in prompt order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     judge_id = getattr(judge, "id", None) or _sha("callable", repr(judge))
     rows, fails_in_a_row = [], 0
 
@@ -244,33 +247,41 @@ def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cac
             cache.put(key, v)
         return v, None
 
-    for i, (a, b) in enumerate(pairs):
+    def judge_one(item):
+        a, b = item
         v1, err1 = ask(a.instruction, a.output, b.output)
-        v2, err2 = (ask(a.instruction, b.output, a.output) if both_orders and v1 is not None else (None, None))
-        if both_orders:
-            outcome = combine_orders(v1, v2)
-        else:
-            outcome = {"1": "A", "2": "B", "tie": "tie", None: "unjudged"}[v1]
-        row = {"index": i, "instruction": a.instruction, "outcome": outcome, "verdict_a_first": v1,
-               "verdict_b_first": v2 if both_orders else None, "loc_a": a.loc, "loc_b": b.loc}
-        if outcome == "unjudged":
-            row["reason"] = err1 or err2
-            fails_in_a_row += 1
-            log.warning("prompt %d unjudged: %s", i, row["reason"])
-        else:
-            fails_in_a_row = 0
-        rows.append(row)
-        if on_row:
-            on_row(row)
-        if progress:
-            print(f"\rjudged {i + 1}/{len(pairs)}", end="", file=sys.stderr, flush=True)
-        if max_consecutive_failures and fails_in_a_row >= max_consecutive_failures:
+        v2, err2 = ask(a.instruction, b.output, a.output) if both_orders and v1 is not None else (None, None)
+        return a, b, v1, v2, err1 or err2
+
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        results = pool.map(judge_one, pairs) if pool else map(judge_one, pairs)
+        for i, (a, b, v1, v2, err) in enumerate(results):
+            if both_orders:
+                outcome = combine_orders(v1, v2)
+            else:
+                outcome = {"1": "A", "2": "B", "tie": "tie", None: "unjudged"}[v1]
+            row = {"index": i, "instruction": a.instruction, "outcome": outcome, "verdict_a_first": v1,
+                   "verdict_b_first": v2 if both_orders else None, "loc_a": a.loc, "loc_b": b.loc}
+            if outcome == "unjudged":
+                row["reason"] = err
+                fails_in_a_row += 1
+                log.warning("prompt %d unjudged: %s", i, err)
+            else:
+                fails_in_a_row = 0
+            rows.append(row)
+            if on_row:
+                on_row(row)
             if progress:
-                print(file=sys.stderr)
-            raise JudgeStepError(f"the judge failed on {fails_in_a_row} prompts in a row (last: {row['reason']}); "
-                                 f"{len(rows) - fails_in_a_row} judgements kept")
-    if progress:
-        print(file=sys.stderr)
+                print(f"\rjudged {i + 1}/{len(pairs)}", end="", file=sys.stderr, flush=True)
+            if max_consecutive_failures and fails_in_a_row >= max_consecutive_failures:
+                raise JudgeStepError(f"the judge failed on {fails_in_a_row} prompts in a row (last: {err}); "
+                                     f"{len(rows) - fails_in_a_row} judgements kept")
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if progress:
+            print(file=sys.stderr)
     return rows
 
 
@@ -389,6 +400,7 @@ class JudgeConfig:
     max_consecutive_failures: int = field(default=5, metadata={"help": "stop after this many unjudged prompts "
                                                                        "in a row (0: never)"})
     cache: str = field(default="", metadata={"help": "verdict cache file (default OUTPUT_DIR/judge_cache.jsonl)"})
+    workers: int = field(default=1, metadata={"help": "prompts judged at once (threads; for endpoints)"})
     n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the interval"})
     confidence: float = field(default=0.95, metadata={"help": "interval level"})
     seed: int = field(default=0, metadata={"help": "seed for the bootstrap and the sheet shuffle"})
@@ -405,6 +417,8 @@ class JudgeConfig:
             raise UserError("judge local needs 'model' (a model directory)")
         if self.judge == "python" and not self.python_judge:
             raise UserError("judge python needs 'python_judge' (module:function)")
+        if self.workers < 1:
+            raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.judge == "sheet_import" and not self.sheet:
             raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
 
@@ -439,7 +453,8 @@ def run(cfg: JudgeConfig) -> dict:
         cache = VerdictCache(cfg.cache or out / "judge_cache.jsonl")
         rows: list[dict] = []
         try:
-            judge_pairs(pairs, judge, cache, cfg.both_orders, cfg.max_consecutive_failures, on_row=rows.append)
+            judge_pairs(pairs, judge, cache, cfg.both_orders, cfg.max_consecutive_failures, on_row=rows.append,
+                        workers=cfg.workers)
         except JudgeStepError:
             atomic_write_jsonl(out / "judgements.partial.jsonl", rows)
             print(f"judgements obtained so far: {out / 'judgements.partial.jsonl'} (and the cache; a rerun "
