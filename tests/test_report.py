@@ -149,3 +149,14 @@ def main_report(argv):
     from tunesmith.evaluation.report import cli
 
     return cli(argv)
+
+
+def test_metrics_log_torn_last_line_is_skipped_but_bad_middle_line_is_an_error(tmp_path):
+    from tunesmith.evaluation.report import read_metrics_log
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics_log(p)] == [1, 2]
+    p.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: invalid JSON"):
+        read_metrics_log(p)

@@ -41,13 +41,14 @@ class ReportConfig:
 
 def read_metrics_log(path: Path) -> list[dict]:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            if lineno == len(path.read_text(encoding="utf-8").splitlines()):
+            if lineno == len(lines):
                 continue  # a torn last line (training still running or killed): skip it
             raise UserError(f"{at(path, lineno)}: invalid JSON") from None
         if isinstance(row, dict) and "step" in row:
