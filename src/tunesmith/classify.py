@@ -476,6 +476,7 @@ def train(config: ClassifyConfig | dict) -> str:
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
     report["train_seconds"] = round(time.perf_counter() - started, 2)
+    report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
         report["best_checkpoint"] = os.path.basename(trainer.state.best_model_checkpoint)
         report["best_metric"] = {cfg.metric_for_best_model: trainer.state.best_metric}
