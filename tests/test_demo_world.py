@@ -144,6 +144,8 @@ def test_judge_pairwise_verdicts(world, judge):
     assert judge.compare(prompt, meh, meh) == "tie"
     assert judge.compare(prompt, "No idea.", "") == "tie"
     assert judge.compare(prompt, "No idea.", bad) == "A"  # a hedge beats a wrong fact
+    # The same verdicts through the evaluation suite's python-judge protocol.
+    assert (judge(prompt, good, meh), judge(prompt, bad, meh), judge(prompt, meh, meh)) == ("1", "2", "tie")
 
 
 # --- the shipped base model ---------------------------------------------------------------------------------------

@@ -115,3 +115,18 @@ def knowledge_probe(model, tokenizer, world, people=None, batch_size: int = 128,
     total = sum(sum(h) for h in hits.values())
     n = sum(len(h) for h in hits.values())
     return {"overall": total / n if n else 0.0, "per_attribute": per, "n": n}
+
+
+_JUDGE = None
+
+
+def fact_judge(instruction: str, output_1: str, output_2: str) -> str:
+    """The fact judge of the shipped base model's world, as a python judge for ``tunesmith judge``:
+    ``--judge python --python_judge tunesmith.demo.base:fact_judge``. Returns ``"1"``, ``"2"`` or ``"tie"``."""
+    global _JUDGE
+    if _JUDGE is None:
+        from tunesmith.demo.world import FactJudge, World
+
+        info = provenance(verify())
+        _JUDGE = FactJudge(World(seed=info["world"]["seed"], n_people=info["world"]["n_people"]))
+    return _JUDGE(instruction, output_1, output_2)

@@ -366,3 +366,7 @@ class FactJudge:
         """Pairwise verdict ``"A"``, ``"B"`` or ``"tie"``: more net correct facts (correct minus incorrect) wins."""
         a, b = self.score(prompt, answer_a).net, self.score(prompt, answer_b).net
         return "A" if a > b else "B" if b > a else "tie"
+
+    def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
+        """The pairwise-judge protocol of ``tunesmith.evaluation.judge`` (python judge): ``"1"``, ``"2"`` or ``"tie"``."""
+        return {"A": "1", "B": "2", "tie": "tie"}[self.compare(instruction, output_1, output_2)]

@@ -1,0 +1,408 @@
+"""`tunesmith demo`: fine-tune the shipped tiny base model with and without NEFTune and compare the runs.
+
+Reads top to bottom in :func:`run`:
+
+1. verify the shipped base model (checksums) and rebuild the world it was pretrained on;
+2. write the instruction data: TRAIN people's rows to fine-tune on, HELD-OUT people's rows (people the base model
+   knows from pretraining but the fine-tuning never mentions) to evaluate on;
+3. per seed: ``tunesmith.sft.train`` twice, identical but for NEFTune (alpha 5, uniform, per-example length);
+   optionally ``--spin K`` SPIN iterations on top of the plain SFT model;
+4. per model: greedy generations on training prompts (copying: ROUGE-L / BLEU against the training answers) and on
+   held-out prompts (length, diversity, facts), ``tunesmith eval`` (noise-free training and held-out loss), the fact
+   judge's accuracy on held-out answers, and the win rate against plain SFT under the fact judge;
+5. one report (Markdown + HTML, PNG plots): the summary table (mean ± std over seeds) and the evaluation suite's
+   loss curves, length/diversity and overlap tables, and win rates.
+
+The output directory holds ``demo.json`` (settings, timings, the summary; ``"complete": true`` only once the report
+is written), ``data/``, ``runs/``, ``judge/`` and ``report.md`` / ``report.html``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tunesmith.errors import UserError
+
+MARKER = "demo.json"
+OUR_ENTRIES = (MARKER, "data", "runs", "judge", "report.md", "report.html", "summary.png", "loss_curves.png",
+               "overlap.png", "winrates.png")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DemoConfig:
+    output: str = _f("tunesmith-demo", "Directory for the runs and the report (created; a previous demo there is "
+                                       "replaced; anything else is refused).")
+    seeds: int = _f(1, "Training seeds; the summary shows mean ± std over them.")
+    spin: int = _f(0, "SPIN iterations on top of the plain SFT model (0: none).")
+    quick: bool = _f(False, "A few training steps and prompts: checks the pipeline end to end, measures nothing.")
+    neftune_alpha: float = _f(5.0, "NEFTune alpha of the noisy run.")
+    epochs: float = _f(3.0, "SFT epochs.")
+    learning_rate: float = _f(5e-4, "SFT learning rate (cosine schedule, 5% warmup).")
+    batch_size: int = _f(16, "SFT batch size.")
+    template: str = _f("alpaca", "Prompt template.")
+    train_prompts: int = _f(96, "Training prompts answered to measure copying of the training answers.")
+    heldout_prompts: int = _f(0, "Held-out prompts answered (0: all).")
+    max_new_tokens: int = _f(96, "Generation budget per answer (greedy).")
+    repetition_penalty: float = _f(1.0, "Generation repetition penalty (the paper's 1.2 penalises restating the "
+                                        "names a factual answer needs).")
+    n_tokens: int = _f(24, "rep-n / diversity use the first N words of each answer (answers here are short).")
+    spin_learning_rate: float = _f(5e-5, "SPIN learning rate per iteration.")
+    spin_beta: float = _f(0.1, "SPIN beta (the paper's lambda).")
+    data_seed: int = _f(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
+    base_model: str = _f("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
+
+    def __post_init__(self):
+        if self.seeds < 1:
+            raise UserError(f"seeds must be at least 1, got {self.seeds}")
+        if self.spin < 0:
+            raise UserError(f"spin must be 0 or more, got {self.spin}")
+        if not self.neftune_alpha > 0:
+            raise UserError(f"neftune_alpha must be > 0, got {self.neftune_alpha}")
+        for key in ("epochs", "learning_rate", "spin_learning_rate", "spin_beta"):
+            if not getattr(self, key) > 0:
+                raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
+        for key in ("batch_size", "max_new_tokens", "train_prompts"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.n_tokens < 4:
+            raise UserError(f"n_tokens must be at least 4, got {self.n_tokens}")
+
+
+# ---------------------------------------------------------------- output directory
+
+def check_output(cfg: DemoConfig, n_models: int) -> Path:
+    """Refuse an output directory that holds something else, or too little disk; writes nothing."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"{out}: holds something else (no {MARKER}, not a tunesmith demo); choose another "
+                        f"--output or empty it")
+    need = 40e6 * n_models + 50e6  # a saved model is ~16 MB; generations, logs and plots are small
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(f"{probe}: only {free / 1e6:.0f} MB free, the demo needs about {need / 1e6:.0f} MB")
+    return out
+
+
+def prepare_output(out: Path) -> None:
+    """Create the output directory; from a previous demo there, remove what it wrote and touch nothing else."""
+    for name in OUR_ENTRIES if (out / MARKER).is_file() else ():
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- data
+
+def write_data(cfg: DemoConfig, world, data_dir: Path) -> dict[str, Path]:
+    from tunesmith.io import atomic_write_jsonl
+
+    train, held = world.instruction_data(seed=cfg.data_seed)
+    if cfg.quick:
+        train, held = train[:48], held[:16]
+    strip = lambda rows: [{"instruction": r["instruction"], "output": r["output"]} for r in rows]  # noqa: E731
+    n_train_prompts = min(8 if cfg.quick else cfg.train_prompts, len(train))
+    n_held_prompts = min(8, len(held)) if cfg.quick else (cfg.heldout_prompts or len(held))
+    paths = {"train": data_dir / "train.jsonl", "heldout": data_dir / "heldout.jsonl",
+             "train_prompts": data_dir / "train_prompts.jsonl", "heldout_prompts": data_dir / "heldout_prompts.jsonl"}
+    atomic_write_jsonl(paths["train"], strip(train))
+    atomic_write_jsonl(paths["heldout"], strip(held))
+    atomic_write_jsonl(paths["train_prompts"], strip(train[:n_train_prompts]))
+    atomic_write_jsonl(paths["heldout_prompts"], strip(held[:n_held_prompts]))
+    return paths
+
+
+# ---------------------------------------------------------------- one model: generate, evaluate, judge facts
+
+def evaluate_model(cfg: DemoConfig, model_dir: Path, run_dir: Path, name: str, data: dict, judge) -> dict:
+    from tunesmith.evaluation.evaluate import EvalConfig
+    from tunesmith.evaluation.evaluate import run as run_eval
+    from tunesmith.generate import GenerateConfig
+    from tunesmith.generate import run as run_generate
+    from tunesmith.io import atomic_write_json
+
+    gens = {}
+    for split in ("train", "heldout"):
+        gens[split] = run_dir / f"generations_{split}.jsonl"
+        run_generate(GenerateConfig(model=str(model_dir), prompts=str(data[f"{split}_prompts"]),
+                                    output=str(gens[split]), generator=name, batch_size=32,
+                                    max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
+                                    repetition_penalty=cfg.repetition_penalty))
+    result = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model=str(model_dir),
+                                 dataset=[str(data["train"]), str(data["heldout"])],
+                                 generations=[str(gens["train"]), str(gens["heldout"])], n_tokens=cfg.n_tokens,
+                                 run_name=name, batch_size=32))
+    facts = {split: fact_accuracy(judge, gens[split]) for split in ("train", "heldout")}
+    atomic_write_json(run_dir / "facts.json", facts)
+    return {"eval": result, "facts": facts, "generations": {k: str(v) for k, v in gens.items()}}
+
+
+def fact_accuracy(judge, generations: Path) -> dict:
+    """Fact judge over a generation file: facts stated right / wrong, precision, recall of the reference's facts."""
+    rows = [json.loads(line) for line in generations.read_text(encoding="utf-8").splitlines() if line.strip()]
+    correct = incorrect = asked = recalled = 0
+    for r in rows:
+        s = judge.score(r["instruction"], r["output"], reference=r.get("reference"))
+        correct, incorrect = correct + s.correct, incorrect + s.incorrect
+        asked, recalled = asked + s.asked, recalled + s.recalled
+    return {"answers": len(rows), "correct": correct, "incorrect": incorrect,
+            "precision": correct / (correct + incorrect) if correct + incorrect else None,
+            "recall": recalled / asked if asked else None}
+
+
+def win_rate_under(judge, run_a: Path, run_b: Path, out: Path, name_a: str, name_b: str, seed: int) -> dict:
+    """A's win rate over B on the held-out prompts under the fact judge (asked in both orders, as every machine
+    judge of the evaluation suite); writes ``judgements.jsonl`` and ``winrate.json`` for the report."""
+    from tunesmith.evaluation.genfile import pair_generations, read_generations
+    from tunesmith.evaluation.judge import PythonJudge, judge_pairs
+    from tunesmith.evaluation.winrate import win_rate
+    from tunesmith.io import atomic_write_json, atomic_write_jsonl
+
+    pairs = pair_generations(read_generations(run_a / "generations_heldout.jsonl"),
+                             read_generations(run_b / "generations_heldout.jsonl"))
+    rows = judge_pairs(pairs, PythonJudge(judge), progress=False)
+    summary = win_rate([r["outcome"] for r in rows], seed=seed) | {
+        "name_a": name_a, "name_b": name_b, "judge": "fact judge (tunesmith.demo.world.FactJudge)",
+        "both_orders": True}
+    atomic_write_jsonl(out / "judgements.jsonl", rows)
+    atomic_write_json(out / "winrate.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- training
+
+def sft_config(cfg: DemoConfig, base_dir: Path, data: dict, out: Path, seed: int, alpha: float | None) -> dict:
+    c = dict(model_name_or_path=str(base_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout"]),
+             output_dir=str(out), template=cfg.template, max_length=256, num_train_epochs=cfg.epochs,
+             learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+             per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=32, seed=seed, data_seed=seed,
+             neftune_noise_alpha=alpha, report_to="none", save_strategy="no", eval_strategy="steps",
+             eval_steps=0.125, logging_steps=0.025, train_loss_eval_samples=128, disable_tqdm=True, use_cpu=True)
+    if cfg.quick:
+        c.update(max_steps=4, eval_steps=2, logging_steps=1, train_loss_eval_samples=16)
+    return c
+
+
+def spin_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int) -> dict:
+    c = dict(model_name_or_path=str(sft_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout"]),
+             output_dir=str(out), num_iterations=cfg.spin, learning_rate=[cfg.spin_learning_rate],
+             beta=[cfg.spin_beta], num_train_epochs=[1.0], per_device_train_batch_size=cfg.batch_size,
+             per_device_eval_batch_size=32, max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
+             generation_batch_size=32, seed=seed, report_to="none", save_strategy="no", disable_tqdm=True,
+             logging_steps=10, use_cpu=True)
+    if cfg.quick:
+        c.update(max_steps=2, logging_steps=1)
+    return c
+
+
+# ---------------------------------------------------------------- summary
+
+METRICS = (  # (key, label, digits, the paper's direction for NEFTune)
+    ("train_loss", "training loss, noise-free", 4, "higher"),
+    ("heldout_loss", "held-out loss", 4, "no worse"),
+    ("rouge_l_train", "ROUGE-L vs training answers", 4, "lower"),
+    ("bleu_train", "BLEU vs training answers", 2, "lower"),
+    ("chars", "answer length (chars, held-out)", 1, "longer"),
+    ("words", "answer length (words, held-out)", 1, "longer"),
+    ("log_diversity", "log-diversity (held-out)", 2, "about the same"),
+    ("fact_precision", "held-out fact precision", 3, ""),
+    ("fact_recall", "held-out fact recall", 3, ""),
+    ("win_rate", "win rate vs SFT (fact judge)", 1, "above 50"),
+)
+
+
+def extract(result: dict, data: dict) -> dict:
+    ev, facts = result["eval"], result["facts"]
+    loss = ev.get("loss") or {}
+    gtrain = ev["generations"][Path(result["generations"]["train"]).stem]
+    gheld = ev["generations"][Path(result["generations"]["heldout"]).stem]
+    return {"train_loss": loss[str(data["train"])]["loss"], "heldout_loss": loss[str(data["heldout"])]["loss"],
+            "rouge_l_train": (gtrain.get("overlap") or {}).get("rouge_l_mean"),
+            "bleu_train": (gtrain.get("overlap") or {}).get("bleu_corpus"),
+            "chars": gheld["length"].get("chars_mean"), "words": gheld["length"].get("words_mean"),
+            "log_diversity": gheld["diversity"].get("log_diversity"),
+            "fact_precision": facts["heldout"]["precision"], "fact_recall": facts["heldout"]["recall"]}
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def summary_table(per_variant: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    variants = list(per_variant)
+    header = ["measure"] + variants + ["paper (NEFT vs SFT)"]
+    rows = []
+    for key, label, nd, direction in METRICS:
+        row = [label]
+        for v in variants:
+            m, s = mean_std([r.get(key) for r in per_variant[v]])
+            row.append("–" if m is None else f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else ""))
+        rows.append(row + [direction])
+    return header, rows
+
+
+def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
+    from tunesmith.evaluation.report import _plt
+
+    plt = _plt()
+    keys = [m for m in METRICS if any(isinstance(r.get(m[0]), (int, float)) for rs in per_variant.values()
+                                      for r in rs)]
+    if not keys:
+        return False
+    cols = 5
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.6 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label, _, _) in zip(axes.flat, keys):
+        names = list(per_variant)
+        stats = [mean_std([r.get(key) for r in per_variant[v]]) for v in names]
+        ax.bar(range(len(names)), [m if m is not None else 0 for m, _ in stats],
+               yerr=[s or 0 for _, s in stats], color=colors[:len(names)], capsize=3)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
+        ax.set_title(label, fontsize=8)
+        if key == "win_rate":
+            ax.axhline(50, color="gray", lw=1, ls="--")
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- the demo
+
+def run(cfg: DemoConfig) -> dict:
+    from tunesmith import sft
+    from tunesmith.demo.base import BASE_DIR, provenance, verify
+    from tunesmith.demo.world import FactJudge, World
+    from tunesmith.evaluation import report as R
+    from tunesmith.io import atomic_write_json, atomic_write_text
+
+    t0 = time.time()
+    out = check_output(cfg, cfg.seeds * (2 + cfg.spin))
+    base_dir = verify(cfg.base_model or BASE_DIR)
+    info = provenance(base_dir)
+    world = World(seed=info["world"]["seed"], n_people=info["world"]["n_people"])
+    judge = FactJudge(world)
+    prepare_output(out)
+    state = {"complete": False, "config": asdict(cfg), "base_model": str(base_dir),
+             "base_probe": info["probe"]["overall"], "timings_s": {}}
+    atomic_write_json(out / MARKER, state)
+    data = write_data(cfg, world, out / "data")
+
+    per_variant: dict[str, list[dict]] = {}
+    run_dirs, winrates = [], []
+    for seed in range(cfg.seeds):
+        variants = {}
+        for name, alpha in (("sft", None), ("neftune", cfg.neftune_alpha)):
+            run_dir = out / "runs" / f"{name}-seed{seed}"
+            t = time.time()
+            sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
+            state["timings_s"][f"train {run_dir.name}"] = round(time.time() - t, 1)
+            variants[name] = (run_dir, run_dir)
+        if cfg.spin:
+            from tunesmith import spin
+
+            spin_dir = out / "runs" / f"spin-seed{seed}"
+            t = time.time()
+            spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
+            state["timings_s"][f"train {spin_dir.name}"] = round(time.time() - t, 1)
+            for it in range(cfg.spin):
+                run_dir = out / "runs" / f"spin{it + 1}-seed{seed}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
+        for name, (model_dir, run_dir) in variants.items():
+            t = time.time()
+            result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
+            state["timings_s"][f"evaluate {run_dir.name}"] = round(time.time() - t, 1)
+            per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
+            run_dirs.append(str(run_dir))
+        for name in variants:
+            if name == "sft":
+                continue
+            jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
+            w = win_rate_under(judge, variants[name][1], variants["sft"][1], jdir, f"{name}-seed{seed}",
+                               f"sft-seed{seed}", seed)
+            per_variant[name][-1]["win_rate"] = w["win_rate"]
+            winrates.append(str(jdir))
+        atomic_write_json(out / MARKER, state | {"per_variant": per_variant})
+
+    header, rows = summary_table(per_variant)
+    title = "tunesmith demo: NEFTune" + (" and SPIN" if cfg.spin else "") + " on a tiny pretrained model"
+    rcfg = R.ReportConfig(runs=run_dirs, winrate=winrates, output=str(out), title=title)
+    suite_blocks = R.build_blocks(rcfg, [R.load_run(r) for r in run_dirs], [R.load_winrate(w) for w in winrates],
+                                  out)
+    n_train = sum(1 for _ in open(data["train"], encoding="utf-8"))
+    n_held = sum(1 for _ in open(data["heldout_prompts"], encoding="utf-8"))
+    intro = (f"The shipped {info['model']['parameters'] / 1e6:.1f}M-parameter base model (pretrained on a synthetic "
+             f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
+             f"{n_train} instructions about {len(world.train_people)} TRAIN people, with and without NEFTune "
+             f"(alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
+             + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
+             f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
+             f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
+             f"{cfg.repetition_penalty:g}. Values are mean ± std over seeds."
+             + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
+    blocks = [("h1", title), ("p", intro), ("h2", "Summary"), ("table", header, rows)]
+    if plot_summary(per_variant, out / "summary.png"):
+        blocks.append(("img", "summary.png", "summary measures per variant"))
+    blocks += [("p", "Fact judge: each answer is scanned for attribute values; each is attributed to the nearest "
+                     "preceding person named (the person asked about by default) and is correct if it is that "
+                     "person's fact. Precision = correct / stated facts; recall = the reference answer's facts "
+                     "stated correctly. Win rate: more net correct facts (correct − wrong) wins, asked in both "
+                     "orders.")]
+    blocks += [b for b in suite_blocks if b[0] != "h1"]
+    atomic_write_text(out / "report.md", R.to_markdown(blocks))
+    atomic_write_text(out / "report.html", R.to_html(blocks, title))
+    state["timings_s"]["total"] = round(time.time() - t0, 1)
+    state.update(complete=True, per_variant=per_variant, summary={"header": header, "rows": rows},
+                 report=str(out / "report.md"))
+    atomic_write_json(out / MARKER, state)
+    return state
+
+
+def format_summary(state: dict) -> str:
+    header, rows = state["summary"]["header"], state["summary"]["rows"]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    return "\n".join(lines)
+
+
+def cli(argv: list[str]) -> int:
+    from tunesmith.config import parse_cli
+
+    cfg = parse_cli(DemoConfig, argv, "demo", "Fine-tune the shipped tiny base model with and without NEFTune "
+                                             "(optionally SPIN) and write a comparison report. Offline; a few "
+                                             "minutes on a laptop CPU.")
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    state = run(cfg)
+    print()
+    print(format_summary(state))
+    print(f"\nreport: {state['report']} (and report.html); total {state['timings_s']['total'] / 60:.1f} min")
+    return 0
