@@ -106,9 +106,10 @@ def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     ev["benchmarks"] = {"results": {"tiny_colors": {"acc": 0.375, "acc_stderr": 0.18}}}
     (runs["base"] / "eval.json").write_text(json.dumps(ev))
     wr_dir = tmp_path / "judge"
-    wr_dir.mkdir()
-    (wr_dir / "winrate.json").write_text(json.dumps(win_rate(["A"] * 7 + ["B"] * 2 + ["tie"] * 3) |
-                                                    {"name_a": "neft", "name_b": "base", "judge": "python"}))
+    assert main(["judge", "--a", str(runs["neft"] / "gen_train.jsonl"), "--b", str(runs["base"] / "gen_train.jsonl"),
+                 "--judge", "python", "--python_judge", "test_report:longer_judge", "--output_dir", str(wr_dir)]) == 0
+    wr = json.loads((wr_dir / "winrate.json").read_text())
+    assert wr["n"] == 24 and (wr["name_a"], wr["name_b"]) == ("neft", "base")
     out = tmp_path / "report"
     assert main(["report", str(runs["base"]), str(runs["neft"]), "--output", str(out), "--winrate",
                  str(wr_dir)]) == 0
@@ -126,12 +127,18 @@ def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     ev = json.loads((runs["neft"] / "eval.json").read_text())["generations"]["gen_train"]
     assert f"{ev['overlap']['rouge_l_mean']:.4f}" in md
     assert "neft / gen_train" in md and "base / gen_train" in md
-    assert "70.83" in md and "77.78" in md  # 100·(7 + 1.5)/12 and 100·7/(12 − 3)
+    assert f"| neft vs base | python | {wr['wins']} / {wr['draws']} / {wr['losses']} | 24 | 0 | " \
+           f"{wr['win_rate']:.2f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}]" in md
     log = [json.loads(x) for x in (runs["neft"] / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_eval_loss" in x for x in log) and any("eval_train_loss" in x for x in log)
     assert "| base | tiny_colors | acc 0.3750 | acc_stderr 0.1800 |" in md
     assert "held-out loss (last logged)" in md and "<table>" in page
     assert "3 plots" in capsys.readouterr().out
+
+
+def longer_judge(instruction, x, y):
+    """A deterministic python judge for the flow test: the answer with more words wins."""
+    return "tie" if len(x.split()) == len(y.split()) else ("1" if len(x.split()) > len(y.split()) else "2")
 
 
 def test_report_errors(tmp_path):
