@@ -23,7 +23,7 @@ class FakeServer:
     every time; ``fail_next`` makes the next n requests return 500; ``status`` forces a status for all."""
 
     def __init__(self):
-        self.requests, self.fail_next, self.status, self.slow_next = [], 0, None, 0
+        self.requests, self.fail_next, self.status, self.slow_next, self.busy_next = [], 0, None, 0, 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -36,6 +36,9 @@ class FakeServer:
                 user = body["messages"][-1]["content"]
                 if server.status:
                     return self._send(server.status, b'{"error": "nope"}')
+                if server.busy_next > 0:
+                    server.busy_next -= 1
+                    return self._send(429, b'{"error": "slow down"}', {"Retry-After": "0.5"})
                 if server.fail_next > 0:
                     server.fail_next -= 1
                     return self._send(500, b'{"error": "overloaded"}')
@@ -54,8 +57,10 @@ class FakeServer:
                                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
                                                 "role": "assistant", "content": reply}}]}).encode())
 
-            def _send(self, code, data):
+            def _send(self, code, data, headers=None):
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -335,3 +340,35 @@ def test_parallel_workers_give_the_same_judgements(tmp_path, server, monkeypatch
     expected = ["tie" if (i % 3 != 0) == (i % 4 == 0) else ("A" if i % 3 else "B") for i in range(12)]
     assert [r["outcome"] for r in rows] == expected and [r["index"] for r in rows] == list(range(12))
     assert len(server.requests) == 24 and len(J.VerdictCache(tmp_path / "c.jsonl").data) == 24
+
+
+def test_retry_after_is_honoured(server, monkeypatch):
+    delays = []
+    monkeypatch.setattr(J.time, "sleep", delays.append)
+    server.busy_next, server.fail_next = 1, 1  # a 429 with Retry-After: 0.5, then a plain 500
+    judge = J.EndpointJudge(server.url, "m", None, timeout=2, max_retries=3, backoff=0.01)
+    assert judge("q", "bad", "GOOD") == "2"
+    assert delays == [0.5, 0.02] and server.requests[0]["auth"] is None
+
+
+def test_custom_judge_prompt(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("TS_JUDGE_KEY", KEY)
+    a, b = files(tmp_path, BASIC_A, BASIC_B)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text('Rubric {"strict": true}\n\n## Instruction\n{instruction}\n\n## Answer 1\n{output_1}\n\n'
+                      '## Answer 2\n{output_2}\n\nWhich is better? Reply 1, 2 or tie.')
+    assert main(judge_args(tmp_path, a, b, server.url)) == 0
+    assert main(judge_args(tmp_path, a, b, server.url, "--judge_prompt", str(prompt))) == 0
+    assert len(server.requests) == 16  # a different prompt is a different judge: nothing reused from the cache
+    content = server.requests[-1]["body"]["messages"][-1]["content"]
+    assert content.startswith('Rubric {"strict": true}') and "## Answer 1\nother plain" in content
+    rows = [json.loads(x) for x in (tmp_path / "out/judgements.jsonl").read_text().splitlines()]
+    assert [r["outcome"] for r in rows] == ["A", "B", "A", "tie"]
+    prompt.write_text("{instruction} {output_1}")
+    assert main(judge_args(tmp_path, a, b, server.url, "--judge_prompt", str(prompt))) == 2
+    assert "lacks the marker {output_2}" in capsys.readouterr().err
+
+
+def test_render_prompt_leaves_other_braces():
+    assert J.render_prompt("{x} {instruction}|{output_1}|{output_2}", "a {output_2}", "b", "c") == \
+        "{x} a {output_2}|b|c"

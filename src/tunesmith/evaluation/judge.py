@@ -48,10 +48,36 @@ SYSTEM_PROMPT = ("You are a careful, impartial judge. You compare two answers to
 USER_PROMPT = ("## Instruction\n{instruction}\n\n## Answer 1\n{output_1}\n\n## Answer 2\n{output_2}\n\n"
                "Which answer is better? Reply with exactly one of: 1, 2, tie.")
 _VERDICT = re.compile(r"^\W*(?:answer\s*)?(1|2|tie)\b", re.IGNORECASE)
+_MARKER = re.compile(r"\{(instruction|output_1|output_2)\}")
+
+
+def render_prompt(template: str, instruction: str, output_1: str, output_2: str) -> str:
+    """Fill the three markers in one pass (other braces in the template or the texts are left alone)."""
+    values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+    return _MARKER.sub(lambda m: values[m.group(1)], template)
+
+
+def read_prompt_template(path: str | Path | None) -> str:
+    """The judge's user-prompt template: the built-in one, or a text file with {instruction}, {output_1} and
+    {output_2} that asks for a reply starting with 1, 2 or tie."""
+    if not path:
+        return USER_PROMPT
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the judge prompt ({e.__class__.__name__})") from None
+    missing = [m for m in ("{instruction}", "{output_1}", "{output_2}") if m not in text]
+    if missing:
+        raise UserError(f"{path}: the judge prompt lacks the marker {missing[0]}")
+    return text
 
 
 class JudgeFailure(Exception):
     """One judge call failed (after the judge's own retries): that prompt is counted unjudged."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class JudgeStepError(UserError):
@@ -75,19 +101,20 @@ class EndpointJudge:
     """OpenAI-compatible ``POST {base_url}/chat/completions``."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 8):
+                 max_retries: int = 4, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 8,
+                 user_prompt: str = USER_PROMPT):
         if not base_url.startswith(("http://", "https://")):
             raise UserError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
-        self.temperature, self.max_tokens = temperature, max_tokens
+        self.temperature, self.max_tokens, self.user_prompt = temperature, max_tokens, user_prompt
         self._key = None
         if api_key_env:
             self._key = os.environ.get(api_key_env)
             if not self._key:
                 raise UserError(f"environment variable {api_key_env} (api_key_env) is not set; set it to the API key, "
                                 f"or pass --api_key_env '' for a server without a key")
-        self.id = _sha("endpoint", self.url, model, temperature, max_tokens, SYSTEM_PROMPT, USER_PROMPT)
+        self.id = _sha("endpoint", self.url, model, temperature, max_tokens, SYSTEM_PROMPT, user_prompt)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
@@ -106,7 +133,12 @@ class EndpointJudge:
             detail = self._redact(e.read()[:200].decode("utf-8", "replace"))
             if e.code in (401, 403, 404):  # the same request will never work: stop the step
                 raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} ({detail.strip()})") from None
-            raise JudgeFailure(f"HTTP {e.code} ({detail.strip()[:100]})") from None
+            retry_after = None
+            try:  # 429 / 503 servers may say how long to wait (seconds form only)
+                retry_after = float(e.headers.get("Retry-After", "")) if e.headers else None
+            except ValueError:
+                pass
+            raise JudgeFailure(f"HTTP {e.code} ({detail.strip()[:100]})", retry_after) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise JudgeFailure(f"{type(reason).__name__}: {self._redact(str(reason))}") from None
@@ -118,16 +150,15 @@ class EndpointJudge:
 
     def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                    {"role": "user", "content": USER_PROMPT.format(instruction=instruction, output_1=output_1,
-                                                                   output_2=output_2)}]
-        reason = ""
+                    {"role": "user", "content": render_prompt(self.user_prompt, instruction, output_1, output_2)}]
+        reason, retry_after = "", None
         for attempt in range(self.max_retries + 1):
             try:
                 return parse_verdict(self._post(messages))
             except JudgeFailure as e:
-                reason = str(e)
+                reason, retry_after = str(e), e.retry_after
             if attempt < self.max_retries:
-                delay = self.backoff * 2 ** attempt
+                delay = max(self.backoff * 2 ** attempt, min(retry_after or 0.0, 60.0))
                 log.warning("judge call failed (%s); retry %d/%d in %.1fs", reason, attempt + 1, self.max_retries,
                             delay)
                 time.sleep(delay)
@@ -137,18 +168,20 @@ class EndpointJudge:
 class LocalJudge:
     """A causal LM judge run with transformers: greedy, a few new tokens, same prompt as the endpoint judge."""
 
-    def __init__(self, model_path: str, max_new_tokens: int = 4, model=None, tokenizer=None):
+    def __init__(self, model_path: str, max_new_tokens: int = 4, model=None, tokenizer=None,
+                 user_prompt: str = USER_PROMPT):
         if model is None:
             from tunesmith.models import load_model_and_tokenizer
 
             model, tokenizer = load_model_and_tokenizer(model_path)
         self.model, self.tokenizer, self.max_new_tokens = model.eval(), tokenizer, max_new_tokens
-        self.id = _sha("local", str(model_path), max_new_tokens, SYSTEM_PROMPT, USER_PROMPT)
+        self.user_prompt = user_prompt
+        self.id = _sha("local", str(model_path), max_new_tokens, SYSTEM_PROMPT, user_prompt)
 
     def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
         import torch
 
-        user = USER_PROMPT.format(instruction=instruction, output_1=output_1, output_2=output_2)
+        user = render_prompt(self.user_prompt, instruction, output_1, output_2)
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
@@ -391,7 +424,11 @@ class JudgeConfig:
                 "never logged or saved"})
     timeout: float = field(default=60.0, metadata={"help": "endpoint: seconds per request"})
     max_retries: int = field(default=4, metadata={"help": "endpoint: retries per call (exponential backoff)"})
-    backoff: float = field(default=1.0, metadata={"help": "endpoint: first retry delay in seconds (doubles)"})
+    backoff: float = field(default=1.0, metadata={"help": "endpoint: first retry delay in seconds (doubles; a "
+                                                          "server's Retry-After, up to 60 s, wins if longer)"})
+    judge_prompt: str = field(default="", metadata={"help": "endpoint/local: text file with the user prompt, "
+                                                            "holding {instruction}, {output_1}, {output_2}; the "
+                                                            "reply must start with 1, 2 or tie"})
     python_judge: str = field(default="", metadata={"help": "python: 'module:function' taking (instruction, "
                                                             "answer_1, answer_2) and returning '1', '2' or 'tie'"})
     sheet: str = field(default="", metadata={"help": "sheet_import: the filled sheet.csv (key: sheet_key.json "
@@ -426,9 +463,9 @@ class JudgeConfig:
 def make_judge(cfg: JudgeConfig):
     if cfg.judge == "endpoint":
         return EndpointJudge(cfg.base_url, cfg.model, cfg.api_key_env or None, cfg.timeout, cfg.max_retries,
-                             cfg.backoff)
+                             cfg.backoff, user_prompt=read_prompt_template(cfg.judge_prompt))
     if cfg.judge == "local":
-        return LocalJudge(cfg.model)
+        return LocalJudge(cfg.model, user_prompt=read_prompt_template(cfg.judge_prompt))
     return PythonJudge(cfg.python_judge)
 
 
