@@ -47,6 +47,11 @@ class FakeServer:
                     time.sleep(0.6)
                 if "ALWAYS500" in user:
                     return self._send(500, b"internal error")
+                if "TRUNCATED" in user:  # promises 1000 bytes, sends 12 and hangs up
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    return self.wfile.write(b'{"choices": ')
                 if "MALFORMED" in user:
                     return self._send(200, b'{"choices": [{"mess')
                 m = re.search(r"## Answer 1\n(.*?)\n\n## Answer 2\n(.*?)\n\nWhich", user, re.S)
@@ -142,7 +147,8 @@ def test_transient_failures_are_retried(tmp_path, server, monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("marker,reason", [("ALWAYS500", "HTTP 500"), ("MALFORMED", "malformed"),
-                                           ("SLOW", "timed out"), ("CHATTY", "unparseable")])
+                                           ("SLOW", "timed out"), ("CHATTY", "unparseable"),
+                                           ("TRUNCATED", "IncompleteRead")])
 def test_single_failures_become_unjudged_not_ties(tmp_path, server, monkeypatch, marker, reason):
     monkeypatch.setenv("TS_JUDGE_KEY", KEY)
     a, b = files(tmp_path, BASIC_A + [(f"q5 {marker}", "GOOD x")], BASIC_B + [(f"q5 {marker}", "y")])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import http.client
 import importlib
 import json
 import logging
@@ -139,7 +140,7 @@ class EndpointJudge:
             except ValueError:
                 pass
             raise JudgeFailure(f"HTTP {e.code} ({detail.strip()[:100]})", retry_after) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise JudgeFailure(f"{type(reason).__name__}: {self._redact(str(reason))}") from None
         try:
