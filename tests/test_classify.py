@@ -285,6 +285,8 @@ def _run_cli(tmp_path, capsys, model, train_rows, **over):
     ("missing_label", "train.jsonl:1: field 'label': missing label (columns present: text)"),
     ("one_class", "train.jsonl: the training data has only one class (food)"),
     ("validation_label", "val.jsonl:2: field 'label': label 'gossip' is not one of the labels (food, sports, tech)"),
+    ("bad_metric", "field 'metric_for_best_model': 'f1' is not computed; choose one of loss, accuracy, f1_macro, "),
+    ("float_label", "train.jsonl:1: field 'label': expected a label name or integer, got 0.5"),
 ])
 def test_bad_data_is_a_one_line_error(tiny_encoder, tmp_path, capsys, good_rows, case, expected):
     rows, over = [dict(r) for r in good_rows], {"labels": "[food, sports, tech]"}
@@ -297,6 +299,10 @@ def test_bad_data_is_a_one_line_error(tiny_encoder, tmp_path, capsys, good_rows,
     elif case == "one_class":
         rows = [{"text": t, "label": "food"} for t in ("soup", "pasta", "garlic")]
         over = {}
+    elif case == "bad_metric":
+        over = {"validation_file": _write_jsonl(tmp_path / "val.jsonl", rows), "metric_for_best_model": "f1"}
+    elif case == "float_label":
+        rows[0]["label"] = 0.5
     elif case == "validation_label":
         over = {"validation_file": _write_jsonl(tmp_path / "val.jsonl", [rows[0], {"text": "x", "label": "gossip"}])}
     rc, err = _run_cli(tmp_path, capsys, tiny_encoder, rows, **over)

@@ -150,10 +150,11 @@ def resolve_path(value: str) -> str:
 
 
 def _scalar_label(value: Any, loc: str, column: str) -> str:
-    if isinstance(value, bool) or value is None or isinstance(value, (list, dict, float)) and not (
-            isinstance(value, float) and value.is_integer()):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise UserError(f"{at(loc, field=column)}: expected a label name or integer, got {value!r}")
-    return str(int(value)) if isinstance(value, float) else str(value).strip()
+    return str(value).strip()
 
 
 def _raw_labels(record, column: str, multi_label: bool) -> list[str]:
@@ -438,6 +439,11 @@ def train(config: ClassifyConfig | dict) -> str:
         splits["validation"] = encode_split(cfg, val_records, names)
     if test_records:
         splits["test"] = encode_split(cfg, test_records, names)
+
+    metrics = ["loss", "accuracy", "f1_macro"] + [f"{k}_{n}" for n in names for k in ("precision", "recall")]
+    if val_records and cfg.metric_for_best_model and cfg.metric_for_best_model not in metrics:
+        raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
+                        f"choose one of {', '.join(metrics)}")
 
     model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code)
     held_out = [s for s in ("validation", "test") if s in splits]
