@@ -84,6 +84,10 @@ def test_eval_references_file_and_errors(tmp_path):
     assert s["overlap"]["rouge_l"] == [1.0, pytest.approx(2 * 1 * 0.6 / 1.6)]
     r = run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[gens], references=refs, n_tokens=4))
     assert r["generations"]["g"]["overlap"]["rouge_l"][0] == 1.0
+    (tmp_path / "other").mkdir()
+    gens2 = write_jsonl(tmp_path / "other" / "g.jsonl", [{"instruction": "q1", "output": "x y z w"}])
+    r = run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[gens, gens2], n_tokens=4))
+    assert list(r["generations"]) == ["g", "g-2"] and r["generations"]["g-2"]["n"] == 1
     no_ref = generation_stats(gens, 4)
     assert no_ref["overlap"] is None and "no references" in no_ref["overlap_note"]
     with pytest.raises(UserError, match=r"g.jsonl:2: field 'instruction': no reference"):

@@ -139,7 +139,10 @@ def run(cfg: EvalConfig) -> dict:
     result["generations"] = {}
     for path in cfg.generations:
         stats = generation_stats(path, cfg.n_tokens, refs)
-        result["generations"][Path(path).stem] = stats
+        name, k = Path(path).stem, 2
+        while name in result["generations"]:  # two files with the same name from different folders
+            name, k = f"{Path(path).stem}-{k}", k + 1
+        result["generations"][name] = stats
     atomic_write_json(cfg.output, result)
     print(format_result(result))
     return result
