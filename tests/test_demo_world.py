@@ -198,3 +198,42 @@ def test_corrupted_or_missing_checkpoint_is_a_one_line_error(tmp_path):
     (bad / base.MANIFEST).write_text("not a manifest\n")
     with pytest.raises(UserError, match="malformed"):
         base.verify(bad)
+
+
+# --- the pretraining script, at toy scale -------------------------------------------------------------------------
+def _pretrain_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "pretrain_demo_base.py"
+    spec = importlib.util.spec_from_file_location("pretrain_demo_base", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretraining_script_is_reproducible_from_its_seed(tmp_path, capsys):
+    script = _pretrain_script()
+    toy = ["--n-people", "12", "--vocab-size", "400", "--hidden", "32", "--layers", "1", "--heads", "2",
+           "--intermediate", "64", "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1",
+           "--log-every", "1", "--probe-every", "0", "--threads", "1"]
+    runs = {}
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+            assert script.main(toy + ["--seed", seed, "--output", str(tmp_path / name)]) == 0
+            runs[name] = base.verify(tmp_path / name)
+    finally:
+        torch.set_num_threads(threads)
+    digest = {n: base.sha256_file(d / "model.safetensors") for n, d in runs.items()}
+    assert digest["a"] == digest["b"] != digest["c"]
+    assert (runs["a"] / "tokenizer.json").read_bytes() == (runs["c"] / "tokenizer.json").read_bytes()
+    model, tokenizer, world = base.load_base(runs["a"])
+    info = base.provenance(runs["a"])
+    assert world.n_people == 12 and info["training"]["steps"] == 3 and info["probe"]["n"] == 60
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert model.config.tie_word_embeddings and model.config.pad_token_id == tokenizer.pad_token_id
+    assert "final training loss" in (runs["a"] / "PROVENANCE.md").read_text()
+    assert not (tmp_path / "a.tmp").exists()

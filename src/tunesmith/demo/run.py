@@ -295,15 +295,16 @@ def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
 # ---------------------------------------------------------------- the demo
 
 def run(cfg: DemoConfig) -> dict:
-    from tunesmith import sft
     from tunesmith.demo.base import BASE_DIR, provenance, verify
     from tunesmith.demo.world import FactJudge, World
-    from tunesmith.evaluation import report as R
     from tunesmith.io import atomic_write_json, atomic_write_text
 
     t0 = time.time()
     out = check_output(cfg, cfg.seeds * (2 + cfg.spin))
     base_dir = verify(cfg.base_model or BASE_DIR)
+    from tunesmith import sft  # heavy imports only once the inputs are known to be good
+    from tunesmith.evaluation import report as R
+
     info = provenance(base_dir)
     world = World(seed=info["world"]["seed"], n_people=info["world"]["n_people"])
     judge = FactJudge(world)
@@ -359,7 +360,7 @@ def run(cfg: DemoConfig) -> dict:
     n_held = sum(1 for _ in open(data["heldout_prompts"], encoding="utf-8"))
     intro = (f"The shipped {info['model']['parameters'] / 1e6:.1f}M-parameter base model (pretrained on a synthetic "
              f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
-             f"{n_train} instructions about {len(world.train_people)} TRAIN people, with and without NEFTune "
+             f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without NEFTune "
              f"(alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
              + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
