@@ -34,12 +34,12 @@ import common  # noqa: E402  (sets the offline environment before transformers i
 TARGET_TRL, TARGET_PLAIN = 1.5, 0.9
 
 
-def run_tunesmith(ws, work: Path, total_steps: int, log_every: int, profile: bool = False) -> dict:
+def run_tunesmith(ws, work: Path, total_steps: int, log_every: int, profile: bool = False, **over) -> dict:
     from tunesmith.sft import train
 
     out = work / "tunesmith-out"
     shutil.rmtree(out, ignore_errors=True)
-    cfg = common.tunesmith_config(ws, str(out), total_steps, log_every)
+    cfg = common.tunesmith_config(ws, str(out), total_steps, log_every, **over)
     c0, t0 = time.process_time(), time.perf_counter()
     if profile:
         import cProfile
@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile the tunesmith phase and print the top entries")
     ap.add_argument("--trl-defaults", action="store_true",
                     help="also measure TRL with its own default gradient_checkpointing=True")
+    ap.add_argument("--packing", action="store_true",
+                    help="also measure tunesmith with packing=True (same batch size and max_length; rows hold several "
+                         "examples, so the steps see different, fuller batches: information, not the comparison)")
     ap.add_argument("--workdir", help="keep the workspace here (default: a temporary directory)")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # the data summary and library warnings would drown the table
@@ -203,6 +206,9 @@ def main(argv=None) -> int:
     if args.trl_defaults:
         phases["TRL (GC on)"] = lambda: measure_trainer(
             lambda n: run_trl(ws, work, n, warmup, gradient_checkpointing=True), warmup, steps)
+    if args.packing:
+        phases["tunesmith pack"] = lambda: measure_trainer(
+            lambda n: run_tunesmith(ws, work, n, warmup, packing=True), warmup, steps)
     results: dict[str, list[dict]] = {k: [] for k in phases}
     names = list(phases)
     for r in range(args.rounds):
@@ -227,7 +233,7 @@ def main(argv=None) -> int:
         loss = f"{v[-1]['loss']:.4f}" if v[-1]["loss"] is not None else "n/a"
         print(f"{k:13s} {cpu_tps[k]:16.1f}   {common.median([x['cpu'] for x in v]) / steps:9.3f}   "
               f"{wall_tps[k]:12.1f}   {max(x['mem'].peak for x in v):12.0f}   {loss}")
-    same = {x["tokens"] for v in results.values() for x in v}
+    same = {x["tokens"] for k, v in results.items() if k != "tunesmith pack" for x in v}
     print(f"\nall methods measured the same batches (same non-padding token count): "
           f"{'yes' if len(same) == 1 else 'NO ' + str(sorted(same))}")
     for label, tps in (("CPU time", cpu_tps), ("wall time", wall_tps)):
@@ -236,7 +242,9 @@ def main(argv=None) -> int:
               f"{'met' if r_trl >= TARGET_TRL else 'MISSED'});  tunesmith / plain = {r_plain:.3f} "
               f"(target >= {TARGET_PLAIN}: {'met' if r_plain >= TARGET_PLAIN else 'MISSED'})"
               + (f";  tunesmith / TRL(GC on) = {tps['tunesmith'] / tps['TRL (GC on)']:.3f}"
-                 if "TRL (GC on)" in tps else ""))
+                 if "TRL (GC on)" in tps else "")
+              + (f";  tunesmith packed / TRL = {tps['tunesmith pack'] / tps['TRL']:.3f}"
+                 if "tunesmith pack" in tps else ""))
     print(f"total bench time {time.perf_counter() - t_all:.1f} s")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
