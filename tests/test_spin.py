@@ -143,6 +143,38 @@ def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
     assert ours_loss == pytest.approx(trl_loss, abs=1e-5)
 
 
+class ScaledLogits(torch.nn.Module):
+    """A model whose logits are not a plain projection of its last hidden state (like logit soft-capping)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.logits = out.logits * 4.0
+        return out
+
+
+def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_not_plain(tiny_model_dir):
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    model.eval()
+    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256)} for p, r, y in _triples(tok)]
+    batch = spin.PairCollator(tok.pad_token_id)(pairs)
+    with torch.no_grad():
+        full = sequence_logprobs(model, batch)
+        assert torch.allclose(spin.answer_logprobs(model, batch), full, atol=1e-4)
+        scaled = ScaledLogits(model)
+        expected = sequence_logprobs(scaled, batch)
+        assert (expected - full).abs().max() > 0.1
+        assert torch.allclose(spin.answer_logprobs(scaled, batch), expected, atol=1e-4)
+
+
 def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
     from tunesmith.models import load_model_and_tokenizer
 

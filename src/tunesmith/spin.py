@@ -47,7 +47,7 @@ from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.neftune import add_noise_to_batch
-from tunesmith.scoring import dataset_loss, sequence_logprobs
+from tunesmith.scoring import dataset_loss, model_inputs, sequence_logprobs
 from tunesmith.sft import JsonlMetrics, SFTConfig, TunesmithTrainer
 
 log = logging.getLogger("tunesmith")
@@ -81,7 +81,7 @@ class SPINConfig(SFTConfig):
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling.")
     repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
-    generation_batch_size: int = _f(16, "Prompts per generation batch.")
+    generation_batch_size: int = _f(32, "Prompts per generation batch.")
     shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
     template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
     # TrainingArguments defaults that follow the paper
@@ -175,6 +175,28 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor, ref_rea
     raise ValueError(f"loss_type must be sigmoid or hinge, got {loss_type!r}")
 
 
+def answer_logprobs(model, batch: dict) -> torch.Tensor:
+    """Summed log-probs of each row's answer tokens: ``scoring.sequence_logprobs`` with the LM head applied only to
+    the positions that predict an answer token (prompt and padding positions are never projected onto the vocabulary,
+    as in TRL's fused head). The model's own logits at one position check that its head is a plain projection of the
+    final hidden state; when it is not (logit scaling, soft-capping), this falls back to ``sequence_logprobs``.
+    """
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
+        inner = inner.module
+    head = inner.get_output_embeddings()
+    if head is None or not torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4):
+        return sequence_logprobs(model, batch)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logits = head(hidden[:, :-1][mask]).float()  # (answer tokens, vocab)
+    logp = -F.cross_entropy(logits, labels[mask], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+
+
 class PairCollator:
     """A batch of pairs -> one right-padded batch of 2B rows (B real answers, then B generated) + reference log-probs."""
 
@@ -198,11 +220,14 @@ class SPINTrainer(TunesmithTrainer):
         self.model_accepts_loss_kwargs = False  # a per-pair mean: let the Trainer scale it for accumulation
         self._stats: dict[str, list[float]] = defaultdict(list)
 
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["real", "generated", "ref_real", "ref_generated"]  # kept by remove_unused_columns
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
         if self.noise_alpha and model.training:
             rows = add_noise_to_batch(model, rows, self.noise_alpha, self.noise_distribution)
-        real, generated = sequence_logprobs(model, rows).chunk(2)
+        real, generated = answer_logprobs(model, rows).chunk(2)
         losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
                               self.loss_type)
         if model.training:
@@ -323,7 +348,7 @@ def score_pairs(model, pairs: list[dict], collator: PairCollator, batch_size: in
     for start in range(0, len(pairs), batch_size):
         batch = collator(pairs[start:start + batch_size])
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        r, g = sequence_logprobs(model, batch).chunk(2)
+        r, g = answer_logprobs(model, batch).chunk(2)
         real += r.tolist()
         generated += g.tolist()
     model.train(was_training)
