@@ -348,3 +348,16 @@ def test_minilm_lora_beats_chance_on_bundled_sentiment(tmp_path):
     assert before <= 0.65, before
     assert after >= 0.85, after
     assert {r["text"] for r in report["compare"]} == set(classify.ARTICLE_SENTENCES)
+
+
+def test_command_line_overrides_parse(tmp_path):
+    from tunesmith.config import parse_cli
+
+    cfg = parse_cli(classify.ClassifyConfig, ["--model_name_or_path", "m", "--train_file", "t", "--save_strategy", "no",
+                                              "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                                              "--lora_target_modules", "query,value", "--output_dir", str(tmp_path)],
+                    "classify", "")
+    assert (cfg.save_strategy, cfg.eval_strategy) == ("no", "no")
+    assert cfg.lora_target_modules == ["query", "value"]
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, 4, 4, 32)
+    assert cfg.report_to in ("none", ["none"], []) and cfg.bf16 is False

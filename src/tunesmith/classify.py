@@ -116,6 +116,9 @@ class ClassifyConfig(TrainingArguments):
             raise UserError(f"field 'labels': names must be distinct, got {self.labels}")
         if not 0 < self.threshold < 1:
             raise UserError(f"field 'threshold': must be between 0 and 1, got {self.threshold}")
+        for name in ("eval_strategy", "save_strategy", "logging_strategy"):
+            if getattr(self, name) in (False, "False", "false"):  # YAML reads a bare `no` as false
+                setattr(self, name, "no")
         if self.label_names is None:
             self.label_names = ["labels"]
         if not self.validation_file:  # nothing to evaluate: no per-epoch evaluation, no best-checkpoint choice
