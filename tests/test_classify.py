@@ -361,3 +361,32 @@ def test_command_line_overrides_parse(tmp_path):
     assert cfg.lora_target_modules == ["query", "value"]
     assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, 4, 4, 32)
     assert cfg.report_to in ("none", ["none"], []) and cfg.bf16 is False
+
+
+def test_decoder_only_model_without_pad_token(tmp_path):
+    """A Llama-style model classifies too: its tokenizer has no pad token (EOS pads), the score head reads the last
+    real token, LoRA finds the q_proj projections by itself, and the saved model batches in the pipeline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, pipeline
+
+    words = sorted({w for v in TOPICS.values() for w in v} | set(FILLER))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>"] + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path / "m")
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=len(words) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, eos_token_id=1,
+                           initializer_range=0.1)).save_pretrained(tmp_path / "m")
+    out = classify.train(_base_config(tmp_path, str(tmp_path / "m"),
+                                      train_file=_write_jsonl(tmp_path / "train.jsonl", _topic_rows(30, 1)),
+                                      num_train_epochs=1))
+    report = json.loads(open(os.path.join(out, "metrics.json")).read())
+    assert report["new_modules"] == ["score"]
+    clf = pipeline("text-classification", model=out)
+    assert clf.model.config.pad_token_id == 1
+    texts = ["goal", "the coach saw a match today and we talked about the team"]  # padded together
+    batched, alone = clf(texts, batch_size=2), clf(texts, batch_size=1)
+    assert [r["label"] for r in batched] == [r["label"] for r in alone]
+    assert [r["score"] for r in batched] == pytest.approx([r["score"] for r in alone], rel=1e-4)
+    adapter_cfg = json.loads(open(os.path.join(out, "adapter", "adapter_config.json")).read())
+    assert adapter_cfg["target_modules"] == ["q_proj"] and adapter_cfg["task_type"] == "SEQ_CLS"
