@@ -262,9 +262,10 @@ def test_rerun_of_a_finished_run_redoes_nothing(full_run):
 
 def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(8))
+    held_out = write_jsonl(tmp_path / "e.jsonl", alpaca_rows(4, seed=7))
     cfg = spin_config(tiny_model_dir, data, tmp_path / "run", use_peft=True, lora_r=4, lora_alpha=8,
                       lora_dropout=0.0, learning_rate=1e-2, neftune_noise_alpha=5.0, mix_previous_iteration=False,
-                      shard_size=8)
+                      shard_size=8, eval_dataset=held_out)
     spin.train(cfg)
     run = spin.Run(spin.build_config(spin.SPINConfig, cfg))
     merged = tmp_path / "run" / "iteration-0" / "model"
@@ -278,6 +279,15 @@ def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_m
     assert (stored - torch.stack([r0, g0], 1)).abs().max() > 0.1  # not theta_0
     state = json.loads((tmp_path / "run" / "spin_state.json").read_text())
     assert state["iterations"]["1"]["train"]["reward_margin"] > 0
+    # the held-out loss at the end of each iteration is the trained model's, noise-free
+    from tunesmith.data.collate import Collator
+    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.scoring import dataset_loss
+
+    rows, _ = tokenize_examples(load_examples(held_out), run.tokenizer, get_template("alpaca", run.tokenizer), 256)
+    expected = dataset_loss(load(merged), [Collator(run.tokenizer.pad_token_id)(rows)])["loss"]
+    assert state["iterations"]["0"]["train"]["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())[1]["eval_loss"] is not None
 
 
 # ------------------------------------------------------------------------------------------------ kill and resume
@@ -412,3 +422,29 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_model_dir, data_file, tmp_path
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "'beta' has 3 values" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_split_generation_shards_and_train_ddp(full_run, tmp_path):
+    import yaml
+
+    cfg = dict(full_run["cfg"], output_dir=str(tmp_path / "run"), num_iterations=1, shard_size=5,
+               per_device_train_batch_size=2)  # 2 processes x 2 pairs = the single-process batch of 4
+    (tmp_path / "spin.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[1])] + sys.path))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tunesmith.cli",
+                        "spin", "--config", str(tmp_path / "spin.yaml")], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "run"
+    gen = out / "iteration-0" / "generations"
+    assert sorted(x.name for x in gen.iterdir()) == ["shard-00000.json", "shard-00001.json", "shard-00002.json"]
+    rows = shard_rows(gen)
+    assert [r["index"] for r in rows] == list(range(12))
+    assert [r["ids"] for r in rows] == [r["ids"] for r in shard_rows(full_run["out"] / "iteration-0" / "generations")]
+    ddp = json.loads((out / "spin_state.json").read_text())["iterations"]["0"]["train"]
+    single = json.loads((full_run["out"] / "spin_state.json").read_text())["iterations"]["0"]["train"]
+    assert ddp["steps"] == single["steps"] == 3
+    for key in ("loss", "reward_margin", "policy_real", "policy_generated"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-3, abs=1e-3), key

@@ -385,6 +385,8 @@ class Run:
         self.collator = PairCollator(self.tokenizer.pad_token_id)
         self.device = cfg.device
         self.fp_values = fingerprint_values(cfg)
+        # the prompts and real answers as tokens: a changed data file, tokenizer or template is a different run
+        self.fp_values["data_tokens"] = fingerprint([[p.prompt_ids, p.real_ids] for p in self.prompts])
         self.fp = fingerprint(self.fp_values)
         self.state = self._open_state()
 
