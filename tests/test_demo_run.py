@@ -8,7 +8,7 @@ import pytest
 
 from tunesmith.cli import main
 from tunesmith.demo import base
-from tunesmith.demo.run import DemoConfig, check_output, fact_accuracy, summary_table
+from tunesmith.demo.run import DemoConfig, check_output, fact_accuracy, prepare_output, summary_table
 from tunesmith.demo.world import FactJudge, World, biography
 from tunesmith.errors import UserError
 
@@ -47,10 +47,22 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     for line in (out / "data/heldout_prompts.jsonl").read_text().splitlines():
         assert {p.name for p in judge.people_in(json.loads(line)["instruction"])} <= held
 
-    # Running again into the same directory replaces the previous demo.
+
+
+def test_a_previous_demo_is_replaced_and_nothing_else_touched(tmp_path):
+    out = tmp_path / "demo"
+    (out / "runs" / "sft-seed0").mkdir(parents=True)
     (out / "runs" / "sft-seed0" / "stale").write_text("x")
-    assert main(["demo", "--quick", "--output", str(out)]) == 0
-    assert not (out / "runs" / "sft-seed0" / "stale").exists()
+    (out / "report.md").write_text("old")
+    (out / "my_notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="holds something else"):
+        check_output(DemoConfig(output=str(out)), 2)
+    (out / "demo.json").write_text("{}")
+    assert check_output(DemoConfig(output=str(out)), 2) == out
+    prepare_output(out)
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt"]
+    prepare_output(tmp_path / "fresh" / "dir")
+    assert (tmp_path / "fresh" / "dir").is_dir()
 
 
 def test_output_directory_holding_something_else_is_refused(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The shipped tiny base model: locate it, verify its checksums, load it, and probe what it knows.
 
 The checkpoint in ``base_model/`` is produced by ``scripts/pretrain_demo_base.py`` (see ``PROVENANCE.md`` there).
-``MANIFEST.sha256`` lists every file with its sha256; :func:`verify` refuses a checkpoint with a missing, extra-large
+``SHA256SUMS.txt`` lists every file with its sha256; :func:`verify` refuses a checkpoint with a missing, extra-large
 or altered file, so a truncated download or a bad merge fails with one clear line instead of a confusing load error.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from tunesmith.errors import UserError
 
 BASE_DIR = Path(__file__).parent / "base_model"
-MANIFEST = "MANIFEST.sha256"
+MANIFEST = "SHA256SUMS.txt"  # `sha256sum -c` format; *.txt ships as package data
 
 
 def sha256_file(path: Path) -> str:
@@ -25,7 +25,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    """Write ``MANIFEST.sha256`` (``sha256  name`` lines, sorted) for every other file in ``directory``."""
+    """Write ``SHA256SUMS.txt`` (``sha256  name`` lines, sorted) for every other file in ``directory``."""
     from tunesmith.io import atomic_write_text
 
     directory = Path(directory)
