@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TUNESMITH_ONLINE") != "1":
         for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
+    # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional hub-downloaded kernel is missing.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.cli(rest) or 0)

@@ -102,6 +102,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if isinstance(tp, type) and issubclass(tp, str) and hasattr(tp, "__members__"):  # str Enums (TrainingArguments)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` / `yes` as a boolean
+            value = "yes" if value else "no"
         try:
             return tp(value)
         except ValueError:
@@ -158,9 +160,13 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
 def help_text(cls, command: str, description: str) -> str:
     lines = [f"usage: tunesmith {command} --config FILE.yaml [--key value ...]", "", description, "",
              "Options (YAML keys; a --key flag overrides the file):"]
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("hidden"):
-            continue
+    own = list(getattr(cls, "__annotations__", {}))
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")}
+    inherited = [f for name, f in fields.items() if name not in own]
+    for f in [fields[name] for name in own if name in fields] + inherited:
+        if inherited and f is inherited[0]:
+            base = next((b.__name__ for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)), "base")
+            lines += ["", f"Inherited from {base}:"]
         doc = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             default = f.default
