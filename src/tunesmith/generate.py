@@ -37,7 +37,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int = 8, max_new_tokens: int = 256,
+def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int = 32, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, min_new_tokens: int = 0, seed: int | None = 0,
              progress: bool = False) -> list[dict]:
@@ -141,7 +141,7 @@ class GenerateConfig:
     generator: str = field(default="", metadata={"help": "name written in the 'generator' field (default: the "
                                                          "model directory's name)"})
     backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers) or vllm (GPU)"})
-    batch_size: int = field(default=8, metadata={"help": "prompts per batch"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per batch (length-sorted, so padding stays small)"})
     max_new_tokens: int = field(default=256, metadata={"help": "generation budget per prompt"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
