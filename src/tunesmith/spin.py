@@ -25,6 +25,7 @@ row per iteration.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -510,40 +511,15 @@ class Run:
                 "ref_generated": sum(r["ref_generated"] for r in rows) / len(rows),
                 "seconds": sum(sh["seconds"] for sh in shards)}
 
-    def stage_train(self, t: int, model) -> dict:
-        from transformers import set_seed
-
-        from tunesmith.models import wrap_lora
-
+    def stage_train(self, t: int, take_model) -> dict:
+        """``take_model()`` hands over theta_t (the caller keeps no reference, so it can be freed after training)."""
         cfg = self.cfg
         it = self.iter_dir(t)
         pairs = self.pairs(t, with_reference=True)
-        final = it / "model"
         result_path = it / "train_result.json"
-        start = time.perf_counter()
-        if not final.exists():  # else: killed after the model was saved and before the state was written
-            set_seed(cfg.seed)
-            if cfg.use_peft:
-                model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                                  quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
-            args = cfg.iteration_args(t, it / "trainer")
-            trainer = SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=self.collator,
-                                  processing_class=self.tokenizer, neftune_alpha=cfg.neftune_noise_alpha,
-                                  neftune_distribution=cfg.neftune_noise_distribution, beta=cfg.beta[t],
-                                  loss_type=cfg.loss_type)
-            trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
-            for cb in self.callbacks:
-                trainer.add_callback(cb)
-            checkpoint = last_complete_checkpoint(it / "trainer")
-            output = trainer.train(resume_from_checkpoint=checkpoint)
-            if cfg.process_index == 0:
-                atomic_write_json(result_path, {"train_loss": output.training_loss, "steps": output.global_step,
-                                                "seconds": time.perf_counter() - start})
-            model = trainer.model
-            if cfg.process_index == 0:
-                self.save_model(t, model)
-            _barrier(cfg)
-            model = None
+        if not (it / "model").exists():  # else: killed after the model was saved and before the state was written
+            self.train_and_save(t, take_model(), pairs)
+        gc.collect()  # the trainer, its optimizer and theta_t are gone before theta_{t+1} is loaded
         # end-of-iteration metrics: theta_{t+1} on the iteration's pairs, noise-free, against the stored reference
         model = self.load_model(t + 1)
         metrics = self.pair_metrics(model, pairs, cfg.beta[t])
@@ -554,6 +530,34 @@ class Run:
                         "seconds": result.get("seconds"), "beta": cfg.beta[t], "learning_rate": cfg.learning_rate[t],
                         "num_train_epochs": cfg.num_train_epochs[t], "trained_on_iterations": self.sources(t)})
         return metrics
+
+    def train_and_save(self, t: int, model, pairs: list[dict]) -> None:
+        """Train theta_{t+1} from ``model`` (theta_t) on ``pairs``, resuming from the last complete checkpoint, and
+        save it with :meth:`save_model`."""
+        from transformers import set_seed
+
+        from tunesmith.models import wrap_lora
+
+        cfg, it = self.cfg, self.iter_dir(t)
+        start = time.perf_counter()
+        set_seed(cfg.seed)
+        if cfg.use_peft:
+            model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                              quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
+        trainer = SPINTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
+                              data_collator=self.collator, processing_class=self.tokenizer,
+                              neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution,
+                              beta=cfg.beta[t], loss_type=cfg.loss_type)
+        trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
+        for cb in self.callbacks:
+            trainer.add_callback(cb)
+        output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(it / "trainer"))
+        if cfg.process_index == 0:
+            atomic_write_json(it / "train_result.json", {"train_loss": output.training_loss,
+                                                         "steps": output.global_step,
+                                                         "seconds": time.perf_counter() - start})
+            self.save_model(t, trainer.model)
+        _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
         cfg = self.cfg
@@ -612,19 +616,20 @@ class Run:
         for t in range(cfg.num_iterations):
             if all(self.done(t, s) for s in STAGES):
                 continue
-            model = None
+            loaded = []  # theta_t, loaded once per iteration when a stage first needs it
             for stage in STAGES:
                 if self.done(t, stage):
                     continue
-                if model is None:
-                    model = self.load_model(t)
                 if cfg.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage}")
-                metrics = getattr(self, f"stage_{stage}")(t, model)
-                if stage == "train":
-                    model = None
+                if stage == "train":  # training takes theta_t over: no other reference to it stays alive
+                    metrics = self.stage_train(t, lambda: loaded.pop() if loaded else self.load_model(t))
                     if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
                         shutil.rmtree(self.iter_dir(t) / "trainer", ignore_errors=True)
+                else:
+                    if not loaded:
+                        loaded.append(self.load_model(t))
+                    metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
                 if cfg.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
