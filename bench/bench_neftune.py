@@ -77,6 +77,45 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
     return {"cpu": timer.cpu, "wall": timer.wall, "losses": losses}
 
 
+def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -> dict:
+    """Forward + backward of ``TunesmithTrainer.training_step`` (where the noise is added) with alpha 0 and alpha,
+    alternating per batch (A B / B A), on the same model and the same batches; no optimizer step, so the weights
+    (and every number but the noise) are the same for both arms. Returns per-call CPU and wall seconds per arm."""
+    from tunesmith.config import build_config
+    from tunesmith.data.collate import Collator
+    from tunesmith.data.tokenize import IGNORE
+    from tunesmith.models import ensure_pad_token, load_tokenizer
+    from tunesmith.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
+
+    trainers = {}
+    model = tok = batches = None
+    for a in (0.0, alpha):
+        cfg = build_config(SFTConfig, common.tunesmith_config(ws, str(work / f"interleaved-{a:g}"), 1, 1,
+                                                              neftune_noise_alpha=a), "bench")
+        if model is None:
+            tok = load_tokenizer(cfg.model_name_or_path)
+            ensure_pad_token(tok)
+            _, rows, _, _, _ = prepare_data(cfg, tok)
+            collate, bs = Collator(tok.pad_token_id), ws.size.batch_size
+            batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(n_batches)]
+            model = build_model(cfg, tok)
+        trainers[a] = TunesmithTrainer(model=model, args=cfg, train_dataset=rows, data_collator=collate,
+                                       processing_class=tok, neftune_alpha=a)
+    times = {a: {"cpu": [], "wall": []} for a in trainers}
+    for rep in range(reps + 1):  # the first pass is a warm-up
+        for i, b in enumerate(batches):
+            n_items = int((b["labels"] != IGNORE).sum())
+            for a in ((0.0, alpha) if (rep + i) % 2 == 0 else (alpha, 0.0)):
+                c, t = time.process_time(), time.perf_counter()
+                trainers[a].training_step(model, b, num_items_in_batch=n_items)
+                cpu, wall = time.process_time() - c, time.perf_counter() - t
+                model.zero_grad(set_to_none=True)
+                if rep:
+                    times[a]["cpu"].append(cpu)
+                    times[a]["wall"].append(wall)
+    return times
+
+
 def noise_microbench(ws, n_batches: int, repeats: int) -> dict:
     """Seconds per batch of the embedding lookup alone vs add_noise_to_batch (lookup + scale + noise), same batches,
     interleaved; forward only, with autograd on as in training."""
@@ -114,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="steps of each run left out of the measurement")
     ap.add_argument("--reps", type=int, default=4, help="repetitions (each trains both arms, order alternating)")
     ap.add_argument("--alpha", type=float, default=5.0)
+    ap.add_argument("--interleaved-batches", type=int, default=12, help="batches of the interleaved measurement")
+    ap.add_argument("--interleaved-reps", type=int, default=3, help="passes over them (plus one warm-up pass)")
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke check")
     ap.add_argument("--workdir", help="keep the workspace here (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -157,6 +198,19 @@ def main(argv=None) -> int:
               f" ms;  overhead {100 * overhead:+.2f}% (per-rep ratios "
               f"{', '.join(f'{100 * (x - 1):+.1f}%' for x in per_rep)}; target <= {100 * TARGET:.0f}%: {verdict});"
               f"  paired per-step median {100 * overhead_paired:+.2f}%")
+    n_b, n_r = (3, 2) if args.quick else (args.interleaved_batches, args.interleaved_reps)
+    with common.quiet(work / "runs.log"):
+        inter = interleaved_steps(ws, work, args.alpha, n_b, n_r)
+    print(f"\ninterleaved forward+backward (TunesmithTrainer.training_step, same weights, {n_b} batches x {n_r} "
+          "passes, arms alternating per call):")
+    for kind in ("cpu", "wall"):
+        a, b = inter[0.0][kind], inter[args.alpha][kind]
+        paired = [y / x for x, y in zip(a, b)]
+        ratio_sum = sum(b) / sum(a) - 1
+        print(f"[{kind:4s}] median call: alpha 0 {common.median(a) * 1000:7.1f} ms, alpha {args.alpha:g} "
+              f"{common.median(b) * 1000:7.1f} ms;  paired per-call median {100 * (common.median(paired) - 1):+.2f}%, "
+              f"ratio of sums {100 * ratio_sum:+.2f}%  (target <= {100 * TARGET:.0f}%: "
+              f"{'met' if common.median(paired) - 1 <= TARGET else 'MISSED'})")
     micro = noise_microbench(ws, n_batches=5 if args.quick else 40, repeats=3 if args.quick else 7)
     step_cpu = common.median([t for r in off for t in r["cpu"]])
     extra = micro["noised"] - micro["plain"]
