@@ -135,7 +135,8 @@ def main() -> None:
     # the three contenders step in alternation on the same batches (same seed -> same sampler order); per contender
     # the median step time over the timed steps, and the median of the per-step ratios (a paired comparison)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = spin.SPINTrainer(model=copy.deepcopy(model), args=spin.TrainingArguments(**common_args(f"{tmp}/s", batch)),
+        args = spin.TrainingArguments(**common_args(f"{tmp}/s", batch))
+        ours = spin.SPINTrainer(model=copy.deepcopy(model), args=args,
                                 train_dataset=pairs, data_collator=collate, beta=0.1)
         contenders = {"tunesmith SPIN (stored reference)": ours}
         for name, precompute in (("TRL DPO, reference copy every step", False),

@@ -310,7 +310,8 @@ KILLER = textwrap.dedent("""
 
     class KillAtStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if kill.get("step") == state.global_step and args.output_dir.endswith(f"iteration-{kill['iteration']}/trainer"):
+            here = args.output_dir.endswith(f"iteration-{kill.get('iteration')}/trainer")
+            if here and kill.get("step") == state.global_step:
                 die()
 
     spin.train(cfg, callbacks=[KillAtStep()], on_event=on_event)
@@ -323,7 +324,7 @@ def _run_killable(cfg, kill):
                            str(torch.get_num_threads())], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_sigkill_during_generation_and_training_then_resume_matches_uninterrupted(full_run, tmp_path):
+def test_sigkill_during_generation_reference_and_training_then_resume_matches_uninterrupted(full_run, tmp_path):
     cfg = dict(full_run["cfg"], output_dir=str(tmp_path / "run"))
     out = tmp_path / "run"
     # 1. killed right after the first generation shard of iteration 0 is written
@@ -331,14 +332,19 @@ def test_sigkill_during_generation_and_training_then_resume_matches_uninterrupte
     assert p.returncode == -9, p.stderr[-2000:]
     gen0 = out / "iteration-0" / "generations"
     assert sorted(x.name for x in gen0.iterdir()) == ["shard-00000.json"]  # no half shard, no temp file
-    # 2. resumed, then killed at step 3 of iteration 1's training (after the step-2 checkpoint)
+    # 2. resumed, then killed after the second reference shard of iteration 1 (24 pairs, 4 shards)
+    p = _run_killable(cfg, {"stage": "reference", "iteration": 1, "shard": 1})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert sorted(x.name for x in (out / "iteration-1" / "reference").iterdir()) == ["shard-00000.json",
+                                                                                     "shard-00001.json"]
+    # 3. resumed, then killed at step 3 of iteration 1's training (after the step-2 checkpoint)
     p = _run_killable(cfg, {"step": 3, "iteration": 1})
     assert p.returncode == -9, p.stderr[-2000:]
     assert (out / "iteration-1" / "trainer" / "checkpoint-2").exists()
     assert not (out / "iteration-1" / "model").exists()
     state = json.loads((out / "spin_state.json").read_text())
     assert "train" not in state["iterations"]["1"] and "reference" in state["iterations"]["1"]
-    # 3. resumed to the end
+    # 4. resumed to the end
     p = _run_killable(cfg, {})
     assert p.returncode == 0, p.stderr[-2000:]
 

@@ -1,6 +1,6 @@
 """SPIN, self-play fine-tuning (Chen et al. 2024): every iteration in one resumable command.
 
-Iteration t starts from theta_t (theta_0 = the SFT model) and reads top to bottom in :func:`run_iteration`:
+Iteration t starts from theta_t (theta_0 = the SFT model); :meth:`Run.train` runs its stages in order:
 
 1. generate   theta_t answers every SFT prompt, in batches, with exactly the training template (the prompt ids are
               ``encode_prompt``'s, the prefix of the training rows). Shards of ``shard_size`` prompts are written
@@ -13,7 +13,8 @@ Iteration t starts from theta_t (theta_0 = the SFT model) and reads top to botto
                   sigmoid: log(1 + exp(-t_i))          hinge: max(0, 1 - t_i)
 
               in a Trainer subclass that scores real and generated rows in one forward (NEFTune noise on this
-              policy pass only, when configured). Trainer checkpoints in ``iteration-t/trainer`` allow a resume.
+              policy pass only, when configured), projecting only answer positions onto the vocabulary. Trainer
+              checkpoints in ``iteration-t/trainer`` allow a resume; under torchrun training is DDP.
 4. save       ``iteration-t/model`` (renamed into place when complete). Under LoRA the adapter is merged first, so
               the next generator and reference is theta_{t+1} itself, never theta_0.
 
@@ -199,7 +200,7 @@ def answer_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 class PairCollator:
-    """A batch of pairs -> one right-padded batch of 2B rows (B real answers, then B generated) + reference log-probs."""
+    """B pairs -> one right-padded batch of 2B rows (the B real answers, then the B generated) + reference log-probs."""
 
     def __init__(self, pad_token_id: int):
         self.rows = Collator(pad_token_id)
@@ -317,7 +318,7 @@ def _shard_seed(seed: int, t: int, k: int) -> int:
 def generate_shards(cfg: SPINConfig, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
                     on_event=None) -> None:
     """Answer every prompt with ``model``; each missing shard of this rank is generated and written atomically."""
-    from tunesmith.generate import generate  # batched, left-padded; TODO: vLLM backend for large runs
+    from tunesmith.generate import generate  # batched, left-padded, length-sorted HF generation
 
     n_shards = -(-len(prompts) // cfg.shard_size)
     eos = tokenizer.eos_token_id
@@ -546,7 +547,8 @@ class Run:
                               quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
         trainer = SPINTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
                               data_collator=self.collator, processing_class=self.tokenizer,
-                              neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution,
+                              neftune_alpha=cfg.neftune_noise_alpha,
+                              neftune_distribution=cfg.neftune_noise_distribution,
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         for cb in self.callbacks:
