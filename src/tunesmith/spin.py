@@ -627,7 +627,8 @@ class Run:
                 if stage == "train":  # training takes theta_t over: no other reference to it stays alive
                     metrics = self.stage_train(t, lambda: loaded.pop() if loaded else self.load_model(t))
                     if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
-                        shutil.rmtree(self.iter_dir(t) / "trainer", ignore_errors=True)
+                        for checkpoint in (self.iter_dir(t) / "trainer").glob("checkpoint-*"):
+                            shutil.rmtree(checkpoint, ignore_errors=True)
                 else:
                     if not loaded:
                         loaded.append(self.load_model(t))
