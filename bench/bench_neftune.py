@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     print(f"model: Llama, {ws.n_params / 1e6:.2f}M parameters (hidden {s.hidden}, {s.layers} layers); batch "
           f"{s.batch_size}, max_length {s.max_length}; float32 CPU; {common.threads_note()}")
     print(f"{args.reps} repetitions x 2 arms (alpha 0 and {args.alpha:g}), {args.warmup} warm-up + {args.steps} "
-          "measured steps each\n")
+          "measured steps each")
+    print(common.threads_warning() + ("(--quick: a smoke check; its figures mean nothing)\n" if args.quick else ""))
 
     arms = {0.0: [], args.alpha: []}
     for rep in range(args.reps):

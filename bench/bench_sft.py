@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)  # the data summary and library warnings would drown the table
     if args.quick:
-        args.steps, args.warmup = min(args.steps, 4), 2
+        args.steps, args.warmup = min(args.steps, 8), 2
     warmup = max(1, args.warmup)
     steps = -(-args.steps // warmup) * warmup
 
@@ -194,10 +194,14 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     ws = common.make_workspace(work, "quick" if args.quick else "full")
     s = ws.size
+    if (warmup + steps) * s.batch_size > len(ws.records):
+        ap.error(f"{warmup + steps} steps of {s.batch_size} exceed one epoch of {len(ws.records)} examples (the plain "
+                 "loop replays the Trainer's first-epoch order only)")
     print(f"model: Llama, {ws.n_params / 1e6:.2f}M parameters (hidden {s.hidden}, {s.layers} layers, vocab "
           f"{s.vocab}); data: {s.examples} prompt/completion examples, batch {s.batch_size}, max_length "
           f"{s.max_length}; float32 CPU; {common.threads_note()}")
-    print(f"warm-up {warmup} steps, then {steps} measured steps per method, {args.rounds} round(s)\n")
+    print(f"warm-up {warmup} steps, then {steps} measured steps per method, {args.rounds} round(s)")
+    print(common.threads_warning() + ("(--quick: a smoke check; its figures mean nothing)\n" if args.quick else ""))
     warm_up_torch(ws)
 
     phases = {"tunesmith": lambda: measure_trainer(lambda n: run_tunesmith(ws, work, n, warmup), warmup, steps),
@@ -225,7 +229,10 @@ def main(argv=None) -> int:
         with common.quiet(work / "phases.log"):
             run_tunesmith(ws, work, warmup + steps, warmup, profile=True)
 
-    cpu_tps = {k: common.median([x["tokens"] / x["cpu"] for x in v]) for k, v in results.items()}
+    if any(x["cpu"] <= 0 for v in results.values() for x in v):
+        print("\nsome CPU-time differences are <= 0: setup noise exceeds the measured steps (normal with --quick); "
+              "the CPU-time figures below are meaningless")
+    cpu_tps = {k: common.median([x["tokens"] / max(x["cpu"], 1e-9) for x in v]) for k, v in results.items()}
     wall_tps = {k: common.median([x["tokens"] / x["wall"] for x in v]) for k, v in results.items()}
     print(f"\nmedian over {args.rounds} round(s); tokens = non-padding tokens of the {steps} measured steps")
     print("method        tok/s (CPU time)  CPU s/step   tok/s (wall)   peak RSS MiB   loss at step " + str(warmup))

@@ -253,6 +253,16 @@ def median(xs):
     return statistics.median(xs)
 
 
+def threads_warning() -> str:
+    """A line to print when torch uses several threads: CPU time then adds up every thread's time."""
+    import torch
+
+    if torch.get_num_threads() == 1:
+        return ""
+    return (f"NOTE: torch uses {torch.get_num_threads()} threads; CPU-time figures add up all threads. For comparable "
+            "figures run with OMP_NUM_THREADS=1.\n")
+
+
 def threads_note() -> str:
     import torch
 
