@@ -47,20 +47,23 @@ class DemoConfig:
     spin: int = _f(0, "SPIN iterations on top of the plain SFT model (0: none).")
     quick: bool = _f(False, "A few training steps and prompts: checks the pipeline end to end, measures nothing.")
     neftune_alpha: float = _f(5.0, "NEFTune alpha of the noisy run.")
-    epochs: float = _f(3.0, "SFT epochs.")
+    epochs: float = _f(2.0, "SFT epochs.")
     learning_rate: float = _f(5e-4, "SFT learning rate (cosine schedule, 5% warmup).")
     batch_size: int = _f(16, "SFT batch size.")
-    template: str = _f("alpaca", "Prompt template.")
-    train_prompts: int = _f(96, "Training prompts answered to measure copying of the training answers.")
-    heldout_prompts: int = _f(0, "Held-out prompts answered (0: all).")
+    template: str = _f("instruction_response", "Prompt template (short: alpaca's preamble would double the "
+                                                "tokens of these short examples).")
+    train_prompts: int = _f(64, "Training prompts answered to measure copying of the training answers.")
+    heldout_prompts: int = _f(160, "Held-out prompts answered (0: all 270).")
     max_new_tokens: int = _f(96, "Generation budget per answer (greedy).")
     repetition_penalty: float = _f(1.0, "Generation repetition penalty (the paper's 1.2 penalises restating the "
                                         "names a factual answer needs).")
-    n_tokens: int = _f(24, "rep-n / diversity use the first N words of each answer (answers here are short).")
+    n_tokens: int = _f(12, "rep-n / diversity use the first N words of each answer (the median answer here has ~12).")
     spin_learning_rate: float = _f(5e-5, "SPIN learning rate per iteration.")
     spin_beta: float = _f(0.1, "SPIN beta (the paper's lambda).")
     data_seed: int = _f(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
     base_model: str = _f("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
+    threads: int = _f(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
+                         "busy (threads waiting on each other on a busy CPU slow torch down severalfold).")
 
     def __post_init__(self):
         if self.seeds < 1:
@@ -72,6 +75,8 @@ class DemoConfig:
         for key in ("epochs", "learning_rate", "spin_learning_rate", "spin_beta"):
             if not getattr(self, key) > 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.threads < 0 or self.heldout_prompts < 0:
+            raise UserError("threads and heldout_prompts must be 0 or more")
         for key in ("batch_size", "max_new_tokens", "train_prompts"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
@@ -122,9 +127,13 @@ def write_data(cfg: DemoConfig, world, data_dir: Path) -> dict[str, Path]:
     n_train_prompts = min(8 if cfg.quick else cfg.train_prompts, len(train))
     n_held_prompts = min(8, len(held)) if cfg.quick else (cfg.heldout_prompts or len(held))
     paths = {"train": data_dir / "train.jsonl", "heldout": data_dir / "heldout.jsonl",
+             "train_sample": data_dir / "train_sample.jsonl", "heldout_sample": data_dir / "heldout_sample.jsonl",
              "train_prompts": data_dir / "train_prompts.jsonl", "heldout_prompts": data_dir / "heldout_prompts.jsonl"}
     atomic_write_jsonl(paths["train"], strip(train))
     atomic_write_jsonl(paths["heldout"], strip(held))
+    # Loss measurements use samples (the rows are shuffled): the full sets would cost more than the training.
+    atomic_write_jsonl(paths["train_sample"], strip(train[:16 if cfg.quick else 256]))
+    atomic_write_jsonl(paths["heldout_sample"], strip(held[:96]))
     atomic_write_jsonl(paths["train_prompts"], strip(train[:n_train_prompts]))
     atomic_write_jsonl(paths["heldout_prompts"], strip(held[:n_held_prompts]))
     return paths
@@ -147,7 +156,7 @@ def evaluate_model(cfg: DemoConfig, model_dir: Path, run_dir: Path, name: str, d
                                     max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
                                     repetition_penalty=cfg.repetition_penalty))
     result = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model=str(model_dir),
-                                 dataset=[str(data["train"]), str(data["heldout"])],
+                                 dataset=[str(data["train_sample"]), str(data["heldout"])],
                                  generations=[str(gens["train"]), str(gens["heldout"])], n_tokens=cfg.n_tokens,
                                  run_name=name, batch_size=32))
     facts = {split: fact_accuracy(judge, gens[split]) for split in ("train", "heldout")}
@@ -190,19 +199,19 @@ def win_rate_under(judge, run_a: Path, run_b: Path, out: Path, name_a: str, name
 # ---------------------------------------------------------------- training
 
 def sft_config(cfg: DemoConfig, base_dir: Path, data: dict, out: Path, seed: int, alpha: float | None) -> dict:
-    c = dict(model_name_or_path=str(base_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout"]),
+    c = dict(model_name_or_path=str(base_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout_sample"]),
              output_dir=str(out), template=cfg.template, max_length=256, num_train_epochs=cfg.epochs,
              learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
              per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=32, seed=seed, data_seed=seed,
              neftune_noise_alpha=alpha, report_to="none", save_strategy="no", eval_strategy="steps",
-             eval_steps=0.125, logging_steps=0.025, train_loss_eval_samples=128, disable_tqdm=True, use_cpu=True)
+             eval_steps=0.25, logging_steps=0.025, train_loss_eval_samples=64, disable_tqdm=True, use_cpu=True)
     if cfg.quick:
         c.update(max_steps=4, eval_steps=2, logging_steps=1, train_loss_eval_samples=16)
     return c
 
 
 def spin_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int) -> dict:
-    c = dict(model_name_or_path=str(sft_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout"]),
+    c = dict(model_name_or_path=str(sft_dir), dataset=str(data["train"]), eval_dataset=str(data["heldout_sample"]),
              output_dir=str(out), num_iterations=cfg.spin, learning_rate=[cfg.spin_learning_rate],
              beta=[cfg.spin_beta], num_train_epochs=[1.0], per_device_train_batch_size=cfg.batch_size,
              per_device_eval_batch_size=32, max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
@@ -234,7 +243,7 @@ def extract(result: dict, data: dict) -> dict:
     loss = ev.get("loss") or {}
     gtrain = ev["generations"][Path(result["generations"]["train"]).stem]
     gheld = ev["generations"][Path(result["generations"]["heldout"]).stem]
-    return {"train_loss": loss[str(data["train"])]["loss"], "heldout_loss": loss[str(data["heldout"])]["loss"],
+    return {"train_loss": loss[str(data["train_sample"])]["loss"], "heldout_loss": loss[str(data["heldout"])]["loss"],
             "rouge_l_train": (gtrain.get("overlap") or {}).get("rouge_l_mean"),
             "bleu_train": (gtrain.get("overlap") or {}).get("bleu_corpus"),
             "chars": gheld["length"].get("chars_mean"), "words": gheld["length"].get("words_mean"),
@@ -294,7 +303,30 @@ def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
 
 # ---------------------------------------------------------------- the demo
 
+def choose_threads(requested: int) -> int:
+    """``requested`` if given; else 1 when the load average already fills every core, else torch's default."""
+    import torch
+
+    if requested:
+        return requested
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return 1 if cores > 1 and load >= cores - 0.5 else torch.get_num_threads()
+
+
 def run(cfg: DemoConfig) -> dict:
+    """Run the demo (see the module docstring); returns the state written to ``demo.json``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(cfg.threads))
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(cfg: DemoConfig) -> dict:
     from tunesmith.demo.base import BASE_DIR, provenance, verify
     from tunesmith.demo.world import FactJudge, World
     from tunesmith.io import atomic_write_json, atomic_write_text
@@ -309,7 +341,9 @@ def run(cfg: DemoConfig) -> dict:
     world = World(seed=info["world"]["seed"], n_people=info["world"]["n_people"])
     judge = FactJudge(world)
     prepare_output(out)
-    state = {"complete": False, "config": asdict(cfg), "base_model": str(base_dir),
+    import torch
+
+    state = {"complete": False, "config": asdict(cfg), "base_model": str(base_dir), "threads": torch.get_num_threads(),
              "base_probe": info["probe"]["overall"], "timings_s": {}}
     atomic_write_json(out / MARKER, state)
     data = write_data(cfg, world, out / "data")
@@ -365,7 +399,8 @@ def run(cfg: DemoConfig) -> dict:
              + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
              f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
-             f"{cfg.repetition_penalty:g}. Values are mean ± std over seeds."
+             f"{cfg.repetition_penalty:g}. Values are mean ± std over seeds. Wall time {(time.time() - t0) / 60:.1f} min "
+             f"with {state['threads']} torch thread(s)."
              + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
     blocks = [("h1", title), ("p", intro), ("h2", "Summary"), ("table", header, rows)]
     if plot_summary(per_variant, out / "summary.png"):
