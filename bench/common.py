@@ -239,7 +239,8 @@ class PeakRSS:
 
     def describe(self) -> str:
         note = "" if self.resettable else " (VmHWM not resettable here: process-wide peak)"
-        return f"peak RSS {self.peak:7.0f} MiB (phase start {self.start:5.0f} MiB, +{self.peak - self.start:5.0f}){note}"
+        grow = self.peak - self.start
+        return f"peak RSS {self.peak:7.0f} MiB (phase start {self.start:5.0f} MiB, +{grow:5.0f}){note}"
 
 
 @contextlib.contextmanager
