@@ -1,8 +1,8 @@
 """The shipped tiny base model: locate it, verify its checksums, load it, and probe what it knows.
 
 The checkpoint in ``base_model/`` is produced by ``scripts/pretrain_demo_base.py`` (see ``PROVENANCE.md`` there).
-``SHA256SUMS.txt`` lists every file with its sha256; :func:`verify` refuses a checkpoint with a missing, extra-large
-or altered file, so a truncated download or a bad merge fails with one clear line instead of a confusing load error.
+``SHA256SUMS.txt`` lists every file with its sha256; :func:`verify` refuses a checkpoint with a missing or altered
+file, so a truncated download or a bad merge fails with one clear line instead of a confusing load error.
 """
 from __future__ import annotations
 

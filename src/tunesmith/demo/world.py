@@ -305,7 +305,7 @@ class FactScore:
 class FactJudge:
     """Deterministic judge: which facts about which person an answer states, and whether they are true.
 
-    An answer is scanned for person names (full names; "he"/"she"/"his"/"her" keep the last person) and for values
+    An answer is scanned for person names (full names; a pronoun leaves the current person unchanged) and for values
     of any attribute. Each value is attributed to the nearest preceding person mentioned (or, before any mention, to
     the first person the prompt asks about). Values attributed to people the prompt does not ask about are ignored.
     A value equal to that person's fact is correct, any other value of the attribute is incorrect. Each
