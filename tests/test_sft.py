@@ -133,8 +133,9 @@ def test_sigkill_mid_training_resumes_to_identical_weights(tiny_model_dir, alpac
 
 def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
+    # random sampling: length grouping forms groups of batch x accumulation x ... per process, which differ here
     base = sft_config(tiny_model_dir, data, None, max_steps=4, train_loss_eval_samples=0,
-                      gradient_accumulation_steps=2)
+                      gradient_accumulation_steps=2, train_sampling_strategy="random")
     one = dict(base, output_dir=str(tmp_path / "one"), per_device_train_batch_size=4)
     two = dict(base, output_dir=str(tmp_path / "two"), per_device_train_batch_size=2)
     for name, cfg in (("one", one), ("two", two)):

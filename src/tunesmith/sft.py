@@ -63,6 +63,8 @@ class SFTConfig(TrainingArguments):
     logging_steps: float = _f(10, "Log every N steps.")
     include_num_input_tokens_seen: str | bool = _f("non_padding", "Count non-padding tokens (for tokens/s).")
     remove_unused_columns: bool = _f(False, "Keep tunesmith's columns.", )
+    train_sampling_strategy: str = _f("group_by_length", "group_by_length (default: batches of similar length, "
+                                      "little padding), random, sequential or batch_rebalance.")
 
     def __post_init__(self):
         for key in ("model_name_or_path", "dataset", "output_dir"):

@@ -47,13 +47,12 @@ def tokenize_examples(examples: list[Example], tokenizer, template: Template, ma
     out = []
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for ex in examples:
-        full = encode(tokenizer, template, ex, max_length=10**9, train_on_prompt=train_on_prompt)
-        enc = encode(tokenizer, template, ex, max_length, train_on_prompt) if full else None
+        enc = encode(tokenizer, template, ex, max_length, train_on_prompt, return_full_length=True)
         if enc is None:
             summary.dropped.append(ex.loc)
             continue
         ids, labels = enc["input_ids"], enc["labels"]
-        summary.truncated += len(full["input_ids"]) > max_length
+        summary.truncated += enc.pop("full_length") > max_length
         summary.tokens += len(ids)
         summary.trained_tokens += sum(1 for x in labels if x != IGNORE)
         summary.eos_trained += eos is not None and eos in [x for x in labels if x != IGNORE]

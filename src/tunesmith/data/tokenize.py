@@ -5,6 +5,8 @@ Each segment is tokenized on its own and the ids are concatenated, so the prompt
 """
 from __future__ import annotations
 
+import weakref
+
 from tunesmith.data.formats import Example
 from tunesmith.data.templates import Template
 
@@ -15,13 +17,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer) -> bool:
-    """True when the tokenizer's own encoding starts with BOS (Llama-style); then tunesmith adds it too."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == bos
+    """True when the tokenizer's own encoding starts with BOS (Llama-style); then tunesmith adds it too.
+    Cached per tokenizer object (the answer cannot change for a given tokenizer)."""
+    if tokenizer not in _ADDS_BOS:
+        bos = tokenizer.bos_token_id
+        ids = tokenizer("a")["input_ids"] if bos is not None else []
+        _ADDS_BOS[tokenizer] = bool(ids) and ids[0] == bos
+    return _ADDS_BOS[tokenizer]
 
 
 def _tokens(tokenizer, template: Template, example: Example, train_on_prompt: bool) -> tuple[list, list]:
@@ -50,13 +56,18 @@ def encode_prompt(tokenizer, template: Template, example: Example) -> list[int]:
 
 
 def encode(tokenizer, template: Template, example: Example, max_length: int,
-           train_on_prompt: bool = False) -> dict | None:
+           train_on_prompt: bool = False, return_full_length: bool = False) -> dict | None:
     """input_ids + labels for one example, truncated to ``max_length`` from the end (the prompt's start is kept).
 
     Returns None when no trained token is left (empty response, or the response truncated away).
+    ``return_full_length`` adds ``full_length``, the untruncated token count.
     """
     ids, labels = _tokens(tokenizer, template, example, train_on_prompt)
+    full_length = len(ids)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels):
         return None
-    return {"input_ids": ids, "labels": labels}
+    out = {"input_ids": ids, "labels": labels}
+    if return_full_length:
+        out["full_length"] = full_length
+    return out
