@@ -33,7 +33,8 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     import yaml
 
     assert yaml.safe_load((out / "runs/neftune-seed0/tunesmith.yaml").read_text())["neftune_noise_alpha"] == 5.0
-    assert yaml.safe_load((out / "runs/sft-seed0/tunesmith.yaml").read_text())["neftune_noise_alpha"] is None
+    plain = yaml.safe_load((out / "runs/sft-seed0/tunesmith.yaml").read_text())
+    assert plain["neftune_noise_alpha"] is None and plain["train_sampling_strategy"] == "random"
     md = (out / "report.md").read_text()
     for png in ("summary.png", "loss_curves.png", "winrates.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
