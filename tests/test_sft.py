@@ -91,6 +91,20 @@ def test_packed_and_unpacked_batches_give_the_same_loss(tiny_model_dir, tiny_tok
     assert not torch.allclose(a[0, :starts[1] - 1], b[0, :starts[1] - 1])
 
 
+def test_padding_free_batches_train_exactly_like_padded_ones(tiny_model_dir, alpaca_file, tmp_path):
+    runs = {}
+    for free in (False, True):
+        out = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / f"free{free}", max_steps=4,
+                                   padding_free=free, train_loss_eval_samples=0))
+        runs[free] = losses(out)
+    assert len(runs[True]) == 4
+    assert runs[True] == pytest.approx(runs[False], abs=2e-5)
+    batch = Collator(0, padding_free=True)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                            {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]] and batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+
+
 def test_packing_run_trains(tiny_model_dir, alpaca_file, tmp_path):
     out = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / "p", packing=True, num_train_epochs=4))
     curve = losses(out)
@@ -133,9 +147,8 @@ def test_sigkill_mid_training_resumes_to_identical_weights(tiny_model_dir, alpac
 
 def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(32))
-    # random sampling: length grouping forms groups of batch x accumulation x ... per process, which differ here
     base = sft_config(tiny_model_dir, data, None, max_steps=4, train_loss_eval_samples=0,
-                      gradient_accumulation_steps=2, train_sampling_strategy="random")
+                      gradient_accumulation_steps=2)
     one = dict(base, output_dir=str(tmp_path / "one"), per_device_train_batch_size=4)
     two = dict(base, output_dir=str(tmp_path / "two"), per_device_train_batch_size=2)
     for name, cfg in (("one", one), ("two", two)):

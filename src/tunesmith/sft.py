@@ -63,8 +63,8 @@ class SFTConfig(TrainingArguments):
     logging_steps: float = _f(10, "Log every N steps.")
     include_num_input_tokens_seen: str | bool = _f("non_padding", "Count non-padding tokens (for tokens/s).")
     remove_unused_columns: bool = _f(False, "Keep tunesmith's columns.", )
-    train_sampling_strategy: str = _f("group_by_length", "group_by_length (default: batches of similar length, "
-                                      "little padding), random, sequential or batch_rebalance.")
+    padding_free: bool = _f(False, "Put each batch's examples in one row instead of padding them (same examples, same "
+                                   "loss; no padding computed).")
 
     def __post_init__(self):
         for key in ("model_name_or_path", "dataset", "output_dir"):
@@ -78,6 +78,8 @@ class SFTConfig(TrainingArguments):
             raise UserError(f"neftune_noise_alpha must be >= 0, got {self.neftune_noise_alpha}")
         if self.neftune_noise_distribution not in ("uniform", "gaussian"):
             raise UserError("neftune_noise_distribution must be 'uniform' or 'gaussian'")
+        if self.padding_free and self.packing:
+            raise UserError("padding_free and packing exclude each other (packed rows have no padding to remove)")
         if self.max_length < 2:
             raise UserError("max_length must be at least 2")
         if isinstance(self.report_to, str) and self.report_to == "tensorboard" and not _has_tensorboard():
@@ -219,7 +221,7 @@ def train(config, callbacks: list | None = None) -> str:
         evals["eval"] = eval_set
     trainer = TunesmithTrainer(
         model=model, args=cfg, train_dataset=rows, eval_dataset=evals or None,
-        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     for callback in [JsonlMetrics(out / "metrics.jsonl")] + list(callbacks or []):
         trainer.add_callback(callback)

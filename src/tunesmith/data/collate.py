@@ -28,26 +28,35 @@ def pack(examples: list[dict], max_length: int) -> list[dict]:
         else:
             rows.append([i])
             space.append(max_length - n)
-    packed = []
-    for members in rows:
-        ids, labels, pos = [], [], []
-        for i in sorted(members):
-            ex = examples[i]
-            n = len(ex["input_ids"])
-            ids += ex["input_ids"]
-            labels += [IGNORE] + ex["labels"][1:]
-            pos += list(range(n))
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": pos})
-    return packed
+    return [concat([examples[i] for i in sorted(members)]) for members in rows]
+
+
+def concat(examples: list[dict]) -> dict:
+    """One row holding ``examples`` back to back, with position ids restarting at each and no cross-example label."""
+    ids, labels, pos = [], [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += [IGNORE] + ex["labels"][1:]
+        pos += list(range(len(ex["input_ids"])))
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 class Collator:
-    """Right-pads a list of examples (packed rows or single examples) into tensors."""
+    """Right-pads a list of examples (packed rows or single examples) into tensors.
 
-    def __init__(self, pad_token_id: int):
+    ``padding_free``: the batch's examples become ONE row, back to back (as packing does, but per batch, so every step
+    sees exactly the examples random sampling drew): no padding is computed, and the loss and gradients equal those of
+    the padded batch. Attention then spans the whole row under a block-diagonal mask, so it pays off for short
+    examples or with a variable-length attention kernel (flash-attention).
+    """
+
+    def __init__(self, pad_token_id: int, padding_free: bool = False):
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            features = [concat(features)]
         width = max(len(f["input_ids"]) for f in features)
         packed = "position_ids" in features[0]
         ids, labels, mask, pos = [], [], [], []
@@ -66,3 +75,4 @@ class Collator:
         else:
             batch["attention_mask"] = torch.tensor(mask)
         return batch
+
