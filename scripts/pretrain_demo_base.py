@@ -11,7 +11,6 @@ directory is written next to the target and renamed into place only when complet
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform

@@ -9,7 +9,6 @@ from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.evaluation import metrics as M
 from tunesmith.evaluation.evaluate import EvalConfig, generation_stats, run as run_eval
-from tunesmith.evaluation.winrate import win_rate
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from tunesmith.data.formats import Example, Turn
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import encode, encode_prompt
 from tunesmith.errors import UserError
-from tunesmith.scoring import sequence_logprobs
+from tunesmith.scoring import answer_logprobs, sequence_logprobs
 
 
 def spin_config(model_dir, data, out, **over):
@@ -168,11 +168,11 @@ def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_
     batch = spin.PairCollator(tok.pad_token_id)(pairs)
     with torch.no_grad():
         full = sequence_logprobs(model, batch)
-        assert torch.allclose(spin.answer_logprobs(model, batch), full, atol=1e-4)
+        assert torch.allclose(answer_logprobs(model, batch), full, atol=1e-4)
         scaled = ScaledLogits(model)
         expected = sequence_logprobs(scaled, batch)
         assert (expected - full).abs().max() > 0.1
-        assert torch.allclose(spin.answer_logprobs(scaled, batch), expected, atol=1e-4)
+        assert torch.allclose(answer_logprobs(scaled, batch), expected, atol=1e-4)
 
 
 def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):

@@ -278,7 +278,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
     ``names=None`` keeps the checkpoint's own labels (for prediction)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     kwargs: dict = {"trust_remote_code": trust_remote_code}

@@ -13,6 +13,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PAD_TOKEN = "<|pad|>"
 
 
+def unwrap_distributed(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DeepSpeed wrappers (PEFT wrappers are kept: they forward to their base)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         return "auto"

@@ -61,9 +61,9 @@ def sample_noise(shape: torch.Size, scale: torch.Tensor, distribution: Distribut
 
 def input_embedding_module(model: torch.nn.Module) -> torch.nn.Module:
     """The token-embedding module, through DDP / FSDP / PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeed engine
-        model = model.module
-    return model.get_input_embeddings()
+    from tunesmith.models import unwrap_distributed
+
+    return unwrap_distributed(model).get_input_embeddings()
 
 
 def add_noise_to_batch(model: torch.nn.Module, batch: dict, alpha: float,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.tokenize import IGNORE
+from tunesmith.models import unwrap_distributed
 
 
 def model_inputs(batch: dict) -> dict:
@@ -29,6 +30,25 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of the trained (response) tokens of each row: shape (batch,)."""
     logp, _ = token_logprobs(model, batch)
     return logp.sum(dim=1)
+
+
+def answer_logprobs(model, batch: dict) -> torch.Tensor:
+    """Summed log-probs of each row's answer tokens: ``sequence_logprobs`` with the LM head applied only to
+    the positions that predict an answer token (prompt and padding positions are never projected onto the vocabulary,
+    as in TRL's fused head). The model's own logits at one position check that its head is a plain projection of the
+    final hidden state; when it is not (logit scaling, soft-capping), this falls back to ``sequence_logprobs``.
+    """
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    head = unwrap_distributed(model).get_output_embeddings()
+    if head is None or not torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4):
+        return sequence_logprobs(model, batch)
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logits = head(hidden[:, :-1][mask]).float()  # (answer tokens, vocab)
+    logp = -F.cross_entropy(logits, labels[mask], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 @torch.no_grad()

@@ -6,11 +6,8 @@ configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passe
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -49,7 +49,7 @@ from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, atomic_write_text
 from tunesmith.neftune import add_noise_to_batch
-from tunesmith.scoring import dataset_loss, model_inputs, sequence_logprobs
+from tunesmith.scoring import answer_logprobs, dataset_loss
 from tunesmith.sft import JsonlMetrics, SFTConfig, TunesmithTrainer
 
 log = logging.getLogger("tunesmith")
@@ -175,28 +175,6 @@ def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor, ref_rea
     if loss_type == "hinge":
         return torch.relu(1 - t), t
     raise ValueError(f"loss_type must be sigmoid or hinge, got {loss_type!r}")
-
-
-def answer_logprobs(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs of each row's answer tokens: ``scoring.sequence_logprobs`` with the LM head applied only to
-    the positions that predict an answer token (prompt and padding positions are never projected onto the vocabulary,
-    as in TRL's fused head). The model's own logits at one position check that its head is a plain projection of the
-    final hidden state; when it is not (logit scaling, soft-capping), this falls back to ``sequence_logprobs``.
-    """
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP
-        inner = inner.module
-    head = inner.get_output_embeddings()
-    if head is None or not torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4):
-        return sequence_logprobs(model, batch)
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logits = head(hidden[:, :-1][mask]).float()  # (answer tokens, vocab)
-    logp = -F.cross_entropy(logits, labels[mask], reduction="none")
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
 
 
 class PairCollator:

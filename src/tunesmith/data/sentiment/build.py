@@ -15,7 +15,6 @@ Labels are "negative" / "positive", balanced in every split.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
