@@ -130,14 +130,18 @@ def test_sigkill_mid_training_resumes_to_identical_weights(tiny_model_dir, alpac
         paths[name] = tmp_path / f"{name}.json"
         paths[name].write_text(json.dumps(cfg))
     assert _worker(paths["straight"]).returncode == 0
-    killed = _worker(paths["killed"], "5")
+    killed = _worker(paths["killed"], "6")  # after step 6, before its checkpoint: resumes from step 4
     assert killed.returncode == -9
     assert not (tmp_path / "killed" / "tunesmith.yaml").exists()  # does not look finished
     cfg = json.loads(paths["killed"].read_text())
     cfg["resume_from_checkpoint"] = "true"
     paths["killed"].write_text(json.dumps(cfg))
+    logged_before = [r["step"] for r in map(json.loads, open(tmp_path / "killed" / "metrics.jsonl")) if "loss" in r]
+    assert logged_before == [1, 2, 3, 4, 5]
     resumed = _worker(paths["killed"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "killed" / "metrics.jsonl")) if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]  # step 5 (after the step-4 checkpoint) is not logged twice
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "model.safetensors")
     assert a.keys() == b.keys()
