@@ -35,6 +35,7 @@ from transformers import Trainer, TrainingArguments
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError, at
 from tunesmith.io import atomic_write_json, atomic_write_jsonl
+from tunesmith.neftune import NEFTuneTrainerMixin
 
 # The article's five sentences (its "before / after" table).
 ARTICLE_SENTENCES = ["It was good.", "Not a fan, don't recommend.", "Better than the first one.",
@@ -379,22 +380,12 @@ def _shown(row: dict) -> str:
 # --------------------------------------------------------------------------------------------------------- trainer
 
 
-class ClassifierTrainer(Trainer):
+class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):
     """``Trainer`` whose training forward passes get NEFTune noise from :mod:`tunesmith.neftune` (per example, real
     tokens only). transformers' own NEFTune hook stays off: it scales by the padded batch length."""
 
-    def __init__(self, *args, neftune_alpha: float | None = None, neftune_distribution: str = "uniform", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.neftune_noise_alpha = None  # keeps Trainer.train from attaching its hook
-        self.noise_alpha = neftune_alpha
-        self.noise_distribution = neftune_distribution
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.noise_alpha and model.training:
-            from tunesmith.neftune import add_noise_to_batch
-
-            inputs = add_noise_to_batch(model, inputs, self.noise_alpha, self.noise_distribution)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+        return super().compute_loss(model, self.training_inputs(model, inputs), return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
 

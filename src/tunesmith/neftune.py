@@ -85,3 +85,21 @@ def add_noise_to_batch(model: torch.nn.Module, batch: dict, alpha: float,
     noise = sample_noise(embeds.shape, scale, distribution, generator)
     batch["inputs_embeds"] = embeds + noise.to(embeds.dtype)
     return batch
+
+
+class NEFTuneTrainerMixin:
+    """For ``transformers.Trainer`` subclasses: ``training_inputs`` noises a batch on training passes only, and
+    transformers' own hook (padded length, noised padding) is kept off. Takes ``neftune_alpha`` (None or 0 = off) and
+    ``neftune_distribution`` keyword arguments."""
+
+    def __init__(self, *args, neftune_alpha: float | None = None, neftune_distribution: Distribution = "uniform",
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.neftune_noise_alpha = None  # Trainer.train attaches its built-in hook when this is set
+        self.noise_alpha = neftune_alpha or 0.0
+        self.noise_distribution = neftune_distribution
+
+    def training_inputs(self, model: torch.nn.Module, inputs: dict) -> dict:
+        if self.noise_alpha and model.training:
+            return add_noise_to_batch(model, inputs, self.noise_alpha, self.noise_distribution)
+        return inputs

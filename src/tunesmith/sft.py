@@ -19,7 +19,7 @@ from tunesmith.data.collate import Collator, pack
 from tunesmith.data.prepare import load_examples, tokenize_examples
 from tunesmith.data.templates import get_template, save_template
 from tunesmith.errors import UserError
-from tunesmith.neftune import add_noise_to_batch
+from tunesmith.neftune import NEFTuneTrainerMixin
 from tunesmith.scoring import dataset_loss
 
 log = logging.getLogger("tunesmith")
@@ -121,22 +121,11 @@ class JsonlMetrics(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-class TunesmithTrainer(Trainer):
+class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
     """Trainer with per-example NEFTune noise on training passes and token-weighted, noise-free evaluation."""
 
-    def __init__(self, *args, neftune_alpha: float | None = None, neftune_distribution: str = "uniform",
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        # tunesmith adds its own per-example noise in compute_loss; transformers' hook (padded length) stays off.
-        self.neftune_noise_alpha = None
-        self.noise_alpha = neftune_alpha or 0.0
-        self.noise_distribution = neftune_distribution
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.noise_alpha and model.training:
-            inputs = add_noise_to_batch(model, inputs, self.noise_alpha, self.noise_distribution)
-        else:
-            inputs = {k: v for k, v in inputs.items() if k != "token_mask"}
+        inputs = {k: v for k, v in self.training_inputs(model, inputs).items() if k != "token_mask"}
         # No KV cache in training: packed rows are isolated by position_ids only when no cache is in use.
         inputs["use_cache"] = False
         return super().compute_loss(model, inputs, return_outputs=return_outputs,

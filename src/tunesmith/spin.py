@@ -48,7 +48,6 @@ from tunesmith.data.templates import get_template, load_saved_template, save_tem
 from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, atomic_write_text
-from tunesmith.neftune import add_noise_to_batch
 from tunesmith.scoring import answer_logprobs, dataset_loss
 from tunesmith.sft import JsonlMetrics, SFTConfig, TunesmithTrainer
 
@@ -204,9 +203,7 @@ class SPINTrainer(TunesmithTrainer):
         self._signature_columns = ["real", "generated", "ref_real", "ref_generated"]  # kept by remove_unused_columns
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rows = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
-        if self.noise_alpha and model.training:
-            rows = add_noise_to_batch(model, rows, self.noise_alpha, self.noise_distribution)
+        rows = self.training_inputs(model, {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")})
         real, generated = answer_logprobs(model, rows).chunk(2)
         losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
                               self.loss_type)
