@@ -1,13 +1,28 @@
-"""Scoring tokens under a model, noise-free: per-sequence log-prob sums (SPIN) and token-weighted dataset loss."""
+"""Scoring tokens under a model: the training loss, per-token and per-sequence log-probs, token-weighted dataset loss.
+
+Lean logits: a batch x sequence x vocabulary float32 tensor is never built. The model runs with
+``output_hidden_states`` and ``logits_to_keep=1`` (its head projects one position per row), and the head is applied
+here only to the positions that have a label, a chunk of tokens at a time (:data:`CHUNK_LOGITS` logits at most).
+With gradients, each chunk is checkpointed: its logits are dropped after the forward and recomputed in the backward,
+so one chunk's logits exist at a time in both directions. The one projected position checks that the head is a
+plain projection of the final hidden state; when it is not (logit soft-capping or scaling), or when the head's
+weights are sharded outside the forward (FSDP, DeepSpeed ZeRO-3), the model's own full logits are used instead.
+"""
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.models import unwrap_distributed
+
+CHUNK_LOGITS = 2 ** 25  # logits materialised at once: 128 MiB in float32 (220 tokens at a 152k vocabulary)
+
+_PLAIN_HEAD: "weakref.WeakSet" = weakref.WeakSet()  # models whose head turned out not to be a plain projection
 
 
 def model_inputs(batch: dict) -> dict:
@@ -17,13 +32,72 @@ def model_inputs(batch: dict) -> dict:
     return {**{k: v for k, v in batch.items() if k in keep}, "use_cache": False}
 
 
+def _sharded(model) -> bool:
+    """True when parameters live sharded outside the forward (FSDP, DeepSpeed ZeRO-3): the head cannot be applied
+    after the forward returns."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch
+        FSDPModule = FullyShardedDataParallel
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _final_hidden(model, batch: dict):
+    """(final hidden states, head, vocabulary size) from a forward that projects one position per row, or None when
+    the head must not be applied outside the model (see the module docstring)."""
+    base = unwrap_distributed(model)
+    if base in _PLAIN_HEAD:
+        return None
+    head = base.get_output_embeddings()
+    if head is None or _sharded(model):
+        _PLAIN_HEAD.add(base)
+        return None
+    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1]
+    with torch.no_grad():
+        plain = torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4)
+    if not plain:
+        _PLAIN_HEAD.add(base)
+        return None
+    return hidden, head, out.logits.shape[-1]
+
+
+def _chunk_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def label_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log p(label) under ``head`` for every position of ``labels`` (already shifted) that is not -100, in row-major
+    order: shape (labelled tokens,). Projects ``CHUNK_LOGITS // vocab_size`` tokens at a time, checkpointed when
+    gradients are on."""
+    mask = labels != IGNORE
+    h, y = hidden[mask], labels[mask]
+    step = max(1, CHUNK_LOGITS // vocab_size)
+    parts = []
+    for s in range(0, len(y), step):
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_logprobs, head, h[s:s + step], y[s:s + step], use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h[s:s + step], y[s:s + step]))
+    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+
+
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each label token, mask of trained tokens), both (batch, seq-1), aligned with shifted labels."""
-    logits = model(**model_inputs(batch)).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
-    logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return logp * mask, mask
+    lean = _final_hidden(model, batch)
+    if lean is None:  # the model's own logits
+        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return logp * mask, mask
+    hidden, head, vocab = lean
+    values = label_logprobs(hidden[:, :-1], head, labels, vocab)
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values), mask
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
@@ -33,22 +107,25 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 def answer_logprobs(model, batch: dict) -> torch.Tensor:
-    """Summed log-probs of each row's answer tokens: ``sequence_logprobs`` with the LM head applied only to
-    the positions that predict an answer token (prompt and padding positions are never projected onto the vocabulary,
-    as in TRL's fused head). The model's own logits at one position check that its head is a plain projection of the
-    final hidden state; when it is not (logit scaling, soft-capping), this falls back to ``sequence_logprobs``.
-    """
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]
-    head = unwrap_distributed(model).get_output_embeddings()
-    if head is None or not torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4):
-        return sequence_logprobs(model, batch)
+    """SPIN's name for :func:`sequence_logprobs` (summed log-probs of each row's answer tokens)."""
+    return sequence_logprobs(model, batch)
+
+
+def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
+    """The causal-LM loss the model itself computes from ``labels`` — the sum of -log p over label tokens divided by
+    ``num_items_in_batch`` (the trained tokens of the whole accumulated batch), or the mean over this batch's label
+    tokens when it is None — with lean logits."""
     labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    logits = head(hidden[:, :-1][mask]).float()  # (answer tokens, vocab)
-    logp = -F.cross_entropy(logits, labels[mask], reduction="none")
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-    return torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    lean = _final_hidden(model, batch)
+    if lean is None:
+        return model(**model_inputs(batch), labels=batch["labels"], num_items_in_batch=num_items_in_batch).loss
+    hidden, head, vocab = lean
+    nll = -label_logprobs(hidden[:, :-1], head, labels, vocab).sum()
+    if num_items_in_batch is None:
+        return nll / (labels != IGNORE).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(nll.device)
+    return nll / num_items_in_batch
 
 
 @torch.no_grad()

@@ -20,20 +20,32 @@ class Record:
 
 
 def _read_text(path: Path) -> str:
+    return "".join(_lines(path, keepends=True))
+
+
+def _lines(path: Path, keepends: bool = False):
+    """The file's lines (split on \\n only), decoded as UTF-8 one at a time, so memory stays flat on large files.
+    A UTF-8 error names the line and byte offset."""
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    with f:
+        offset = 0
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                raw, offset = raw[3:], 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                                f"{offset + e.start})") from None
+            offset += len(raw)
+            yield line if keepends else line.rstrip("\r\n")
 
 
-def _jsonl(path: Path) -> list[Record]:
-    out = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+def _jsonl(path: Path):
+    for n, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -42,58 +54,61 @@ def _jsonl(path: Path) -> list[Record]:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-        out.append(Record(obj, f"{path}:{n}"))
-    return out
+        yield Record(obj, f"{path}:{n}")
 
 
-def _json(path: Path) -> list[Record]:
+def _json(path: Path):
     text = _read_text(path)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         # Perhaps it is JSON Lines with a .json suffix.
         if text.lstrip().startswith("{") and "\n" in text.strip():
-            return _jsonl(path)
+            del text
+            yield from _jsonl(path)
+            return
         raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    del text
     if isinstance(obj, dict):
         # {"data": [...]} / {"train": [...]} wrappers are common; a single object is one record.
         lists = [v for v in obj.values() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
         obj = lists[0] if len(lists) == 1 else [obj]
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a JSON array of objects, got {type(obj).__name__}")
-    out = []
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise UserError(f"{path}: row {i}: expected an object, got {type(item).__name__}")
-        out.append(Record(item, f"{path}: row {i}"))
-    return out
+        yield Record(item, f"{path}: row {i}")
 
 
-def _csv(path: Path) -> list[Record]:
-    text = _read_text(path)
-    reader = csv.DictReader(text.splitlines())
-    out = []
+def _csv(path: Path):
+    reader = csv.DictReader(_lines(path, keepends=True))
     try:
         for row in reader:
             if None in row:
                 raise UserError(f"{path}:{reader.line_num}: more values than header columns")
-            out.append(Record({k: v for k, v in row.items()}, f"{path}:{reader.line_num}"))
+            yield Record({k: v for k, v in row.items()}, f"{path}:{reader.line_num}")
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-    return out
 
 
-def _parquet(path: Path) -> list[Record]:
+def _parquet(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1000)
+        i = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield Record(row, f"{path}: row {i}")
+                i += 1
+    except UserError:
+        raise
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise UserError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
-    return [Record(row, f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
 
 
-def _hub(name: str, split: str) -> list[Record]:
+def _hub(name: str, split: str):
     import datasets
 
     try:
@@ -103,11 +118,18 @@ def _hub(name: str, split: str) -> list[Record]:
         hint = " (offline mode: set TUNESMITH_ONLINE=1 to allow hub downloads)" if offline else ""
         raise UserError(f"{name}: not a local file and could not be loaded as a dataset{hint}: "
                         f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
-    return [Record(dict(row), f"{name}[{split}]: row {i}") for i, row in enumerate(ds)]
+    for i, row in enumerate(ds):
+        yield Record(dict(row), f"{name}[{split}]: row {i}")
 
 
 def load_records(source: str | os.PathLike, split: str = "train") -> list[Record]:
     """Read every record of ``source``. Raises UserError (naming the file and line) on any problem."""
+    return list(iter_records(source, split))
+
+
+def resolve_file(source: str | os.PathLike, split: str = "train") -> Path | None:
+    """The local file ``source`` names (a directory must hold one file whose name contains ``split``), or None for
+    a hub dataset name."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and split in p.stem)
@@ -117,12 +139,23 @@ def load_records(source: str | os.PathLike, split: str = "train") -> list[Record
     if path.suffix in SUFFIXES or path.exists():
         if not path.exists():
             raise UserError(f"{path}: file not found")
-        reader = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}.get(path.suffix)
-        if reader is None:
+        if path.suffix not in SUFFIXES:
             raise UserError(f"{path}: unknown file type '{path.suffix}' (use .json, .jsonl, .csv or .parquet)")
-        records = reader(path)
+        return path
+    return None
+
+
+def iter_records(source: str | os.PathLike, split: str = "train"):
+    """Yield the records of ``source`` one at a time (JSONL, CSV and Parquet are streamed; a JSON array is read
+    whole). Raises UserError (naming the file and line) on any problem, and for a dataset with no record."""
+    path = resolve_file(source, split)
+    if path is not None:
+        records = {".jsonl": _jsonl, ".json": _json, ".csv": _csv, ".parquet": _parquet}[path.suffix](path)
     else:
         records = _hub(str(source), split)
-    if not records:
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
         raise UserError(f"{source}: the dataset is empty")
-    return records

@@ -1,13 +1,45 @@
-"""From a dataset source to tokenized, masked examples plus the audit summary every run logs."""
+"""From a dataset source to tokenized, masked examples plus the audit summary every run logs.
+
+:func:`prepare_dataset` is the path for training data of any size:
+
+1. the records are read one at a time (JSONL, CSV and Parquet are streamed), checked and normalised into
+   :class:`~tunesmith.data.formats.Example` shape — every bad record stops the run with its file:line error — and
+   written to an Arrow file in batches, so no list of a million Python objects is ever held;
+2. ``datasets.Dataset.map`` tokenizes that file in batches (``dataset_num_proc`` processes) into memory-mapped Arrow
+   files;
+3. the result is cached under a fingerprint of the data file's bytes, the tokenizer, the template, ``max_length``,
+   ``train_on_prompt`` and the data format: the next run with the same inputs (and every other process of a
+   distributed run, which waits for the node's main process) only maps the cached files.
+
+The cache lives in ``cache_dir`` (default: ``tunesmith/`` inside the Hugging Face datasets cache, i.e.
+``$HF_DATASETS_CACHE`` or ``~/.cache/huggingface/datasets``). An entry is a directory named by the fingerprint,
+built under a temporary name and renamed when complete, so a killed run never leaves an entry that looks finished.
+Entries are never deleted by tunesmith; remove the directory to reclaim the space.
+
+:func:`tokenize_examples` does the same tokenization for a list of examples already in memory (small sets).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from tunesmith.data.formats import Example, to_examples
-from tunesmith.data.load import load_records
+import numpy as np
+
+from tunesmith.data.formats import FORMATS, Example, Turn, detect_format, to_example, to_examples
+from tunesmith.data.load import iter_records, load_records, resolve_file
 from tunesmith.data.templates import Template
-from tunesmith.data.tokenize import IGNORE, encode
+from tunesmith.data.tokenize import IGNORE, adds_bos, encode_batch
 from tunesmith.errors import UserError
+
+CACHE_VERSION = 1  # bump when the tokenized layout or the masking rules change
+BATCH = 1000  # examples per Arrow record batch and per tokenizer call
 
 
 @dataclass
@@ -41,25 +73,244 @@ def load_examples(source: str, dataset_format: str = "auto", split: str = "train
     return to_examples(load_records(source, split), dataset_format, require_response)
 
 
-def tokenize_examples(examples: list[Example], tokenizer, template: Template, max_length: int,
-                      train_on_prompt: bool = False, source: str = "") -> tuple[list[dict], DataSummary]:
-    summary = DataSummary(source=source, examples=len(examples))
-    out = []
+def _stats(tokenizer, encoded: list[dict | None], max_length: int) -> dict[str, list]:
+    """Per-example summary columns of :func:`encode_batch`'s output (a dropped example has 0 trained tokens)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    for ex in examples:
-        enc = encode(tokenizer, template, ex, max_length, train_on_prompt, return_full_length=True)
+    cols = {"length": [], "trained": [], "truncated": [], "eos_trained": [], "doubled_bos": []}
+    for enc in encoded:
         if enc is None:
-            summary.dropped.append(ex.loc)
+            for key in cols:
+                cols[key].append(0)
             continue
         ids, labels = enc["input_ids"], enc["labels"]
-        summary.truncated += enc.pop("full_length") > max_length
-        summary.tokens += len(ids)
-        summary.trained_tokens += sum(1 for x in labels if x != IGNORE)
-        summary.eos_trained += eos is not None and eos in [x for x in labels if x != IGNORE]
-        summary.doubled_bos += bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos
-        out.append(enc)
-    summary.kept = len(out)
-    if not out:
-        raise UserError(f"{source}: no example has a trainable token left (all {len(examples)} are empty or "
+        trained = [x for x in labels if x != IGNORE]
+        cols["length"].append(len(ids))
+        cols["trained"].append(len(trained))
+        cols["truncated"].append(int(enc["full_length"] > max_length))
+        cols["eos_trained"].append(int(eos is not None and eos in trained))
+        cols["doubled_bos"].append(int(bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos))
+    return cols
+
+
+def _summarize(source: str, stats: dict, locs, max_length: int) -> DataSummary:
+    trained = np.asarray(stats["trained"])
+    summary = DataSummary(source=source, examples=len(trained), kept=int((trained > 0).sum()),
+                          tokens=int(np.sum(stats["length"])), trained_tokens=int(trained.sum()),
+                          truncated=int(np.sum(stats["truncated"])), eos_trained=int(np.sum(stats["eos_trained"])),
+                          doubled_bos=int(np.sum(stats["doubled_bos"])),
+                          dropped=[locs[i] for i in np.flatnonzero(trained == 0)])
+    if not summary.kept:
+        raise UserError(f"{source}: no example has a trainable token left (all {summary.examples} are empty or "
                         f"truncated away at max_length={max_length})")
-    return out, summary
+    return summary
+
+
+def tokenize_examples(examples: list[Example], tokenizer, template: Template, max_length: int,
+                      train_on_prompt: bool = False, source: str = "") -> tuple[list[dict], DataSummary]:
+    """Tokenize examples held in memory: the kept ones as ``{input_ids, labels}`` dicts, and the summary."""
+    encoded = encode_batch(tokenizer, template, examples, max_length, train_on_prompt)
+    summary = _summarize(source, _stats(tokenizer, encoded, max_length), [ex.loc for ex in examples], max_length)
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in encoded if e is not None], summary
+
+
+# --- the Arrow path -------------------------------------------------------------------------------------------------
+
+def _example_schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("prompt", pa.string()), ("response", pa.string())])
+    return pa.schema([("turns", pa.list_(turn)), ("system", pa.string()), ("input", pa.string()),
+                      ("text", pa.string()), ("loc", pa.string())])
+
+
+def _example_row(ex: Example) -> dict:
+    return {"turns": [{"prompt": t.prompt, "response": t.response} for t in ex.turns], "system": ex.system,
+            "input": ex.input, "text": ex.text, "loc": ex.loc}
+
+
+def _row_examples(batch: dict) -> list[Example]:
+    return [Example(turns=[Turn(t["prompt"], t["response"]) for t in turns], system=system, input=inp, text=text,
+                    loc=loc)
+            for turns, system, inp, text, loc in zip(batch["turns"], batch["system"], batch["input"], batch["text"],
+                                                      batch["loc"])]
+
+
+def _write_examples(source: str, split: str, dataset_format: str, path: Path) -> int:
+    """Stream the records of ``source`` into an Arrow file of normalised examples; returns how many."""
+    import pyarrow as pa
+
+    if dataset_format not in ("auto",) + FORMATS:
+        raise UserError(f"unknown dataset_format '{dataset_format}' (choose auto, {', '.join(FORMATS)})")
+    schema = _example_schema()
+    n, fmt, rows = 0, None, []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for record in iter_records(source, split):
+            if fmt is None:
+                fmt = detect_format(record.data, record.loc) if dataset_format == "auto" else dataset_format
+            rows.append(_example_row(to_example(record, fmt)))
+            n += 1
+            if len(rows) == BATCH:
+                writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+                rows = []
+        if rows:
+            writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+    return n
+
+
+def _tokenize_rows(batch: dict, tokenizer, template: Template, max_length: int, train_on_prompt: bool) -> dict:
+    """``Dataset.map`` function: a batch of normalised examples -> token columns + per-example summary columns."""
+    encoded = encode_batch(tokenizer, template, _row_examples(batch), max_length, train_on_prompt)
+    return {"input_ids": [e["input_ids"] if e else [] for e in encoded],
+            "labels": [e["labels"] if e else [] for e in encoded],
+            **_stats(tokenizer, encoded, max_length)}
+
+
+def _token_features():
+    from datasets import Features, List, Value
+
+    return Features({"loc": Value("string"), "input_ids": List(Value("int32")), "labels": List(Value("int32")),
+                     "length": Value("int32"), "trained": Value("int32"), "truncated": Value("int8"),
+                     "eos_trained": Value("int8"), "doubled_bos": Value("int8")})
+
+
+class TokenizedData(Sequence):
+    """Tokenized examples on memory-mapped Arrow files, read as a list of ``{input_ids, labels}`` dicts.
+
+    ``len``, iteration and indexing by position (an int gives a dict; a slice, list or array gives a list of dicts).
+    Only the examples kept (with a trained token) are visible. ``lengths`` holds every example's token count.
+    """
+
+    def __init__(self, dataset, kept: np.ndarray | None = None):
+        self.dataset = dataset  # a datasets.Dataset with the columns of _token_features()
+        self.kept = kept  # positions of the kept rows, or None when every row is kept
+        self._tokens = dataset.select_columns(["input_ids", "labels"])
+        lengths = dataset.data.column("length").to_numpy()
+        self.lengths = lengths if kept is None else lengths[kept]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _rows(self, positions):
+        return positions if self.kept is None else self.kept[positions]
+
+    def __getitem__(self, i):
+        if isinstance(i, (int, np.integer)):
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"index {i} out of range for {len(self)} examples")
+            return self._tokens[int(self._rows(i % len(self)))]
+        positions = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i, dtype=np.int64)
+        if not len(positions):
+            return []
+        cols = self._tokens[self._rows(positions).tolist()]
+        return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+
+    def __iter__(self):
+        for start in range(0, len(self), BATCH):
+            yield from self[start:start + BATCH]
+
+
+def _fingerprint(source: str, split: str, dataset_format: str, tokenizer, template: Template, max_length: int,
+                 train_on_prompt: bool) -> str:
+    from datasets.fingerprint import Hasher
+
+    h = hashlib.sha256()
+    path = resolve_file(source, split)
+    if path is not None:  # a local file: its bytes
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+    else:  # a hub dataset: datasets' own fingerprint of the loaded split
+        import datasets
+
+        h.update(datasets.load_dataset(source, split=split)._fingerprint.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else Hasher.hash(tokenizer)).encode())
+    settings = {"version": CACHE_VERSION, "source": str(source), "split": split, "format": dataset_format,
+                "template": template.spec(), "max_length": max_length, "train_on_prompt": train_on_prompt,
+                "tokenizer": type(tokenizer).__name__, "special_tokens": tokenizer.special_tokens_map,
+                "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "adds_bos": adds_bos(tokenizer),
+                "chat_template": getattr(tokenizer, "chat_template", None)}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _node_main_process_first():
+    """Under torch.distributed, the node's main process runs the block first; the others wait, then run it (and
+    find its result in the cache)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().local_main_process_first():
+        yield
+
+
+def _load_entry(entry: Path, source: str):
+    from datasets import Dataset, concatenate_datasets
+
+    manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
+    parts = [Dataset.from_file(str(entry / name)) for name in manifest["files"]]
+    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    kept = np.load(entry / "kept.npy") if (entry / "kept.npy").exists() else None
+    return TokenizedData(ds, kept), DataSummary(**{**manifest["summary"], "source": source})
+
+
+def _build_entry(source: str, split: str, dataset_format: str, tokenizer, template: Template, max_length: int,
+                 train_on_prompt: bool, num_proc: int | None, root: Path, entry: Path) -> None:
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.building-"))
+    try:
+        n = _write_examples(source, split, dataset_format, build / "examples.arrow")
+        examples = Dataset.from_file(str(build / "examples.arrow"))
+        tokens = examples.map(
+            _tokenize_rows, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length,
+                       "train_on_prompt": train_on_prompt},
+            remove_columns=["turns", "system", "input", "text"], features=_token_features(),
+            cache_file_name=str(build / "tokens.arrow"), load_from_cache_file=False, new_fingerprint=entry.name,
+            desc=f"tokenizing {source}")
+        del examples
+        (build / "examples.arrow").unlink()
+        table = tokens.data
+        stats = {key: table.column(key).to_numpy() for key in ("length", "trained", "truncated", "eos_trained",
+                                                               "doubled_bos")}
+        dropped = np.flatnonzero(stats["trained"] == 0)
+        locs = dict(zip(dropped.tolist(), pc.take(table.column("loc"), dropped).to_pylist()))
+        summary = _summarize(source, stats, locs, max_length)
+        assert summary.examples == n
+        if len(dropped):
+            np.save(build / "kept.npy", np.flatnonzero(stats["trained"] > 0))
+        files = [Path(f["filename"]).name for f in tokens.cache_files]
+        del tokens, table
+        manifest = {"files": files, "summary": asdict(summary)}
+        (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        try:
+            os.rename(build, entry)  # atomic: the entry appears complete or not at all
+        except OSError:
+            if not (entry / "manifest.json").exists():  # not a concurrent build that won the race
+                raise
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def prepare_dataset(source: str, tokenizer, template: Template, max_length: int, *, dataset_format: str = "auto",
+                    split: str = "train", train_on_prompt: bool = False, num_proc: int | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[TokenizedData, DataSummary]:
+    """Tokenized, masked examples of ``source`` (memory-mapped, cached) and their summary; raises UserError naming
+    the file, line and field of the first bad record. ``num_proc``: processes that tokenize (``dataset_num_proc``)."""
+    import datasets
+
+    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "tunesmith"
+    with _node_main_process_first():
+        entry = root / _fingerprint(source, split, dataset_format, tokenizer, template, max_length, train_on_prompt)
+        if not (entry / "manifest.json").exists():
+            _build_entry(source, split, dataset_format, tokenizer, template, max_length, train_on_prompt, num_proc,
+                         root, entry)
+        return _load_entry(entry, source)
