@@ -192,7 +192,7 @@ def _sft_config(big: dict, out: str, **over) -> dict:
     cfg = dict(model_name_or_path=big["model"], dataset=big["data"], output_dir=out, template="alpaca",
                max_length=1024, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-4, logging_steps=1,
                save_strategy="no", report_to="none", seed=0, use_cpu=True, train_loss_eval_samples=0,
-               disable_tqdm=True, dataloader_num_workers=0, overwrite_output_dir=True)
+               disable_tqdm=True, dataloader_num_workers=0)
     cfg.update(over)
     return cfg
 

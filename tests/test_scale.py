@@ -9,11 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import alpaca_rows, write_jsonl
+
 from tunesmith import scoring
 from tunesmith.data.collate import Collator, concat, first_fit_decreasing, pack
 from tunesmith.data.prepare import load_examples, prepare_dataset, tokenize_examples
@@ -245,6 +244,13 @@ def test_lean_log_probs_equal_full_logits_with_and_without_gradients(tiny_model_
         ref, ref_mask = full_logprobs(model, batch)
         logp, mask = scoring.token_logprobs(model, batch)
     assert torch.equal(mask, ref_mask) and torch.allclose(logp, ref, atol=1e-5)
+    with torch.no_grad():  # lm-eval's question: log p of a continuation, and is each token the most likely one?
+        targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+        lp, hits = scoring.target_logprobs(model, batch, targets, greedy=True)
+        logits = model(**scoring.model_inputs(batch)).logits
+    assert torch.allclose(lp[:, :-1], ref, atol=1e-5)
+    expected_hits = (logits.argmax(-1) == targets) & (targets != IGNORE)
+    assert torch.equal(hits, expected_hits)
     seq = scoring.sequence_logprobs(model, batch)  # with gradients (SPIN's policy pass)
     seq.sum().backward()
     lean_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -281,11 +287,15 @@ def test_no_batch_by_sequence_by_vocabulary_tensor(tiny_model_dir, small_chunks)
     with _BiggestTensor() as seen:
         full_logprobs(model, batch)[0].sum().backward()
     assert seen.largest >= full  # the plain computation does build it (so this test can fail)
+    with _BiggestTensor() as seen:  # the model without its head: attention, embeddings and their gradients
+        model(**scoring.model_inputs(batch), logits_to_keep=1).logits.sum().backward()
+    body = seen.largest
+    assert body < full
     for run in (lambda: scoring.causal_lm_loss(model, batch).backward(),
                 lambda: scoring.dataset_loss(model, [batch])):
         with _BiggestTensor() as seen:
             run()
-        assert seen.largest < full // 4  # the biggest is now the attention or an embedding, not the logits
+        assert seen.largest <= max(body, scoring.CHUNK_LOGITS)
 
 
 class ScaledLogits(torch.nn.Module):

@@ -70,34 +70,56 @@ def _chunk_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.T
     return -F.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
-def label_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log p(label) under ``head`` for every position of ``labels`` (already shifted) that is not -100, in row-major
-    order: shape (labelled tokens,). Projects ``CHUNK_LOGITS // vocab_size`` tokens at a time, checkpointed when
-    gradients are on."""
+def label_logprobs(hidden: torch.Tensor, head, labels: torch.Tensor, vocab_size: int,
+                   greedy: bool = False):
+    """log p(label) under ``head`` for every position of ``labels`` (aligned with ``hidden``: the label of position t
+    is the token it predicts) that is not -100, in row-major order: shape (labelled tokens,). Projects
+    ``CHUNK_LOGITS // vocab_size`` tokens at a time, checkpointed when gradients are on. ``greedy`` (no gradients)
+    also returns whether each label is the most likely token."""
     mask = labels != IGNORE
     h, y = hidden[mask], labels[mask]
     step = max(1, CHUNK_LOGITS // vocab_size)
-    parts = []
+    parts, argmax_hits = [], []
     for s in range(0, len(y), step):
+        hs, ys = h[s:s + step], y[s:s + step]
         if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logprobs, head, h[s:s + step], y[s:s + step], use_reentrant=False))
+            parts.append(checkpoint(_chunk_logprobs, head, hs, ys, use_reentrant=False))
+        elif greedy:
+            logits = head(hs).float()
+            parts.append(-F.cross_entropy(logits, ys, reduction="none"))
+            argmax_hits.append(logits.argmax(-1) == ys)
         else:
-            parts.append(_chunk_logprobs(head, h[s:s + step], y[s:s + step]))
-    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+            parts.append(_chunk_logprobs(head, hs, ys))
+    values = torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    if greedy:
+        return values, torch.cat(argmax_hits) if argmax_hits else torch.zeros(0, dtype=torch.bool, device=h.device)
+    return values
+
+
+def target_logprobs(model, batch: dict, targets: torch.Tensor, greedy: bool = False):
+    """log p(``targets[b, t]`` | the row's tokens up to t) wherever the target is not -100, 0 elsewhere: shape
+    (batch, seq), like ``batch["input_ids"]``. ``greedy`` (no gradients) also returns a bool tensor of that shape:
+    whether the target is the model's most likely next token there (lm-eval's exact match)."""
+    mask = targets != IGNORE
+    lean = _final_hidden(model, batch)
+    if lean is None:  # the model's own logits
+        logits = model(**model_inputs(batch)).logits.float()
+        logp = -F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * mask
+        return (logp, (logits.argmax(-1) == targets) & mask) if greedy else logp
+    hidden, head, vocab = lean
+    out = label_logprobs(hidden, head, targets, vocab, greedy)
+    values, hits = out if greedy else (out, None)
+    logp = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values)
+    if greedy:
+        return logp, torch.zeros_like(mask).index_put((mask,), hits)
+    return logp
 
 
 def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each label token, mask of trained tokens), both (batch, seq-1), aligned with shifted labels."""
     labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    lean = _final_hidden(model, batch)
-    if lean is None:  # the model's own logits
-        logits = model(**model_inputs(batch)).logits[:, :-1].float()
-        logp = -F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        return logp * mask, mask
-    hidden, head, vocab = lean
-    values = label_logprobs(hidden[:, :-1], head, labels, vocab)
-    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((mask,), values), mask
+    logp = target_logprobs(model, batch, F.pad(labels, (0, 1), value=IGNORE))
+    return logp[:, :-1], labels != IGNORE
 
 
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
