@@ -128,7 +128,7 @@ class NoiseProbe:
     {"packing": True}, {"gradient_accumulation_steps": 2},
 ])
 def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_file, tmp_path, variant):
-    from tunesmith import sft
+    from tunesmith.recipes import sft
     from tunesmith.data.collate import Collator, pack
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
@@ -167,7 +167,7 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
 
 
 def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_file, tmp_path):
-    from tunesmith import sft
+    from tunesmith.recipes import sft
     from tunesmith.data.collate import Collator
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
@@ -193,7 +193,7 @@ def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_fil
 def test_saved_model_carries_no_trace(tiny_model_dir, alpaca_file, tmp_path):
     import json
 
-    from tunesmith import sft
+    from tunesmith.recipes import sft
 
     out = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / "o", neftune_noise_alpha=ALPHA, max_steps=2))
     config = json.loads((tmp_path / "o" / "config.json").read_text())

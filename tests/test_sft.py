@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import alpaca_rows, sft_config, write_jsonl
-from tunesmith import sft
 from tunesmith.cli import main
 from tunesmith.data.collate import Collator, pack
+from tunesmith.recipes import sft
 from tunesmith.scoring import dataset_loss, token_logprobs
 
 HERE = Path(__file__).parent
+SRC = Path(sft.__file__).parents[3]  # the tunesmith under test (this checkout), for worker processes
 
 
 def losses(out):
@@ -112,7 +113,7 @@ def test_packing_run_trains(tiny_model_dir, alpaca_file, tmp_path):
 
 
 def _worker(cfg_path, *extra, torchrun=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(SRC)]))
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
            if torchrun else [sys.executable])
     return subprocess.run(cmd + [str(HERE / "sft_worker.py"), str(cfg_path), *extra], env=env,

@@ -25,311 +25,37 @@ row per iteration.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from transformers import TrainingArguments
 
+from tunesmith.callbacks import JsonlMetrics
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, tokenize_examples
 from tunesmith.data.templates import get_template, load_saved_template, save_template
-from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, atomic_write_text
-from tunesmith.scoring import answer_logprobs, dataset_loss
-from tunesmith.sft import JsonlMetrics, SFTConfig, TunesmithTrainer
+from tunesmith.recipes.spin.config import SPINConfig, fingerprint, fingerprint_values
+from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
+from tunesmith.recipes.spin.loss import spin_loss
+from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
+from tunesmith.scoring import dataset_loss
 
 log = logging.getLogger("tunesmith")
 
 STATE_FILE = "spin_state.json"
 STAGES = ("generate", "reference", "train")
 
-
-def _f(default, help: str):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class SPINConfig(SFTConfig):
-    """SFTConfig (data, model, LoRA, NEFTune, TrainingArguments) plus SPIN's iteration and generation keys.
-
-    ``beta``, ``learning_rate`` and ``num_train_epochs`` take one value or one per iteration. Defaults follow the
-    paper's recipe (RMSProp, no weight decay, linear schedule, warmup 0.1, beta 0.1, 2 epochs, mixing t and t-1).
-    """
-
-    num_iterations: int = _f(1, "Number of SPIN iterations (the paper: 4).")
-    beta: list[float] = _f([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
-    learning_rate: list[float] = _f([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
-    num_train_epochs: list[float] = _f([2.0], "Epochs per iteration: one value or one per iteration.")
-    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
-    mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
-    max_new_tokens: int = _f(256, "Generation budget per answer; answers cut there are counted and reported.")
-    do_sample: bool = _f(False, "Sample the synthetic answers (default greedy).")
-    temperature: float = _f(1.0, "Sampling temperature.")
-    top_p: float = _f(1.0, "Nucleus sampling.")
-    repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
-    generation_batch_size: int = _f(32, "Prompts per generation batch.")
-    shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
-    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
-    # TrainingArguments defaults that follow the paper
-    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
-    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
-    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
-    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
-    save_steps: float = _f(200, "Checkpoint every N steps.")
-    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
-    train_loss_eval_samples: int = _f(0, "Unused by SPIN.")
-
-    def __post_init__(self):
-        n = self.num_iterations
-        if n < 1:
-            raise UserError(f"num_iterations must be at least 1, got {n}")
-        for key in ("beta", "learning_rate", "num_train_epochs"):
-            values = getattr(self, key)
-            values = list(values) if isinstance(values, (list, tuple)) else [values]
-            if len(values) == 1:
-                values = values * n
-            if len(values) != n:
-                raise UserError(f"field '{key}' has {len(values)} values but num_iterations is {n} (give one value "
-                                f"or one per iteration)")
-            bad = [v for v in values if not v > 0]
-            if bad:
-                raise UserError(f"field '{key}' must be > 0, got {bad[0]}")
-            setattr(self, key, [float(v) for v in values])
-        if self.loss_type not in ("sigmoid", "hinge"):
-            raise UserError(f"field 'loss_type' must be sigmoid or hinge, got {self.loss_type!r}")
-        for key in ("max_new_tokens", "generation_batch_size", "shard_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
-        if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
-            raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
-        if self.packing:
-            raise UserError("field 'packing' is not supported by SPIN (pairs are scored row by row)")
-        if self.train_on_prompt:
-            raise UserError("field 'train_on_prompt' is not supported by SPIN (log-probs are over answer tokens)")
-        if self.dataset_format == "text":
-            raise UserError("dataset_format 'text' has no prompts and real answers; SPIN needs prompt/answer data")
-        super().__post_init__()
-
-    def iteration_args(self, t: int, output_dir: Path) -> TrainingArguments:
-        """Plain TrainingArguments for iteration ``t``: this config with the iteration's scalar values."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        values.update(output_dir=str(output_dir), learning_rate=self.learning_rate[t],
-                      num_train_epochs=self.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
-                      resume_from_checkpoint=None)
-        return TrainingArguments(**values)
-
-
-# Keys that determine a run's results: a rerun with other values is a different run.
-FINGERPRINT_KEYS = (
-    "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
-    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
-    "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
-    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "do_sample", "temperature", "top_p",
-    "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
-    "adam_beta2", "adam_epsilon",
-)
-
-
-def fingerprint_values(cfg: SPINConfig) -> dict:
-    out = {}
-    for key in FINGERPRINT_KEYS:
-        v = getattr(cfg, key)
-        out[key] = v.value if hasattr(v, "value") else v
-    return out
-
-
-def fingerprint(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ the loss
-
-
-def spin_loss(policy_real: torch.Tensor, policy_generated: torch.Tensor, ref_real: torch.Tensor,
-              ref_generated: torch.Tensor, beta: float, loss_type: str = "sigmoid"):
-    """Per-pair SPIN loss and its argument t = beta * (log-ratio of the real answer - log-ratio of the generated).
-
-    sigmoid: log(1 + exp(-t)) (= DPO's sigmoid loss, chosen = real, rejected = generated); hinge: max(0, 1 - t).
-    """
-    t = beta * ((policy_real - ref_real) - (policy_generated - ref_generated))
-    if loss_type == "sigmoid":
-        return -F.logsigmoid(t), t
-    if loss_type == "hinge":
-        return torch.relu(1 - t), t
-    raise ValueError(f"loss_type must be sigmoid or hinge, got {loss_type!r}")
-
-
-class PairCollator:
-    """B pairs -> one right-padded batch of 2B rows (the B real answers, then the B generated) + reference log-probs."""
-
-    def __init__(self, pad_token_id: int):
-        self.rows = Collator(pad_token_id)
-
-    def __call__(self, features: list[dict]) -> dict:
-        batch = self.rows([f["real"] for f in features] + [f["generated"] for f in features])
-        if "ref_real" in features[0]:
-            batch["ref_real"] = torch.tensor([f["ref_real"] for f in features], dtype=torch.float32)
-            batch["ref_generated"] = torch.tensor([f["ref_generated"] for f in features], dtype=torch.float32)
-        return batch
-
-
-class SPINTrainer(TunesmithTrainer):
-    """Trainer whose loss is SPIN's pairwise loss against stored reference log-probs (no reference model)."""
-
-    def __init__(self, *args, beta: float, loss_type: str = "sigmoid", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.beta, self.loss_type = beta, loss_type
-        self.model_accepts_loss_kwargs = False  # a per-pair mean: let the Trainer scale it for accumulation
-        self._stats: dict[str, list[float]] = defaultdict(list)
-
-    def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["real", "generated", "ref_real", "ref_generated"]  # kept by remove_unused_columns
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rows = self.training_inputs(model, {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")})
-        real, generated = answer_logprobs(model, rows).chunk(2)
-        losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
-                              self.loss_type)
-        if model.training:
-            self._stats["rewards/margin"].append(t.mean().item())
-            self._stats["rewards/accuracy"].append((t > 0).float().mean().item())
-            self._stats["logps/real"].append(real.mean().item())
-            self._stats["logps/generated"].append(generated.mean().item())
-        loss = losses.mean()
-        return (loss, {"margin": t}) if return_outputs else loss
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self._stats and "loss" in logs:
-            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._stats.items()}}
-            self._stats.clear()
-        super().log(logs, start_time)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class Prompt:
-    index: int
-    loc: str
-    prompt_ids: list[int]  # what the generator is given: the training rows' prefix
-    real_ids: list[int]  # the real answer's tokens as trained (with the template's end-of-answer tokens)
-
-
-def build_prompts(examples, tokenizer, template, max_length: int, source: str) -> tuple[list[Prompt], list[str]]:
-    """Prompts and real answers of an SFT set; prompts that leave no room for an answer are dropped (listed)."""
-    prompts, dropped = [], []
-    for ex in examples:
-        if ex.text is not None:
-            raise UserError(f"{ex.loc}: a plain-text record has no prompt and real answer; SPIN needs both")
-        answer = ex.turns[-1].response
-        if answer is None or not answer.strip():
-            raise UserError(f"{ex.loc}: the prompt has no real answer (SPIN trains real answers against generated "
-                            "ones)")
-        prompt = encode_prompt(tokenizer, template, ex)
-        full = encode(tokenizer, template, ex, max_length=10**9)
-        if full is None or full["input_ids"][: len(prompt)] != prompt:
-            raise UserError(f"{ex.loc}: template {template.spec()!r} renders the generation prompt differently from "
-                            "the training text; it cannot be used for SPIN")
-        if len(prompt) >= max_length:
-            dropped.append(ex.loc)
-            continue
-        prompts.append(Prompt(len(prompts), ex.loc, prompt, full["input_ids"][len(prompt):]))
-    if not prompts:
-        raise UserError(f"{source}: no prompt fits in max_length={max_length} with room for an answer")
-    return prompts, dropped
-
-
-def pair_row(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> dict:
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels}
-
-
-# ------------------------------------------------------------------------------------------------ shards on disk
-
-
-def shard_path(directory: Path, k: int) -> Path:
-    return directory / f"shard-{k:05d}.json"
-
-
-def read_shards(directory: Path, n_shards: int) -> list[dict]:
-    shards = []
-    for k in range(n_shards):
-        path = shard_path(directory, k)
-        try:
-            shards.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"{path}: missing shard (the run directory was modified)") from None
-    return shards
-
-
 def _barrier(cfg: SPINConfig) -> None:
     if cfg.world_size > 1:
         torch.distributed.barrier()
-
-
-def _shard_seed(seed: int, t: int, k: int) -> int:
-    return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
-
-
-def generate_shards(cfg: SPINConfig, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
-                    on_event=None) -> None:
-    """Answer every prompt with ``model``; each missing shard of this rank is generated and written atomically."""
-    from tunesmith.generate import generate  # batched, left-padded, length-sorted HF generation
-
-    n_shards = -(-len(prompts) // cfg.shard_size)
-    eos = tokenizer.eos_token_id
-    for k in range(cfg.process_index, n_shards, cfg.world_size):
-        path = shard_path(directory, k)
-        if path.exists():
-            continue
-        start = time.perf_counter()
-        chunk = prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-        outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
-                        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=_shard_seed(cfg.seed, t, k))
-        rows = []
-        for p, o in zip(chunk, outs):
-            ids = o["output_ids"] + ([] if o["truncated"] or eos is None else [eos])  # the answer as generated
-            rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
-                         "truncated": o["truncated"]})
-        atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
-        if on_event:
-            on_event("generate", t, k)
-
-
-@torch.no_grad()
-def score_pairs(model, pairs: list[dict], collator: PairCollator, batch_size: int, device) -> tuple[list, list]:
-    """Noise-free summed answer log-probs of the real and generated row of every pair (in order)."""
-    was_training = model.training
-    model.eval()
-    real, generated = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collator(pairs[start:start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        r, g = answer_logprobs(model, batch).chunk(2)
-        real += r.tolist()
-        generated += g.tolist()
-    model.train(was_training)
-    return real, generated
 
 
 # ------------------------------------------------------------------------------------------------ the run

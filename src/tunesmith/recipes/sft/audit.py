@@ -27,7 +27,8 @@ def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 def cli(argv: list[str]) -> int:
     from tunesmith.config import parse_cli
     from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.sft import SFTConfig, prepare_data
+    from tunesmith.recipes.sft.config import SFTConfig
+    from tunesmith.recipes.sft.run import prepare_data
 
     show = 3
     if "--show" in argv:
