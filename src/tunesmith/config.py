@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, first_line
 
 T = TypeVar("T")
 
@@ -126,7 +126,7 @@ def build_config(cls: type[T], values: dict, source: str = "config") -> T:
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     except (ValueError, TypeError) as e:
-        raise UserError(f"{source}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{source}: {first_line(e)}") from None
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:

@@ -46,6 +46,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
     ``truncated`` (no EOS within ``max_new_tokens``)."""
     import torch
 
+    from tunesmith.models import eval_mode
+
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -74,31 +76,29 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompt_ids), desc="generate", unit="prompt", file=sys.stderr)
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(prompt_ids[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompt_ids[i]
-                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p):] = 1
-            with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, width:].tolist()
-            for row, i in enumerate(idx):
-                toks = new[row]
-                cut = next((k for k, t in enumerate(toks) if t in eos), None)
-                kept = toks if cut is None else toks[:cut]
-                results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
-                              "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
-            if bar:
-                bar.update(len(idx))
+        with eval_mode(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(prompt_ids[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    p = prompt_ids[i]
+                    ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                    mask[row, width - len(p):] = 1
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = out[:, width:].tolist()
+                for row, i in enumerate(idx):
+                    toks = new[row]
+                    cut = next((k for k, t in enumerate(toks) if t in eos), None)
+                    kept = toks if cut is None else toks[:cut]
+                    results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
+                                  "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
+                if bar:
+                    bar.update(len(idx))
     finally:
-        model.train(was_training)
         if bar:
             bar.close()
     return results  # type: ignore[return-value]

@@ -10,6 +10,7 @@ import torch
 from tunesmith.config import build_config, parse_cli
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_jsonl, resolve_path
+from tunesmith.models import eval_mode
 from tunesmith.recipes.classify.data import _label_id, _load_split, _raw_labels, _text
 from tunesmith.recipes.classify.trainer import load_classifier
 
@@ -54,24 +55,22 @@ def predict_texts(model, tokenizer, texts: list[str], batch_size: int = 32, max_
     config = model.config
     id2label = {int(k): v for k, v in config.id2label.items()}
     multi = config.problem_type == "multi_label_classification"
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     rows, all_logits = [], []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
-        logits = model(**enc).logits.float()
-        all_logits.append(logits.cpu().numpy())
-        probs = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
-        for p in probs.tolist():
-            scores = {id2label[i]: round(s, 6) for i, s in enumerate(p)}
-            if multi:
-                rows.append({"labels": [id2label[i] for i, s in enumerate(p) if s >= threshold], "scores": scores})
-            else:
-                best = int(np.argmax(p))
-                rows.append({"label": id2label[best], "score": round(p[best], 6), "scores": scores})
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt").to(device)
+            logits = model(**enc).logits.float()
+            all_logits.append(logits.cpu().numpy())
+            probs = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
+            for p in probs.tolist():
+                scores = {id2label[i]: round(s, 6) for i, s in enumerate(p)}
+                if multi:
+                    rows.append({"labels": [id2label[i] for i, s in enumerate(p) if s >= threshold], "scores": scores})
+                else:
+                    best = int(np.argmax(p))
+                    rows.append({"label": id2label[best], "score": round(p[best], 6), "scores": scores})
     logits = np.concatenate(all_logits) if all_logits else np.zeros((0, len(id2label)))
     return rows, logits
 

@@ -20,7 +20,6 @@ Paths may name a file shipped inside an installed Python package as ``pkg:PACKAG
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -30,23 +29,11 @@ import transformers
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
+from tunesmith.models import save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
 from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
 from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier
-
-
-def _save_final(model, tokenizer, out: Path) -> None:
-    """Write the final model into ``out`` via a temporary directory; config.json (what makes the directory loadable)
-    is moved in last, so an interrupted save never looks like a complete model."""
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
-    for f in files:
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def train(config: ClassifyConfig | dict) -> str:
@@ -122,7 +109,7 @@ def train(config: ClassifyConfig | dict) -> str:
     after_rows = predict_texts(model, tokenizer, sentences, max_length=cfg.max_length, threshold=cfg.threshold)[0]
     report["compare"] = [{"text": t, "before": _shown(b), "after": _shown(a)}
                          for t, b, a in zip(sentences, before_rows, after_rows)]
-    _save_final(model, tokenizer, out)
+    save_model_dir(model, tokenizer, out)
     save_yaml(cfg, out / "tunesmith.yaml")
     atomic_write_json(out / "metrics.json", report)
     _print_summary(report)

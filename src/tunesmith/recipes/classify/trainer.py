@@ -5,9 +5,9 @@ import torch
 import transformers
 from transformers import Trainer
 
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, first_line
+from tunesmith.models import ensure_pad_token, load_tokenizer, wrap_lora
 from tunesmith.neftune import NEFTuneTrainerMixin
-
 
 QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
 
@@ -18,7 +18,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
     ``names=None`` keeps the checkpoint's own labels (for prediction)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
     kwargs: dict = {"trust_remote_code": trust_remote_code}
@@ -29,26 +29,20 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: cannot load a model config ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise UserError(f"{path}: cannot load a model config ({first_line(e)})") from None
     remote = trust_remote_code and "AutoModelForSequenceClassification" in (getattr(config, "auto_map", None) or {})
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not remote:
         raise UserError(f"{path}: model type '{config.model_type}' has no sequence-classification architecture "
                         f"in transformers (AutoModelForSequenceClassification cannot build it)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e})") from None
-    if tokenizer.pad_token is None:  # decoder-only models: pad with EOS (the head reads the last non-pad token)
-        if tokenizer.eos_token is None:
-            raise UserError(f"{path}: the tokenizer has neither a pad nor an EOS token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot load the model ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
                                                       for k in info.get("mismatched_keys") or ()}
     new_modules = sorted({k.rsplit(".", 1)[0] for k in missing if "." in k})
@@ -72,12 +66,9 @@ def _lora_targets(model, wanted: list[str] | None) -> list[str]:
 
 
 def add_lora(model, cfg, new_modules: list[str]):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=_lora_targets(model, cfg.lora_target_modules),
-                      modules_to_save=sorted(set(new_modules) | set(cfg.modules_to_save or ())))
-    return get_peft_model(model, lora)
+    """LoRA (task SEQ_CLS) on the configured modules; the new head and ``modules_to_save`` train fully."""
+    return wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, _lora_targets(model, cfg.lora_target_modules),
+                     task_type="SEQ_CLS", modules_to_save=sorted(set(new_modules) | set(cfg.modules_to_save or ())))
 
 
 class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):

@@ -69,7 +69,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import ensure_pad_token, load_tokenizer
+    from tunesmith.models import ensure_pad_token, load_tokenizer, save_model_dir
 
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
     out = Path(cfg.output_dir)
@@ -105,10 +105,7 @@ def train(config, callbacks: list | None = None) -> str:
     metrics = trainer.evaluate() if evals else {}
 
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(out)
-        save_template(template, out)
-        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config is in tunesmith.yaml
+        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d))
         write_model_card(cfg, out, metrics)
         save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
     if cfg.world_size > 1:

@@ -1,11 +1,10 @@
 """The SFT trainer: per-example NEFTune on training passes, token-weighted noise-free evaluation."""
 from __future__ import annotations
 
-import torch
 from transformers import Trainer
 
 from tunesmith.neftune import NEFTuneTrainerMixin
-from tunesmith.scoring import dataset_loss
+from tunesmith.scoring import rows_loss
 
 class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
     """Trainer with per-example NEFTune noise on training passes and token-weighted, noise-free evaluation."""
@@ -23,13 +22,10 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
             return {}
         if not isinstance(sets, dict):
             sets = {"": sets}
-        rank, world = self.args.process_index, self.args.world_size
         metrics = {}
         for name, data in sets.items():
-            shard = [data[i] for i in range(rank, len(data), world)]
-            batches = torch.utils.data.DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
-                                                  collate_fn=self.data_collator)
-            result = dataset_loss(self.model, batches, device=self.args.device)
+            result = rows_loss(self.model, data, self.data_collator, self.args.per_device_eval_batch_size,
+                               self.args.device, self.args.process_index, self.args.world_size)
             prefix = f"{metric_key_prefix}_{name}_" if name else f"{metric_key_prefix}_"
             metrics[prefix + "loss"] = result["loss"]
             metrics[prefix + "perplexity"] = result["perplexity"]

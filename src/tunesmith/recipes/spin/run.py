@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from tunesmith.recipes.spin.config import SPINConfig, fingerprint, fingerprint_v
 from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
-from tunesmith.scoring import dataset_loss
+from tunesmith.scoring import rows_loss
 
 log = logging.getLogger("tunesmith")
 
@@ -283,34 +282,29 @@ class Run:
 
     def eval_loss(self, model) -> float:
         cfg = self.cfg
-        rows = self.eval_set[cfg.process_index::cfg.world_size]
-        collate = Collator(self.tokenizer.pad_token_id)
-        bs = cfg.per_device_eval_batch_size
-        batches = (collate(rows[i:i + bs]) for i in range(0, len(rows), bs))
-        return dataset_loss(model, batches, device=self.device)["loss"]
+        return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), cfg.per_device_eval_batch_size,
+                         self.device, cfg.process_index, cfg.world_size)["loss"]
 
     def save_model(self, t: int, model) -> None:
         """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete."""
-        from tunesmith.models import merge_adapter
+        from tunesmith.models import load_model_and_tokenizer, save_model_dir
 
         cfg, it = self.cfg, self.iter_dir(t)
-        tmp = it / "model.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
         if cfg.use_peft and cfg.load_in_4bit:  # merge into the full-precision base read from disk
             adapter = it / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
             model.save_pretrained(adapter, safe_serialization=True)
             self.tokenizer.save_pretrained(adapter)
-            save_template(self.template, adapter)
-            merge_adapter(str(adapter), str(tmp), base=self.model_dir(t), dtype=cfg.dtype)
-        else:
-            if cfg.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
-                model = model.merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            save_template(self.template, tmp)
-        save_yaml(cfg, tmp / "tunesmith.yaml")
-        os.replace(tmp, it / "model")
+            model, _ = load_model_and_tokenizer(str(adapter), cfg.dtype)
+            model = model.merge_and_unload()
+        elif cfg.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
+            model = model.merge_and_unload()
+
+        def extras(directory: Path) -> None:
+            save_template(self.template, directory)
+            save_yaml(cfg, directory / "tunesmith.yaml")
+
+        save_model_dir(model, self.tokenizer, it / "model", write=extras)
 
     # ---- driver
 

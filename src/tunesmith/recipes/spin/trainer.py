@@ -6,6 +6,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from tunesmith.models import eval_mode
 from tunesmith.neftune import NEFTuneTrainerMixin
 from tunesmith.recipes.spin.data import PairCollator
 from tunesmith.recipes.spin.loss import spin_loss
@@ -47,16 +48,14 @@ class SPINTrainer(NEFTuneTrainerMixin, Trainer):
 @torch.no_grad()
 def score_pairs(model, pairs: list[dict], collator: PairCollator, batch_size: int, device) -> tuple[list, list]:
     """Noise-free summed answer log-probs of the real and generated row of every pair (in order)."""
-    was_training = model.training
-    model.eval()
     real, generated = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collator(pairs[start:start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        r, g = answer_logprobs(model, batch).chunk(2)
-        real += r.tolist()
-        generated += g.tolist()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = collator(pairs[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+            r, g = answer_logprobs(model, batch).chunk(2)
+            real += r.tolist()
+            generated += g.tolist()
     return real, generated
 
 
