@@ -21,7 +21,9 @@ from tunesmith.recipes import classify  # noqa: E402
 from tunesmith.recipes.classify.config import ARTICLE_SENTENCES  # noqa: E402
 from tunesmith.recipes.classify.data import encode_split, label_names  # noqa: E402
 from tunesmith.recipes.classify.predict import classification_metrics  # noqa: E402
-from tunesmith.recipes.classify.trainer import ClassifierTrainer, load_classifier  # noqa: E402
+from tunesmith.config import build_config  # noqa: E402
+from tunesmith.recipes.classify.config import ClassifyConfig  # noqa: E402
+from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier  # noqa: E402
 
 TOPICS = {
     "sports": ["goal", "match", "team", "coach", "referee", "striker", "league", "stadium"],
@@ -167,6 +169,20 @@ def test_lora_trains_adapters_and_head_only(tiny_encoder, tmp_path):
     assert any("classifier" in k for k in adapter) and any("lora_A" in k for k in adapter)
 
 
+def test_lora_all_linear_targets_every_linear_layer_but_the_head(tiny_encoder):
+    """``lora_target_modules: all-linear`` means what it means in sft: every linear layer of the encoder gets an
+    adapter; the fresh head is not adapted but trains fully (modules_to_save)."""
+    model, _, new_modules = load_classifier(tiny_encoder, ["a", "b"])
+    cfg = build_config(ClassifyConfig, {"model_name_or_path": tiny_encoder, "dataset": "unused",
+                                        "lora_target_modules": "all-linear"})
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")}
+    peft_model = add_lora(model, cfg, new_modules)
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == linear and len(linear) > 4
+    head = [p for n, p in peft_model.named_parameters() if "classifier" in n and "modules_to_save" in n]
+    assert head and all(p.requires_grad for p in head)
+
+
 def test_multilabel_full_finetuning(tiny_encoder, tmp_path):
     """Multi-label: BCE on sigmoid outputs, a list of labels per text, problem_type saved for the pipeline."""
     from transformers import AutoModelForSequenceClassification, pipeline
@@ -205,7 +221,7 @@ def test_neftune_noise_only_in_training_passes(tiny_encoder, tmp_path):
     names = ["food", "sports", "tech"]
     model, tok, _ = load_classifier(tiny_encoder, names)
     args = classify.ClassifyConfig(model_name_or_path=tiny_encoder, train_file="unused", output_dir=str(tmp_path))
-    trainer = ClassifierTrainer(model=model, args=args, processing_class=tok, neftune_alpha=50.0)
+    trainer = ClassifierTrainer(model=model, args=args.training, processing_class=tok, neftune_alpha=50.0)
     assert trainer.neftune_noise_alpha is None  # transformers' own (padded-length) hook stays off
     batch = DataCollatorWithPadding(tok)([{**tok(t), "labels": 1} for t in ["a goal", "the coach saw a match today"]])
     model.eval()

@@ -30,7 +30,8 @@ from tunesmith.scoring import answer_logprobs, sequence_logprobs
 def spin_config(model_dir, data, out, **over):
     cfg = sft_config(model_dir, data, out, max_length=256, num_iterations=2, beta=0.5, learning_rate=3e-3,
                      num_train_epochs=1, max_new_tokens=10, shard_size=6, generation_batch_size=4,
-                     per_device_eval_batch_size=8, train_loss_eval_samples=0, save_strategy="steps", save_steps=2)
+                     per_device_eval_batch_size=8, save_strategy="steps", save_steps=2)
+    del cfg["train_loss_eval_samples"]  # an SFT key; SPIN has no such key
     cfg.update(over)
     return cfg
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -191,21 +192,25 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> 
     return output_dir
 
 
-def cli(argv: list[str]) -> int:
-    """tunesmith merge --adapter DIR --output DIR [--base MODEL] [--dtype float32]"""
-    from tunesmith.config import parse_overrides
+@dataclass
+class MergeConfig:
+    adapter: str = field(default="", metadata={"help": "a LoRA adapter directory saved by tunesmith (required)"})
+    output: str = field(default="", metadata={"help": "where the merged model goes (required)"})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto"})
 
-    if any(a in ("-h", "--help") for a in argv) or not argv:
-        print("usage: tunesmith merge --adapter ADAPTER_DIR --output OUTPUT_DIR [--dtype D]\n\n"
-              "Folds a LoRA adapter into its base model (named in adapter_config.json) and saves a plain\n"
-              "Hugging Face model with the tokenizer and prompt template.")
+    def __post_init__(self):
+        if not self.adapter or not self.output:
+            raise UserError("--adapter and --output are required")
+
+
+def cli(argv: list[str]) -> int:
+    """tunesmith merge --adapter DIR --output DIR [--dtype float32]"""
+    from tunesmith.config import parse_cli
+
+    cfg = parse_cli(MergeConfig, argv or ["--help"], "merge", "Folds a LoRA adapter into its base model (named in "
+                    "adapter_config.json) and saves a plain Hugging Face model with the tokenizer and prompt template.")
+    if cfg is None:
         return 0
-    _, opts = parse_overrides(argv)
-    unknown = set(opts) - {"adapter", "output", "dtype"}
-    if unknown:
-        raise UserError(f"unknown option --{sorted(unknown)[0]}")
-    if "adapter" not in opts or "output" not in opts:
-        raise UserError("--adapter and --output are required")
-    out = merge_adapter(str(opts["adapter"]), str(opts["output"]), str(opts.get("dtype", "float32")))
+    out = merge_adapter(cfg.adapter, cfg.output, cfg.dtype)
     print(f"merged model saved to {out}")
     return 0

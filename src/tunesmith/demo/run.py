@@ -151,7 +151,7 @@ def evaluate_model(cfg: DemoConfig, model_dir: Path, run_dir: Path, name: str, d
     gens = {}
     for split in ("train", "heldout"):
         gens[split] = run_dir / f"generations_{split}.jsonl"
-        run_generate(GenerateConfig(model=str(model_dir), prompts=str(data[f"{split}_prompts"]),
+        run_generate(GenerateConfig(model_name_or_path=str(model_dir), prompts=str(data[f"{split}_prompts"]),
                                     output=str(gens[split]), generator=name, batch_size=32,
                                     max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
                                     repetition_penalty=cfg.repetition_penalty))

@@ -48,7 +48,7 @@ def label_names(cfg, train_records) -> list[str]:
         used = set(names)
     if len(used) < 2:
         only = ", ".join(sorted(used)) or "none"
-        raise UserError(f"{cfg.train_file}: the training data has only one class ({only}); "
+        raise UserError(f"{cfg.dataset}: the training data has only one class ({only}); "
                         f"a classifier needs examples of at least two labels")
     return names
 

@@ -85,11 +85,11 @@ def _h(text: str, **kw) -> Any:
 
 @dataclass
 class PredictConfig:
-    model: str = _h("a trained classifier directory (or pkg:PACKAGE/path, hub id)", default="")
+    model_name_or_path: str = _h("a trained classifier directory (or pkg:PACKAGE/path, hub id)", default="")
     text: str | list[str] | None = _h("a sentence, or a YAML list of sentences, to label", default=None)
-    file: str | None = _h("a data file to label (.json/.jsonl/.csv/.parquet)", default=None)
-    text_column: str = _h("column holding the text in --file", default="text")
-    label_column: str = _h("if --file has this column, accuracy and F1 against it are printed", default="label")
+    dataset: str | None = _h("a data file to label (.json/.jsonl/.csv/.parquet)", default=None)
+    text_column: str = _h("column holding the text in --dataset", default="text")
+    label_column: str = _h("if --dataset has this column, accuracy and F1 against it are printed", default="label")
     output: str | None = _h("write predictions as JSONL here", default=None)
     batch_size: int = _h("texts per forward pass", default=32)
     max_length: int = _h("truncate texts to this many tokens", default=256)
@@ -97,10 +97,10 @@ class PredictConfig:
     trust_remote_code: bool = _h("allow model code from the model directory", default=False)
 
     def __post_init__(self):
-        if not self.model:
-            raise UserError("field 'model' is required")
-        if self.text is None and self.file is None:
-            raise UserError("give --text SENTENCE or --file DATA to label")
+        if not self.model_name_or_path:
+            raise UserError("field 'model_name_or_path' is required")
+        if self.text is None and self.dataset is None:
+            raise UserError("give --text SENTENCE or --dataset DATA to label")
         if isinstance(self.text, str):
             self.text = [self.text]
 
@@ -108,9 +108,9 @@ class PredictConfig:
 def predict(cfg: PredictConfig | dict) -> list[dict]:
     """Label the texts of ``cfg`` with a trained classifier; returns one row per text."""
     cfg = cfg if isinstance(cfg, PredictConfig) else build_config(PredictConfig, dict(cfg), "config")
-    model, tokenizer, _ = load_classifier(resolve_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, _ = load_classifier(resolve_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
     texts = list(cfg.text or [])
-    records = _load_split(cfg.file, "test") if cfg.file else []
+    records = _load_split(cfg.dataset, "test") if cfg.dataset else []
     texts += [_text(r, cfg.text_column) for r in records]
     rows, logits = predict_texts(model, tokenizer, texts, cfg.batch_size, cfg.max_length, cfg.threshold)
     rows = [{"text": t, **r} for t, r in zip(texts, rows)]
@@ -126,7 +126,7 @@ def predict(cfg: PredictConfig | dict) -> list[dict]:
             targets.append([1.0 if i in ids else 0.0 for i in range(len(names))] if multi else ids[0])
         m = classification_metrics(logits[len(texts) - len(records):], np.asarray(targets), names, multi,
                                    cfg.threshold)
-        print(f"{cfg.file}: accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f} on {len(records)} texts")
+        print(f"{cfg.dataset}: accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f} on {len(records)} texts")
     if cfg.output:
         atomic_write_jsonl(cfg.output, rows)
     return rows

@@ -42,9 +42,9 @@ def train(config: ClassifyConfig | dict) -> str:
     transformers.set_seed(cfg.seed)
     model_path = resolve_path(cfg.model_name_or_path)
 
-    train_records = _load_split(cfg.train_file, "train")
-    val_records = _load_split(cfg.validation_file, "validation")
-    test_records = _load_split(cfg.test_file, "test")
+    train_records = _load_split(cfg.dataset, "train")
+    val_records = _load_split(cfg.eval_dataset, "validation")
+    test_records = _load_split(cfg.test_dataset, "test")
     names = label_names(cfg, train_records)
     splits = {"train": encode_split(cfg, train_records, names)}
     if val_records:
@@ -57,7 +57,7 @@ def train(config: ClassifyConfig | dict) -> str:
         raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code)
+    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code, cfg.dtype)
     held_out = [s for s in ("validation", "test") if s in splits]
     report: dict = {"labels": names, "model": cfg.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}
@@ -73,12 +73,12 @@ def train(config: ClassifyConfig | dict) -> str:
     for split in held_out:
         report["before"][split] = score(split)
 
-    if cfg.use_lora:
+    if cfg.use_peft:
         model = add_lora(model, cfg, new_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"tunesmith classify: {len(names)} labels ({', '.join(names)}); "
-          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.use_lora else 'full fine-tuning'})")
+          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
 
     from transformers import DataCollatorWithPadding
 
@@ -86,7 +86,7 @@ def train(config: ClassifyConfig | dict) -> str:
         return classification_metrics(p.predictions, p.label_ids, names, cfg.multi_label, cfg.threshold)
 
     trainer = ClassifierTrainer(
-        model=model, args=cfg, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        model=model, args=cfg.training, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         train_dataset=_dataset(tokenizer, *splits["train"], cfg.max_length),
         eval_dataset=_dataset(tokenizer, *splits["validation"], cfg.max_length) if val_records else None,
         compute_metrics=compute_metrics if val_records else None,
@@ -101,7 +101,7 @@ def train(config: ClassifyConfig | dict) -> str:
 
     model = trainer.model
     out = Path(cfg.output_dir)
-    if cfg.use_lora:
+    if cfg.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()
     for split in held_out:

@@ -6,14 +6,14 @@ import transformers
 from transformers import Trainer
 
 from tunesmith.errors import UserError, first_line
-from tunesmith.models import ensure_pad_token, load_tokenizer, wrap_lora
+from tunesmith.models import ensure_pad_token, load_tokenizer, resolve_dtype, wrap_lora
 from tunesmith.neftune import NEFTuneTrainerMixin
 
 QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
 
 
 def load_classifier(path: str, names: list[str] | None = None, multi_label: bool = False,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, dtype: str = "float32"):
     """(model, tokenizer, new_modules): a sequence classifier for ``names`` on top of the checkpoint at ``path``.
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
@@ -39,7 +39,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     config.pad_token_id = tokenizer.pad_token_id
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             ignore_mismatched_sizes=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
@@ -51,6 +51,8 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
 
 def _lora_targets(model, wanted: list[str] | None) -> list[str]:
     linear_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if wanted and list(wanted) == ["all-linear"]:
+        return list(wanted)  # peft picks every linear layer but the output head
     if wanted:
         unknown = [w for w in wanted if w not in linear_names and not any(
             n.endswith("." + w) or n == w for n, _ in model.named_modules())]

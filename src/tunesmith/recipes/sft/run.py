@@ -43,7 +43,8 @@ def build_model(cfg: SFTConfig, tokenizer):
     model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
     if cfg.use_peft:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                          quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
+                          quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
+                          modules_to_save=cfg.modules_to_save)
     return model
 
 
@@ -93,7 +94,7 @@ def train(config, callbacks: list | None = None) -> str:
     if eval_set:
         evals["eval"] = eval_set
     trainer = TunesmithTrainer(
-        model=model, args=cfg, train_dataset=rows, eval_dataset=evals or None,
+        model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
         data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     for callback in [JsonlMetrics(out / "metrics.jsonl")] + list(callbacks or []):

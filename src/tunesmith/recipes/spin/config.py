@@ -1,31 +1,26 @@
-"""`tunesmith spin` options and the run's fingerprint (the keys that determine its results)."""
+"""`tunesmith spin` options and the run's fingerprint (the keys that determine its results).
+
+SPIN's own part holds the values that may change per iteration (``beta``, ``learning_rate``, ``num_train_epochs``: one
+value or one per iteration) and builds each iteration's ``TrainingArguments`` from the training part.
+"""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainingArguments
 
+from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
 from tunesmith.errors import UserError
-from tunesmith.recipes.sft.config import SFTConfig
-
-
-def _f(default, help: str):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from tunesmith.recipes.training import TrainingPart
 
 
 @dataclass
-class SPINConfig(SFTConfig):
-    """SFTConfig (data, model, LoRA, NEFTune, TrainingArguments) plus SPIN's iteration and generation keys.
-
-    ``beta``, ``learning_rate`` and ``num_train_epochs`` take one value or one per iteration. Defaults follow the
-    paper's recipe (RMSProp, no weight decay, linear schedule, warmup 0.1, beta 0.1, 2 epochs, mixing t and t-1).
-    """
+class SPINArgs:
+    """SPIN (iterations and generation; defaults follow the paper)"""
 
     num_iterations: int = _f(1, "Number of SPIN iterations (the paper: 4).")
     beta: list[float] = _f([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
@@ -40,16 +35,6 @@ class SPINConfig(SFTConfig):
     repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
     generation_batch_size: int = _f(32, "Prompts per generation batch.")
     shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
-    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
-    # TrainingArguments defaults that follow the paper
-    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
-    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
-    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
-    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
-    save_steps: float = _f(200, "Checkpoint every N steps.")
-    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
-    train_loss_eval_samples: int = _f(0, "Unused by SPIN.")
 
     def __post_init__(self):
         n = self.num_iterations
@@ -74,17 +59,51 @@ class SPINConfig(SFTConfig):
                 raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
             raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
-        if self.packing:
-            raise UserError("field 'packing' is not supported by SPIN (pairs are scored row by row)")
-        if self.train_on_prompt:
-            raise UserError("field 'train_on_prompt' is not supported by SPIN (log-probs are over answer tokens)")
+
+
+@dataclass
+class SPINDataArgs(DataArgs):
+    """Data"""
+
+    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
+
+    def __post_init__(self):
+        for key, why in (("packing", "pairs are scored row by row"), ("padding_free", "pairs are scored row by row"),
+                         ("train_on_prompt", "log-probs are over answer tokens")):
+            if getattr(self, key):
+                raise UserError(f"field '{key}' is not supported by SPIN ({why})")
         if self.dataset_format == "text":
             raise UserError("dataset_format 'text' has no prompts and real answers; SPIN needs prompt/answer data")
         super().__post_init__()
 
+
+@dataclass
+class SPINTrainingPart(TrainingPart):
+    """Training (every transformers.TrainingArguments key; learning_rate and num_train_epochs are SPIN's, above)"""
+
+    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
+    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
+    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
+    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
+    save_steps: float = _f(200, "Checkpoint every N steps.")
+    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
+
+
+class SPINConfig(Config):
+    """Every key of the parts below, flat. The SFT model's data keys and LoRA / NEFTune keys mean what they mean in
+    ``tunesmith sft``."""
+
+    PARTS = (("spin", SPINArgs), ("model", ModelArgs), ("data", SPINDataArgs), ("lora", LoraArgs),
+             ("neftune", NEFTuneArgs), ("training", SPINTrainingPart))
+
+    def validate(self) -> None:
+        if self.load_in_4bit:
+            self.use_peft = True
+
     def iteration_args(self, t: int, output_dir: Path) -> TrainingArguments:
-        """Plain TrainingArguments for iteration ``t``: this config with the iteration's scalar values."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        """Plain TrainingArguments for iteration ``t``: the training part with the iteration's scalar values."""
+        values = {f.name: getattr(self.training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
         values.update(output_dir=str(output_dir), learning_rate=self.learning_rate[t],
                       num_train_epochs=self.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
                       resume_from_checkpoint=None)

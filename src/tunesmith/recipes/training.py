@@ -1,0 +1,36 @@
+"""The training part of the causal-LM recipes (sft, spin): ``transformers.TrainingArguments`` with tunesmith's
+defaults. Every TrainingArguments key works; the recipes hand this part to the Trainer as its ``args``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import TrainingArguments
+
+from tunesmith.config import _f
+from tunesmith.errors import UserError
+
+
+def _has_tensorboard() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@dataclass
+class TrainingPart(TrainingArguments):
+    """Training (every transformers.TrainingArguments key)"""
+
+    output_dir: str | None = _f(None, "Where checkpoints and the final model go (required).")
+    report_to: str | list[str] | None = _f("tensorboard", "Loggers: tensorboard, wandb, none, ...")
+    logging_steps: float = _f(10, "Log every N steps.")
+    include_num_input_tokens_seen: str | bool = _f("non_padding", "Count non-padding tokens (for tokens/s).")
+    remove_unused_columns: bool = _f(False, "Keep tunesmith's columns.")
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UserError("field 'output_dir' is required")
+        if isinstance(self.report_to, str) and self.report_to == "tensorboard" and not _has_tensorboard():
+            self.report_to = "none"
+        super().__post_init__()
