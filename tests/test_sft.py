@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from conftest import alpaca_rows, sft_config, write_jsonl
 from tunesmith.cli import main
@@ -48,6 +49,9 @@ def test_training_lowers_loss_and_saved_model_reloads(tiny_model_dir, alpaca_fil
     assert sum(curve[-3:]) / 3 < curve[0] - 0.3
     files = set(os.listdir(out))
     assert {"tunesmith.yaml", "tunesmith_template.json", "README.md", "tokenizer.json"} <= files
+    card = ModelCard.load(os.path.join(out, "README.md"))  # a Hugging Face model card: metadata header + text
+    assert "tunesmith" in card.data.tags and card.data.library_name == ("peft" if variant else "transformers")
+    assert "## Final metrics" in card.text and "- eval_train_loss: " in card.text
     assert ("adapter_model.safetensors" if variant else "model.safetensors") in files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     if variant.get("load_in_4bit"):

@@ -49,17 +49,25 @@ def build_model(cfg: SFTConfig, tokenizer):
 
 
 def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
+    """README.md as a Hugging Face model card (huggingface_hub's ModelCard): metadata header, method, final metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     from tunesmith.io import atomic_write_text
 
     method = "QLoRA" if cfg.load_in_4bit else "LoRA" if cfg.use_peft else "full fine-tuning"
     neft = (f"NEFTune alpha {cfg.neftune_noise_alpha} ({cfg.neftune_noise_distribution}, per-example length)"
             if cfg.neftune_noise_alpha else "no NEFTune")
+    local_base = Path(cfg.model_name_or_path).exists()  # the hub's base_model field takes hub ids only
+    data = ModelCardData(library_name="peft" if cfg.use_peft else "transformers",
+                         base_model=None if local_base else cfg.model_name_or_path,
+                         tags=["tunesmith", "sft"] + (["neftune"] if cfg.neftune_noise_alpha else []))
     lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{cfg.model_name_or_path}` on `{cfg.dataset}` "
              f"({method}, {neft}).", "", f"- prompt template: `{cfg.template}` (saved in tunesmith_template.json)",
              f"- epochs {cfg.num_train_epochs}, learning rate {cfg.learning_rate}, max length {cfg.max_length}, "
              f"packing {cfg.packing}, seed {cfg.seed}", "", "## Final metrics", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())]
-    atomic_write_text(out / "README.md", "\n".join(lines) + "\n")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "README.md", str(card))
 
 
 def train(config, callbacks: list | None = None) -> str:
