@@ -76,7 +76,7 @@ def main() -> None:
 
     from transformers import TrainingArguments
 
-    from tunesmith.recipes.spin.config import SPINConfig
+    from tunesmith.recipes.spin.config import SPINArgs
     from tunesmith.recipes.spin.data import PairCollator, build_prompts, pair_row
     from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
     from tunesmith.data.prepare import load_examples
@@ -101,7 +101,7 @@ def main() -> None:
     # every pair's answer comes from tunesmith's batched generation; the first n_gen prompts are also generated one
     # by one, chunk by chunk in alternation with the batched calls, so machine load hits both alike
     ids = [p.prompt_ids for p in prompts]
-    gen_batch = SPINConfig.__dataclass_fields__["generation_batch_size"].default
+    gen_batch = SPINArgs().generation_batch_size
     outs, t_batched, t_loop = [], 0.0, 0.0
     for start in range(0, len(ids), gen_batch):
         chunk = ids[start:start + gen_batch]

@@ -139,7 +139,8 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
     template, train_set, summary, _, _ = sft.prepare_data(cfg, tok)
     rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
     model = sft.build_model(cfg, tok)
-    trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows, eval_dataset={"train": train_set[:4]},
+    trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows,
+                                   eval_dataset={"train": train_set[:4]},
                                    data_collator=Collator(tok.pad_token_id), processing_class=tok,
                                    neftune_alpha=ALPHA)
     probe = NoiseProbe(trainer.model)
