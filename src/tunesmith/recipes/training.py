@@ -1,8 +1,11 @@
-"""The training part of the causal-LM recipes (sft, spin): ``transformers.TrainingArguments`` with tunesmith's
-defaults. Every TrainingArguments key works; the recipes hand this part to the Trainer as its ``args``."""
+"""Training plumbing the recipes share: the training part of the causal-LM recipes (sft, spin), that is
+``transformers.TrainingArguments`` with tunesmith's defaults (every key works; recipes hand it to the Trainer as its
+``args``), and finding the last complete Trainer checkpoint."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -34,3 +37,20 @@ class TrainingPart(TrainingArguments):
         if isinstance(self.report_to, str) and self.report_to == "tensorboard" and not _has_tensorboard():
             self.report_to = "none"
         super().__post_init__()
+
+
+def last_complete_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) is complete, if any."""
+    if not directory.is_dir():
+        return None
+    found = []
+    for p in directory.iterdir():
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit():
+            found.append((int(p.name[11:]), p))
+    for _, p in sorted(found, reverse=True):
+        try:
+            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(p)
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None

@@ -40,11 +40,13 @@ from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, tokenize_examples
 from tunesmith.data.templates import get_template, load_saved_template, save_template
 from tunesmith.errors import UserError
-from tunesmith.io import atomic_write_json, atomic_write_text
+from tunesmith.io import atomic_write_json
 from tunesmith.recipes.spin.config import SPINConfig, fingerprint, fingerprint_values
 from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
 from tunesmith.recipes.spin.loss import spin_loss
+from tunesmith.recipes.spin.summary import write_summary
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
+from tunesmith.recipes.training import last_complete_checkpoint
 from tunesmith.scoring import rows_loss
 
 log = logging.getLogger("tunesmith")
@@ -337,63 +339,8 @@ class Run:
         _barrier(cfg)
         return str(self.iter_dir(cfg.num_iterations - 1) / "model")
 
-    # ---- summary
-
-    def summary_rows(self) -> list[dict]:
-        rows = []
-        for t in range(self.cfg.num_iterations):
-            st = self.state["iterations"].get(str(t), {})
-            g, r, tr = st.get("generate", {}), st.get("reference", {}), st.get("train", {})
-            rows.append({"iteration": t, "loss": tr.get("loss"), "policy_real": tr.get("policy_real"),
-                         "policy_generated": tr.get("policy_generated"), "ref_real": r.get("ref_real"),
-                         "ref_generated": r.get("ref_generated"), "reward_margin": tr.get("reward_margin"),
-                         "reward_accuracy": tr.get("reward_accuracy"), "truncated": g.get("truncated"),
-                         "prompts": g.get("prompts"), "generate_s": g.get("seconds"),
-                         "reference_s": r.get("seconds"), "train_s": tr.get("seconds"),
-                         "eval_loss": tr.get("eval_loss")})
-        return rows
-
     def write_summary(self) -> None:
-        rows = self.summary_rows()
-        atomic_write_json(self.out / "summary.json", rows)
-        atomic_write_text(self.out / "summary.md", format_table(rows))
-
-
-COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("policy_real", "logp real (policy)"),
-           ("ref_real", "logp real (ref)"), ("policy_generated", "logp gen (policy)"),
-           ("ref_generated", "logp gen (ref)"), ("reward_margin", "margin"), ("reward_accuracy", "accuracy"),
-           ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
-           ("train_s", "train s"), ("eval_loss", "eval loss")]
-
-
-def format_table(rows: list[dict]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        tr = "-" if r["truncated"] is None else f"{r['truncated']}/{r['prompts']}"
-        lines.append("| " + " | ".join(tr if k == "truncated" else cell(r[k]) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def last_complete_checkpoint(directory: Path) -> str | None:
-    """The newest checkpoint-N whose trainer_state.json (the Trainer writes it last) is complete, if any."""
-    if not directory.is_dir():
-        return None
-    found = []
-    for p in directory.iterdir():
-        if p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit():
-            found.append((int(p.name[11:]), p))
-    for _, p in sorted(found, reverse=True):
-        try:
-            json.loads((p / "trainer_state.json").read_text(encoding="utf-8"))
-            return str(p)
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
+        write_summary(self.out, self.state, self.cfg.num_iterations)
 
 
 def train(config, callbacks=(), on_event=None) -> str:
