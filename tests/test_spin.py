@@ -322,6 +322,7 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     from transformers import TrainerCallback
+    from tunesmith.recipes import spin
 
     cfg, kill, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
