@@ -284,10 +284,14 @@ class DataArgs:
     packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them).")
     padding_free: bool = _f(False, "Put each batch's examples in one row instead of padding them (same examples, "
                                    "same loss; no padding computed).")
+    dataset_num_proc: int | None = _f(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
+                                            "in $HF_DATASETS_CACHE/tunesmith and reused by later runs.")
 
     def __post_init__(self):
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise UserError(f"dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         if self.padding_free and self.packing:
             raise UserError("padding_free and packing exclude each other (packed rows have no padding to remove)")
         if self.max_length < 2:

@@ -14,7 +14,7 @@ import torch
 from tunesmith.callbacks import JsonlMetrics
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
-from tunesmith.data.prepare import load_examples, tokenize_examples
+from tunesmith.data.prepare import prepare_dataset
 from tunesmith.data.templates import get_template, save_template
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft.config import SFTConfig
@@ -26,14 +26,14 @@ log = logging.getLogger("tunesmith")
 def prepare_data(cfg: SFTConfig, tokenizer):
     """Template, tokenized train/eval sets and their summaries; raises UserError before anything is written."""
     template = get_template(cfg.template, tokenizer)
-    examples = load_examples(cfg.dataset, cfg.dataset_format, cfg.dataset_split)
-    train_set, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, cfg.train_on_prompt,
-                                           source=cfg.dataset)
+    options = dict(dataset_format=cfg.dataset_format, train_on_prompt=cfg.train_on_prompt,
+                   num_proc=cfg.dataset_num_proc)
+    train_set, summary = prepare_dataset(cfg.dataset, tokenizer, template, cfg.max_length, split=cfg.dataset_split,
+                                         **options)
     eval_set = eval_summary = None
     if cfg.eval_dataset:
-        eval_examples = load_examples(cfg.eval_dataset, cfg.dataset_format, "validation")
-        eval_set, eval_summary = tokenize_examples(eval_examples, tokenizer, template, cfg.max_length,
-                                                   cfg.train_on_prompt, source=cfg.eval_dataset)
+        eval_set, eval_summary = prepare_dataset(cfg.eval_dataset, tokenizer, template, cfg.max_length,
+                                                 split="validation", **options)
     return template, train_set, summary, eval_set, eval_summary
 
 

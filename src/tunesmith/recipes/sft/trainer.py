@@ -1,20 +1,33 @@
-"""The SFT trainer: per-example NEFTune on training passes, token-weighted noise-free evaluation."""
+"""The SFT trainer: per-example NEFTune on training passes, the causal-LM loss with lean logits (no batch x sequence x
+vocabulary tensor, see ``tunesmith.scoring``), token-weighted noise-free evaluation."""
 from __future__ import annotations
 
 from transformers import Trainer
 
 from tunesmith.neftune import NEFTuneTrainerMixin
-from tunesmith.scoring import rows_loss
+from tunesmith.scoring import causal_lm_loss, rows_loss
+
 
 class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
-    """Trainer with per-example NEFTune noise on training passes and token-weighted, noise-free evaluation."""
+    """Trainer with per-example NEFTune noise on training passes, the lean causal-LM loss and token-weighted,
+    noise-free evaluation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The loss is scoring.causal_lm_loss, normalised by num_items_in_batch whatever the model's forward accepts:
+        # the Trainer then counts the trained tokens across gradient accumulation and processes for every model.
+        self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in self.training_inputs(model, inputs).items() if k != "token_mask"}
-        # No KV cache in training: packed rows are isolated by position_ids only when no cache is in use.
-        inputs["use_cache"] = False
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        # No KV cache in training (scoring.model_inputs): packed rows are isolated by position_ids only without one.
+        inputs = self.training_inputs(model, inputs)
+        loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the tokens of every process while DDP averages the gradients over them
+            # (the same scaling as Trainer.compute_loss)
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset

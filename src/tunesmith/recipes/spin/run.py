@@ -37,7 +37,7 @@ import torch
 from tunesmith.callbacks import JsonlMetrics
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
-from tunesmith.data.prepare import load_examples, tokenize_examples
+from tunesmith.data.prepare import load_examples, prepare_dataset
 from tunesmith.data.templates import get_template, load_saved_template, save_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
@@ -83,9 +83,9 @@ class Run:
                         f"and are skipped (first: {dropped[0]})")
         self.eval_set = None
         if cfg.eval_dataset:
-            eval_examples = load_examples(cfg.eval_dataset, cfg.dataset_format, "validation")
-            self.eval_set, _ = tokenize_examples(eval_examples, self.tokenizer, self.template, cfg.max_length,
-                                                 source=cfg.eval_dataset)
+            self.eval_set, _ = prepare_dataset(cfg.eval_dataset, self.tokenizer, self.template, cfg.max_length,
+                                               dataset_format=cfg.dataset_format, split="validation",
+                                               num_proc=cfg.dataset_num_proc)
         self.collator = PairCollator(self.tokenizer.pad_token_id)
         self.device = cfg.device
         self.fp_values = fingerprint_values(cfg)
