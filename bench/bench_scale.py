@@ -198,10 +198,20 @@ def _sft_config(big: dict, out: str, **over) -> dict:
 
 
 def child_sft(a) -> dict:
-    from tunesmith import sft
+    from tunesmith.recipes import sft
 
     t0 = time.perf_counter()
     sft.train(_sft_config(json.loads(a.big), a.out))
+    return {"run_s": time.perf_counter() - t0}
+
+
+def child_first_step(a) -> dict:
+    """`tunesmith sft` on the 100k file, one optimizer step: the time to the first step (data prepared or cached)."""
+    from tunesmith.recipes import sft
+
+    t0 = time.perf_counter()
+    sft.train({**_sft_config({"model": a.model, "data": a.data}, a.out), "max_steps": 1,
+               "per_device_train_batch_size": 8, "dataset_format": "alpaca"})
     return {"run_s": time.perf_counter() - t0}
 
 
@@ -260,17 +270,17 @@ def child_eval(a) -> dict:
 
 
 CHILDREN = {"prep": child_prep, "prep-before": child_prep_before, "prep-trl": child_prep_trl, "sft": child_sft,
-            "sft-trl": child_sft_trl, "sft-lean-loop": child_sft_lean_loop, "eval": child_eval}
+            "sft-trl": child_sft_trl, "first-step": child_first_step, "sft-lean-loop": child_sft_lean_loop, "eval": child_eval}
 
 
 # --- parent ---------------------------------------------------------------------------------------------------------
 
-def measure(label: str, kind: str, src: Path, log: Path, **kw) -> dict:
+def measure(label: str, kind: str, src: Path, log: Path, env: dict | None = None, **kw) -> dict:
     """Run one child under /usr/bin/time; returns its JSON result + wall_s and peak_mib of the whole process."""
     args = [sys.executable, str(Path(__file__).resolve()), "--child", kind]
     for k, v in kw.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n=== {label}: {' '.join(args)}\n")
     proc = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M"] + args, env=env, capture_output=True, text=True)
@@ -368,6 +378,15 @@ def main() -> None:
         m["sft_lean_loop"] = measure("plain loop + tunesmith lean loss, 2 steps", "sft-lean-loop", src, log, **kw)
         m["eval"] = measure("tunesmith eval, 16 x ~1,024 tokens, batch 8", "eval", src, log, out=out, batch_size=8,
                             **kw)
+        if 100_000 in ws["files"]:
+            cache = root / "first-step-datasets-cache"
+            shutil.rmtree(cache, ignore_errors=True)
+            first = dict(model=ws["small_model"], data=ws["files"][100_000], env={"HF_DATASETS_CACHE": str(cache)})
+            m["first_step_cold"] = measure("tunesmith sft to first step, 100k, cold cache", "first-step", src, log,
+                                           out=out / "first-cold", **first)
+            m["first_step_warm"] = measure("tunesmith sft to first step, 100k, second run", "first-step", src, log,
+                                           out=out / "first-warm", **first)
+            shutil.rmtree(cache, ignore_errors=True)
         m["eval_before"] = measure(f"tunesmith eval before ({BEFORE}), batch {a.before_eval_batch}", "eval",
                                    before_source(root), log, out=out, batch_size=a.before_eval_batch, **kw)
 
@@ -414,6 +433,10 @@ def report(results: dict, sizes: list[int]) -> None:
                           ("eval_before", "tunesmith eval before")):
             print(f"| {name} | {m[key]['peak_mib']:.0f} MiB | "
                   + (f"{m[key]['peak_mib'] / trl:.2f}x |" if key.startswith("sft") else "– |"))
+        if "first_step_cold" in m:
+            c, w = m["first_step_cold"]["wall_s"], m["first_step_warm"]["wall_s"]
+            print(f"tunesmith sft to its first step on 100k examples: cold cache {c:.1f} s, second run {w:.1f} s "
+                  f"({c / w:.1f}x faster)")
         if "eval" in m and "eval_before" in m:
             print(f"eval losses: now {m['eval']['loss']:.6f}, before {m['eval_before']['loss']:.6f}")
 

@@ -323,3 +323,27 @@ def test_a_head_that_is_not_a_plain_projection_falls_back_to_full_logits(tiny_mo
         assert (ref - plain).abs().max() > 0.1
         logp, _ = scoring.token_logprobs(scaled, batch)
     assert torch.allclose(logp, ref, atol=1e-5)
+
+
+def test_lm_eval_log_likelihoods_equal_lm_evals_own(tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from tunesmith.evaluation.lm_eval_bridge import _lean
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    model.eval()
+    rng = random.Random(0)
+    requests = []
+    for n in range(9):
+        context = [rng.randrange(5, 400) for _ in range(rng.randint(1, 30))]
+        continuation = [rng.randrange(5, 400) for _ in range(rng.randint(1, 6))]
+        if n == 0:  # a continuation the model predicts greedily, so the exact-match flag is True once
+            with torch.no_grad():
+                continuation = [int(model(input_ids=torch.tensor([context])).logits[0, -1].argmax())]
+        requests.append((("ctx", "cont"), context, continuation))
+    own = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(requests)
+    lean = _lean(HFLM)(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(requests)
+    assert [g for _, g in lean] == [g for _, g in own] and own[0][1]
+    assert [lp for lp, _ in lean] == pytest.approx([lp for lp, _ in own], abs=1e-5)

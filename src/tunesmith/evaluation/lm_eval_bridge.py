@@ -28,6 +28,53 @@ def _import():
     return lm_eval, HFLM, TaskManager
 
 
+def _lean(HFLM):
+    """``HFLM`` whose log-likelihoods project only the continuation positions onto the vocabulary, in chunks
+    (``tunesmith.scoring.target_logprobs``): no batch x sequence x vocabulary tensor, whatever the vocabulary. Same
+    answers as lm-eval's own code: the summed log-prob of the continuation and whether each of its tokens is the
+    most likely one; a context + continuation longer than the model's window keeps its end."""
+    import torch
+
+    from tunesmith.data.tokenize import IGNORE
+    from tunesmith.scoring import target_logprobs
+
+    class LeanHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 8)
+            order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            answers = [None] * len(requests)
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                rows = []
+                for i in chunk:
+                    _, context, continuation = requests[i]
+                    inputs = (context + continuation)[-(self.max_length + 1):][:-1]  # position t predicts t + 1
+                    rows.append((inputs, [IGNORE] * (len(inputs) - len(continuation)) + continuation))
+                width = max(len(ids) for ids, _ in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for k, (row_ids, row_targets) in enumerate(rows):
+                    ids[k, :len(row_ids)] = torch.tensor(row_ids)
+                    targets[k, :len(row_targets)] = torch.tensor(row_targets)
+                    mask[k, :len(row_ids)] = 1
+                batch = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+                with torch.no_grad():
+                    logp, hits = target_logprobs(self.model, batch, targets.to(self.device), greedy=True)
+                scored = targets.to(self.device) != IGNORE
+                for k, i in enumerate(chunk):
+                    answer = (float(logp[k].sum()), bool(hits[k][scored[k]].all()))
+                    answers[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            return answers
+
+    return LeanHFLM
+
+
 def resolve_tasks(tasks: list[str], include_path: list[str] | None = None) -> tuple[list[str], list[str]]:
     """Task names, with any ``*.yaml`` path replaced by the task name it defines and its folder added to the
     include path. Returns (names, include paths)."""
@@ -65,7 +112,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str] | N
         raise UserError("no tasks given")
     names, paths = resolve_tasks(tasks, include_path)
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = _lean(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     if include_defaults is None:
         include_defaults = any(not t.endswith((".yaml", ".yml")) for t in tasks)
     manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
