@@ -488,3 +488,14 @@ def test_judges_see_the_alpaca_input_and_pairs_match_on_it(tmp_path):
 
     sheet = list(csv.DictReader(open(info["sheet"])))
     assert sorted(r["instruction"] for r in sheet) == ["Summarize the text.\n\ncats", "Summarize the text.\n\ndogs"]
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    a, b = files(tmp_path, BASIC_A, BASIC_B)
+    (tmp_path / "taken").write_text("x")
+    assert main(["judge", "--a", a, "--b", b, "--output_dir", str(tmp_path / "taken"), "--judge", "python",
+                 "--python_judge", "test_judge:good_judge"]) == 2
+    assert "'output_dir' is a file, not a directory" in capsys.readouterr().err
+    assert main(["judge", "--a", a, "--b", b, "--output_dir", str(tmp_path / "o"), "--judge", "python",
+                 "--python_judge", "test_judge:good_judge", "--cache", str(tmp_path)]) == 2
+    assert "'cache' names a directory" in capsys.readouterr().err

@@ -195,6 +195,11 @@ def test_report_errors(tmp_path):
     (tmp_path / "w.json").write_text("{}")
     with pytest.raises(UserError, match="field 'n': missing"):
         main_report(["--winrate", str(tmp_path / "w.json")])
+    with pytest.raises(UserError, match="'output' is a file, not a directory"):
+        main_report(["--winrate", str(tmp_path / "w.json"), "--output", str(tmp_path / "w.json")])
+    gens = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q", "output": "a b c d"}])
+    with pytest.raises(UserError, match="'output' names a directory"):
+        EvalConfig(output=str(tmp_path), generations=[gens])
 
 
 def main_report(argv):

@@ -12,15 +12,21 @@ compares against), ``truncated`` (the output hit ``max_new_tokens`` without an e
 
 The NEFTune paper evaluates with greedy decoding and ``repetition_penalty`` 1.2; its Table 5 controls are
 ``min_new_tokens`` (EOS blocked until a minimum length) and ``prompt_suffix`` (asking for a longer answer).
+
+Sampling with ``temperature`` 0 is greedy decoding (the limit of sampling as the temperature goes to 0, and what
+vLLM and the OpenAI API do; transformers alone would refuse it): the CLI says so and records ``do_sample: false``.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tunesmith.errors import UserError
+
+log = logging.getLogger("tunesmith")
 
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
                  "min_new_tokens", "seed")
@@ -50,6 +56,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_decoding(temperature, top_p, top_k, repetition_penalty, min_new_tokens)
+    if do_sample and temperature == 0:
+        do_sample = False  # temperature 0 is greedy decoding (see the module docstring)
     for i, p in enumerate(prompt_ids):
         if not p:
             raise UserError(f"prompt {i} is empty (no tokens)")
@@ -102,6 +111,21 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
         if bar:
             bar.close()
     return results  # type: ignore[return-value]
+
+
+def check_decoding(temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                   min_new_tokens: int) -> None:
+    """One-line errors for decoding settings no backend can use."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not repetition_penalty > 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if min_new_tokens < 0:
+        raise UserError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
 
 
 def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_tokens: int = 256,
@@ -157,27 +181,48 @@ class GenerateConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
 
     def __post_init__(self):
+        from tunesmith.rundir import check_output_file
+
         for key in ("model", "prompts", "output"):
             if not getattr(self, key):
                 raise UserError(f"'{key}' is required")
+        check_output_file(self.output, "output")
+        check_decoding(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.limit < 0:
+            raise UserError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        if self.do_sample and self.temperature == 0:
+            log.warning("note: temperature 0 means greedy decoding; sampling is off (do_sample: false is recorded)")
+            self.do_sample = False
 
     def decoding(self) -> dict:
         d = asdict(self)
         return {k: d[k] for k in DECODING_KEYS} | {"prompt_suffix": self.prompt_suffix, "backend": self.backend}
 
 
-def prompt_rows(cfg: GenerateConfig, tokenizer, template) -> tuple[list[list[int]], list[dict]]:
-    """Encode every prompt of ``cfg.prompts`` with ``template``; returns (token ids, row metadata)."""
+def prompt_examples(cfg: GenerateConfig) -> list:
+    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded)."""
     from tunesmith.data.formats import to_examples
     from tunesmith.data.load import load_records
-    from tunesmith.data.tokenize import encode_prompt
 
     records = load_records(cfg.prompts, cfg.split)
     if not records:
         raise UserError(f"{cfg.prompts}: no prompts")
     if cfg.limit:
         records = records[:cfg.limit]
-    examples = to_examples(records, cfg.dataset_format, require_response=False)
+    return to_examples(records, cfg.dataset_format, require_response=False)
+
+
+def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None = None
+                ) -> tuple[list[list[int]], list[dict]]:
+    """Encode every prompt of ``cfg.prompts`` (or ``examples``) with ``template``; returns (token ids, row
+    metadata)."""
+    from tunesmith.data.tokenize import encode_prompt
+
+    examples = prompt_examples(cfg) if examples is None else examples
     ids, meta = [], []
     for ex in examples:
         if ex.text is not None:
@@ -205,6 +250,7 @@ def run(cfg: GenerateConfig) -> str:
     from tunesmith.models import load_model_and_tokenizer, load_tokenizer
 
     settings = {k: getattr(cfg, k) for k in DECODING_KEYS}
+    examples = prompt_examples(cfg)
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -215,7 +261,7 @@ def run(cfg: GenerateConfig) -> str:
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
     template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model, tokenizer)
-    ids, meta = prompt_rows(cfg, tokenizer, template)
+    ids, meta = prompt_rows(cfg, tokenizer, template, examples)
     if cfg.backend == "vllm":
         outs = generate_vllm(cfg.model, ids, **settings)
     else:

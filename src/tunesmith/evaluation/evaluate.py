@@ -59,6 +59,9 @@ class EvalConfig:
     def __post_init__(self):
         if not self.output:
             raise UserError("'output' is required")
+        from tunesmith.rundir import check_output_file
+
+        check_output_file(self.output, "output")
         if (self.dataset or self.tasks) and not self.model:
             raise UserError("'dataset' and 'tasks' need 'model' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.data.load import check_text, may_hold_surrogates
 from tunesmith.errors import UserError, at
 
 
@@ -56,10 +57,12 @@ def read_generations(path: str | Path) -> list[Generation]:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{at(path, lineno)}: invalid JSON ({e.msg})") from None
-    out = []
+    out, suspicious = [], may_hold_surrogates(text)
     for line, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{at(path, line)}: expected an object with 'instruction' and 'output'")
+        if suspicious:
+            check_text(row, at(path, line))
         for key in ("instruction", "output"):
             if key not in row:
                 raise UserError(f"{at(path, line, key)}: missing")

@@ -496,6 +496,11 @@ class JudgeConfig:
             raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.judge == "sheet_import" and not self.sheet:
             raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
+        from tunesmith.rundir import check_output_dir, check_output_file
+
+        check_output_dir(self.output_dir)
+        if self.cache:
+            check_output_file(self.cache, "cache")
 
 
 def make_judge(cfg: JudgeConfig):

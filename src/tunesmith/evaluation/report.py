@@ -37,6 +37,9 @@ class ReportConfig:
     def __post_init__(self):
         if not self.runs and not self.winrate:
             raise UserError("nothing to report: give run directories (tunesmith report RUN_A RUN_B ...)")
+        from tunesmith.rundir import check_output_dir
+
+        check_output_dir(self.output, "output")
 
 
 def read_metrics_log(path: Path) -> list[dict]:
