@@ -39,6 +39,20 @@ def _check_source(path: str) -> None:
         raise UserError(f"{path}: model directory not found")
 
 
+def check_weights(path: str) -> None:
+    """A local model directory whose .safetensors files are torn (a copy or a save cut short) is a one-line error,
+    not a traceback from deep inside the loader."""
+    from tunesmith.rundir import safetensors_problem
+
+    p = Path(path)
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise UserError(f"{path}: cannot load model ({problem})")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -103,6 +117,9 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bo
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute)
     cls = model_class or AutoModelForCausalLM
+    check_weights(base)
+    if adapter_cfg.exists():
+        check_weights(path)
     try:
         model = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as e:
@@ -130,35 +147,45 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def save_model_dir(model, tokenizer, path, write=None, copy_from=(), replace: bool = False) -> Path:
+def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str | None = None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to the directory ``path`` so that a crash never leaves something
-    that looks like a complete model: everything is written into a temporary directory first.
+    that looks like a complete model: everything is written into a fresh temporary directory first (nothing that
+    exists is ever cleared to make room for it).
 
-    ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist. A new
-    ``path`` is then renamed into place in one step (``replace=True``: an existing one is removed first, once the new
-    one is complete). An existing ``path`` (a run's output directory, which also holds checkpoints and logs) receives
-    the files one by one, ``config.json`` (what makes it loadable) last.
+    ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist.
+    ``owner`` (a command, e.g. "merge"): ``path`` is a whole directory that command owns; it is renamed into place in
+    one step, and an existing one is replaced only if that command wrote it (see
+    :func:`tunesmith.rundir.publish_dir`: a user's directory is refused, never deleted). Without ``owner``, a new
+    ``path`` is renamed into place, and an existing ``path`` (a run's output directory, which also holds checkpoints
+    and logs) receives the files one by one, ``config.json`` (what makes it loadable) last.
     """
+    import tempfile
+
+    from tunesmith.rundir import check_replaceable, publish_dir, staging_dir
+
     path = Path(path)
-    into = path.is_dir() and not replace
-    tmp = path / ".model.partial" if into else path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for src in map(Path, copy_from):
-        if src.exists():
-            shutil.copy(src, tmp / src.name)
-    if write is not None:
-        write(tmp)
+    if owner is not None:
+        check_replaceable(path, owner)  # refuse before the work, not after
+    into = owner is None and path.is_dir()
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=path)) if into else staging_dir(path)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for src in map(Path, copy_from):
+            if src.exists():
+                shutil.copy(src, tmp / src.name)
+        if write is not None:
+            write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if owner is not None:
+        return publish_dir(tmp, path, owner)
     if not into:
-        if path.exists():
-            shutil.rmtree(path)
         os.replace(tmp, path)
         return path
     for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-        if (path / f.name).is_dir():
-            shutil.rmtree(path / f.name)
         os.replace(f, path / f.name)
     tmp.rmdir()
     return path
@@ -182,13 +209,17 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
-    """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir."""
+    """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir.
+    An existing output_dir is replaced only if it is empty or an earlier merge's output."""
+    from tunesmith.rundir import check_replaceable
+
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise UserError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
+    check_replaceable(output_dir, "merge")  # a user's directory is refused before any work, and never deleted
     model, tokenizer = load_model_and_tokenizer(adapter_dir, dtype)
     model = model.merge_and_unload()
     kept = [Path(adapter_dir) / name for name in ("tunesmith_template.json", "tunesmith.yaml", "README.md")]
-    save_model_dir(model, tokenizer, output_dir, copy_from=kept, replace=True)
+    save_model_dir(model, tokenizer, output_dir, copy_from=kept, owner="merge")
     return output_dir
 
 

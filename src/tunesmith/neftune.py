@@ -87,10 +87,26 @@ def add_noise_to_batch(model: torch.nn.Module, batch: dict, alpha: float,
     return batch
 
 
+def rank_seed_callback():
+    """A TrainerCallback for NEFTune under DDP. The noise is drawn from torch's generator, which the Trainer seeds
+    with the same ``seed`` on every rank, so every rank would draw the same noise for batches of the same shape. When
+    training begins, rank r > 0 reseeds it with ``seed + r`` (rank 0 keeps its stream: a single process is
+    unchanged). Runs stay reproducible, and a resumed run continues each rank's stream: the Trainer saves every rank's
+    generator state in checkpoints and restores it after this callback has run."""
+    from transformers import TrainerCallback
+
+    class RankNoiseSeed(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if args.process_index > 0:
+                torch.manual_seed(args.seed + args.process_index)  # CPU and every CUDA device
+
+    return RankNoiseSeed()
+
+
 class NEFTuneTrainerMixin:
     """For ``transformers.Trainer`` subclasses: ``training_inputs`` noises a batch on training passes only, and
     transformers' own hook (padded length, noised padding) is kept off. Takes ``neftune_alpha`` (None or 0 = off) and
-    ``neftune_distribution`` keyword arguments."""
+    ``neftune_distribution`` keyword arguments. Under DDP each rank draws its own noise (:func:`rank_seed_callback`)."""
 
     def __init__(self, *args, neftune_alpha: float | None = None, neftune_distribution: Distribution = "uniform",
                  **kwargs):
@@ -98,6 +114,8 @@ class NEFTuneTrainerMixin:
         self.neftune_noise_alpha = None  # Trainer.train attaches its built-in hook when this is set
         self.noise_alpha = neftune_alpha or 0.0
         self.noise_distribution = neftune_distribution
+        if self.noise_alpha:
+            self.add_callback(rank_seed_callback())
 
     def training_inputs(self, model: torch.nn.Module, inputs: dict) -> dict:
         if self.noise_alpha and model.training:

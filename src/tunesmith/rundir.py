@@ -9,7 +9,8 @@
           if run.finished:
               return ...                                      # a resumed finished run: nothing to do
           trainer.add_callback(run.checkpoint_callback())     # the fingerprint goes into every checkpoint
-          trainer.train(resume_from_checkpoint=run.checkpoint)
+          if not (run.checkpoint and training_done(run.checkpoint)):  # else: load the checkpoint, do not train
+              trainer.train(resume_from_checkpoint=run.checkpoint)
           ...                                                 # save; write FINISHED_FILE last
 
   It holds an exclusive lock on the directory (:class:`RunLock`), refuses a directory holding a finished run, another
@@ -203,6 +204,13 @@ def newest_complete_checkpoint(directory: str | os.PathLike) -> Path | None:
 def checkpoint_state(ckpt: str | os.PathLike) -> dict:
     """The checkpoint's trainer_state.json (global_step, max_steps, ...)."""
     return json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def training_done(ckpt: str | os.PathLike) -> bool:
+    """Whether the checkpoint already holds the end of training (its step reached the run's max_steps). The Trainer
+    resumed from such a checkpoint mid-epoch trains one step too many, so a recipe loads it instead of training."""
+    state = checkpoint_state(ckpt)
+    return 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
 
 
 def checkpoint_fingerprint(ckpt: str | os.PathLike) -> dict | None:
