@@ -375,7 +375,9 @@ def write_owner(directory: str | os.PathLike, command: str, **info) -> None:
     atomic_write_json(Path(directory) / OWNER_FILE, {"command": command, **info})
 
 
-def _contents(directory: Path) -> list[str]:
+def contents(directory: str | os.PathLike) -> list[str]:
+    """The names in ``directory`` but tunesmith's own bookkeeping files (lock, owner record)."""
+    directory = Path(directory)
     try:
         return sorted(p.name for p in directory.iterdir() if p.name not in _BOOKKEEPING)
     except FileNotFoundError:
@@ -392,7 +394,7 @@ def check_replaceable(directory: str | os.PathLike, command: str) -> None:
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise UserError(f"{d}: is a file, not a directory")
-    if d.is_dir() and _contents(d):
+    if d.is_dir() and contents(d):
         owner = read_owner(d)
         if owner is None or owner["command"] != command:
             made = f"holds a tunesmith {owner['command']} run" if owner else "was not written by tunesmith"
@@ -517,7 +519,7 @@ def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: b
         if done is not None:
             raise UserError(f"{d}: holds checkpoints of an unfinished run (newest: {done.name}); set "
                             f"resume_from_checkpoint: true to continue it, or choose another output_dir")
-        if owner is None and _contents(d):
+        if owner is None and contents(d):
             raise UserError(f"{d}: not empty and not a tunesmith run directory; choose a new or empty output_dir")
         if main:
             write_owner(d, command, fingerprint=fp.digest, config=fp.values)

@@ -34,11 +34,23 @@ from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
 from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
 from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier
+from tunesmith.recipes.training import run_fingerprint
+from tunesmith.rundir import open_run
 
 
 def train(config: ClassifyConfig | dict) -> str:
     """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
+    out = Path(cfg.output_dir)
+    with open_run(out, "classify", run_fingerprint(cfg), cfg.resume_from_checkpoint,
+                  main=cfg.process_index == 0) as run:
+        if run.finished:
+            print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
+            return str(out)
+        return _train(cfg, run, out)
+
+
+def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     transformers.set_seed(cfg.seed)
     model_path = resolve_path(cfg.model_name_or_path)
 
@@ -92,7 +104,8 @@ def train(config: ClassifyConfig | dict) -> str:
         compute_metrics=compute_metrics if val_records else None,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.add_callback(run.checkpoint_callback())
+    trainer.train(resume_from_checkpoint=run.checkpoint)
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
@@ -100,7 +113,6 @@ def train(config: ClassifyConfig | dict) -> str:
         report["best_metric"] = {cfg.metric_for_best_model: trainer.state.best_metric}
 
     model = trainer.model
-    out = Path(cfg.output_dir)
     if cfg.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()
@@ -110,8 +122,8 @@ def train(config: ClassifyConfig | dict) -> str:
     report["compare"] = [{"text": t, "before": _shown(b), "after": _shown(a)}
                          for t, b, a in zip(sentences, before_rows, after_rows)]
     save_model_dir(model, tokenizer, out)
-    save_yaml(cfg, out / "tunesmith.yaml")
     atomic_write_json(out / "metrics.json", report)
+    save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
     _print_summary(report)
     return str(out)
 

@@ -6,8 +6,6 @@ value or one per iteration) and builds each iteration's ``TrainingArguments`` fr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,8 +126,3 @@ def fingerprint_values(cfg) -> dict:
         v = getattr(cfg, key)
         out[key] = v.value if hasattr(v, "value") else v
     return out
-
-
-def fingerprint(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-

@@ -41,12 +41,14 @@ from tunesmith.data.prepare import load_examples, tokenize_examples
 from tunesmith.data.templates import get_template, load_saved_template, save_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
-from tunesmith.recipes.spin.config import SPINConfig, fingerprint, fingerprint_values
+from tunesmith.recipes.spin.config import SPINConfig, fingerprint_values
 from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.summary import write_summary
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
-from tunesmith.recipes.training import last_complete_checkpoint
+from tunesmith.recipes.training import check_max_length
+from tunesmith.rundir import (Fingerprint, RunLock, check_checkpoint, checkpoint_callback, checkpoint_state, contents,
+                              digest, newest_complete_checkpoint, training_done)
 from tunesmith.scoring import rows_loss
 
 log = logging.getLogger("tunesmith")
@@ -88,15 +90,30 @@ class Run:
                                                  source=cfg.eval_dataset)
         self.collator = PairCollator(self.tokenizer.pad_token_id)
         self.device = cfg.device
-        self.fp_values = fingerprint_values(cfg)
         # the prompts and real answers as tokens: a changed data file, tokenizer or template is a different run
-        self.fp_values["data_tokens"] = fingerprint([[p.prompt_ids, p.real_ids] for p in self.prompts])
-        self.fp = fingerprint(self.fp_values)
-        self.state = self._open_state()
+        self.fingerprint = Fingerprint.of(fingerprint_values(cfg) | {
+            "data_tokens": digest([[p.prompt_ids, p.real_ids] for p in self.prompts])})
+        self.fp_values, self.fp = self.fingerprint.values, self.fingerprint.digest
+        self.lock = None
+        self.state = self._open_state(write=False)  # refuses another run's directory before anything is written
+
+    def _lock(self) -> RunLock:
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out}: output_dir is a file, not a directory")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.out}: cannot create output_dir ({e.strerror or e})") from None
+        return RunLock(self.out, "spin").acquire()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- state
 
-    def _open_state(self) -> dict:
+    def _open_state(self, write: bool = True) -> dict:
         path = self.out / STATE_FILE
         if path.exists():
             try:
@@ -109,9 +126,11 @@ class Run:
                 raise UserError(f"{self.out}: holds a different SPIN run (config differs in {', '.join(diff) or '?'}); "
                                 "choose another output_dir")
             return state
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and contents(self.out):
             raise UserError(f"{self.out}: not empty and holds no SPIN run; choose an empty or new output_dir")
         state = {"fingerprint": self.fp, "config": self.fp_values, "prompts": len(self.prompts), "iterations": {}}
+        if not write:
+            return state
         _barrier(self.cfg)  # every rank has checked the directory before rank 0 writes into it
         if self.cfg.process_index == 0:
             atomic_write_json(path, state)
@@ -253,14 +272,24 @@ class Run:
                               neftune_distribution=cfg.neftune_noise_distribution,
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
+        trainer.add_callback(checkpoint_callback(self.fingerprint))
         for cb in self.callbacks:
             trainer.add_callback(cb)
-        output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(it / "trainer"))
+        ckpt = newest_complete_checkpoint(it / "trainer")
+        if ckpt is not None:
+            check_checkpoint(ckpt, self.fingerprint)
+        if ckpt is not None and training_done(ckpt):  # killed after the last checkpoint: it is theta_{t+1}
+            from tunesmith.models import load_model_and_tokenizer
+
+            log.warning(f"spin: {ckpt}: training had reached its last step; saving the model from it")
+            trained, _ = load_model_and_tokenizer(str(ckpt), cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+            result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
+        else:
+            output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
         if cfg.process_index == 0:
-            atomic_write_json(it / "train_result.json", {"train_loss": output.training_loss,
-                                                         "steps": output.global_step,
-                                                         "seconds": time.perf_counter() - start})
-            self.save_model(t, trainer.model)
+            atomic_write_json(it / "train_result.json", result | {"seconds": time.perf_counter() - start})
+            self.save_model(t, trained)
         _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
@@ -311,6 +340,16 @@ class Run:
     # ---- driver
 
     def train(self) -> str:
+        """Run or resume every iteration, holding the output directory's lock (rank 0) throughout."""
+        if self.cfg.process_index == 0:
+            self.lock = self._lock()  # one run at a time in a directory
+        try:
+            self.state = self._open_state()  # again, under the lock: the directory may have changed since
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> str:
         cfg = self.cfg
         for t in range(cfg.num_iterations):
             if all(self.done(t, s) for s in STAGES):
@@ -350,6 +389,7 @@ def train(config, callbacks=(), on_event=None) -> str:
     stage written (both hooks exist for monitoring and for the crash tests).
     """
     cfg = config if isinstance(config, SPINConfig) else build_config(SPINConfig, dict(config), "config")
+    check_max_length(cfg)
     return Run(cfg, callbacks, on_event).train()
 
 
