@@ -298,10 +298,17 @@ def test_unstamped_checkpoint_is_not_resumed(trained, tmp_path):
         R.open_run(tmp_path, "sft", FP, resume=True)
 
 
-def test_other_ranks_only_read(tmp_path):
+def test_other_ranks_only_read(tmp_path, trained):
     out = tmp_path / "run"
     run = R.open_run(out, "sft", FP, main=False)
     assert run.lock is None and not out.exists()  # rank > 0 creates nothing
+    out.mkdir()
+    (out / ".tunesmith_run.json.x1.tmp").write_text("{")  # rank 0 in the middle of writing its owner record
+    assert R.open_run(out, "sft", FP, main=False).checkpoint is None  # not taken for a foreign file
+    copy_checkpoint(trained, out, 2)
+    assert R.open_run(out, "sft", FP, resume=True, main=False).checkpoint == str(out / "checkpoint-2")
+    (out / R.FINISHED_FILE).write_text("x: 1\n")
+    assert R.open_run(out, "sft", FP, resume=True, main=False).finished
 
 
 # ---------------------------------------------------------------- replacing a directory (merge)

@@ -499,6 +499,11 @@ def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resum
 
 
 def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: bool) -> Run:
+    if not main:  # other ranks only read what they need; the main process checks (and writes) the directory
+        if is_finished(d) and resume:
+            return Run(d, command, fp, finished=True)
+        if not resume or is_finished(d):
+            return Run(d, command, fp)
     owner = read_owner(d)
     if owner is not None and owner["command"] != command:
         state = "finished " if is_finished(d) else ""
