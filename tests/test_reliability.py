@@ -200,3 +200,26 @@ def test_merge_never_deletes_a_directory_tunesmith_did_not_write(tiny_model_dir,
     fails(capsys, ["merge", "--adapter", adapter, "--output", adapter],  # nor the training run itself
           r"not empty and holds a tunesmith sft run")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
+# ---------------------------------------------------------------- item 13: NEFTune noise under real DDP
+
+
+@pytest.mark.slow  # a 2-process torchrun (~30 s on a loaded 2-core machine)
+def test_ddp_ranks_draw_neftune_noise_from_different_streams(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16))
+    cfg = sft_config(tiny_model_dir, data, tmp_path / "run", max_steps=1, train_loss_eval_samples=0,
+                     per_device_train_batch_size=2, neftune_noise_alpha=5.0)
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent / "src")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29547", str(here / "sft_worker.py"), str(tmp_path / "cfg.json")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worlds = [json.loads((tmp_path / "run" / f"world.rank{k}").read_text()) for k in (0, 1)]
+    assert worlds[0]["world_size"] == 2 and worlds[0]["rng"] != worlds[1]["rng"]
