@@ -103,3 +103,94 @@ class NEFTuneTrainerMixin:
         if self.noise_alpha and model.training:
             return add_noise_to_batch(model, inputs, self.noise_alpha, self.noise_distribution)
         return inputs
+
+
+# ------------------------------------------------------------------------------------------------ other trainers
+
+from transformers import TrainerCallback  # noqa: E402  (only the drop-in below needs transformers)
+
+
+class NEFTuneCallback(TrainerCallback):
+    """Exact NEFTune for trainers tunesmith does not own: TRL's ``SFTTrainer`` and ``DPOTrainer`` (any
+    ``transformers.Trainer``). Add it as a callback and leave the trainer's own ``neftune_noise_alpha`` unset::
+
+        from tunesmith.neftune import NEFTuneCallback
+        trainer = SFTTrainer(model=model, args=SFTConfig(...), train_dataset=ds,
+                             callbacks=[NEFTuneCallback(alpha=5)])     # or DPOTrainer(..., callbacks=[...])
+
+    Why hooks here, not ``inputs_embeds`` as in tunesmith's own trainers: TRL's trainers build the forward call inside
+    their own loss code (DPO concatenates chosen and rejected rows itself), so there is no place to hand them noised
+    embeddings without rewriting that code. Instead, for the span of ``train()`` only:
+
+    * a forward pre-hook on the model reads the batch's ``attention_mask`` / ``position_ids`` (padded, packed or
+      TRL's padding-free rows) from the forward call's keyword arguments;
+    * a forward hook on the token-embedding module (reached through PEFT / DDP / FSDP wrappers) adds
+      ``alpha / sqrt(L_i * d) * eps`` with L_i the example's own real-token count (per packed segment), zero on padding
+      — the same :func:`noise_scale` / :func:`sample_noise` as everywhere else in tunesmith.
+
+    Noise is added only when the model is in training mode AND autograd is recording, so evaluation, generation and
+    the reference pass of a preference loss (TRL runs it under ``torch.no_grad()``, whether it uses a separate
+    reference model or the policy with its adapter disabled) stay noise-free. The hooks are removed at the end of
+    training. Nothing in TRL or transformers is patched.
+    """
+
+    def __init__(self, alpha: float, distribution: Distribution = "uniform"):
+        if not alpha > 0:
+            raise ValueError(f"NEFTune alpha must be > 0, got {alpha}")
+        if distribution not in ("uniform", "gaussian"):
+            raise ValueError(f"distribution must be 'uniform' or 'gaussian', got {distribution!r}")
+        self.alpha, self.distribution = float(alpha), distribution
+        self._handles: list = []
+        self._batch: dict | None = None
+
+    # ---- hooks
+
+    def _read_batch(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._batch = {"input_ids": ids, "attention_mask": kwargs.get("attention_mask"),
+                       "position_ids": kwargs.get("position_ids")}
+
+    def _forget_batch(self, module, args, kwargs, output):
+        self._batch = None
+
+    def _noise(self, module, args, output):
+        batch = self._batch
+        if batch is None or not module.training or not torch.is_grad_enabled():
+            return output
+        mask = batch["attention_mask"]
+        if mask is None or mask.dim() != 2 or mask.shape != output.shape[:2]:
+            mask = torch.ones(output.shape[:2], dtype=torch.float32, device=output.device)
+        position_ids = batch["position_ids"]
+        if position_ids is not None and position_ids.shape != output.shape[:2]:
+            position_ids = None
+        scale = noise_scale(mask.to(output.device), output.shape[-1], self.alpha,
+                            None if position_ids is None else position_ids.to(output.device))
+        return output + sample_noise(output.shape, scale, self.distribution).to(output.dtype)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Register the hooks on ``model`` (done by ``on_train_begin``; public for custom training loops)."""
+        self.detach()
+        embedding = input_embedding_module(model)
+        self._handles = [
+            model.register_forward_pre_hook(self._read_batch, with_kwargs=True),
+            model.register_forward_hook(self._forget_batch, with_kwargs=True, always_call=True),
+            embedding.register_forward_hook(self._noise),
+        ]
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._batch = [], None
+
+    # ---- TrainerCallback events
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "neftune_noise_alpha", None):
+            raise ValueError("NEFTuneCallback: unset the trainer's own neftune_noise_alpha (transformers' hook scales "
+                             "by the padded batch length and noises padding); the callback adds exact NEFTune")
+        self.attach(model)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+        return control
