@@ -79,9 +79,9 @@ def recipe_config(path: Path):
     values["use_cpu"] = True  # bf16 needs a GPU; the keys are what is checked
     values.pop("bf16", None)
     if path.name.startswith("spin"):
-        from tunesmith.spin import SPINConfig
+        from tunesmith.recipes.spin import SPINConfig
         return build_config(SPINConfig, values, str(path)), read_yaml(path)
-    from tunesmith.sft import SFTConfig
+    from tunesmith.recipes.sft import SFTConfig
     return build_config(SFTConfig, values, str(path)), read_yaml(path)
 
 

@@ -130,20 +130,39 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def save_model_dir(model, tokenizer, path, write=None, copy_from=(), replace: bool = False) -> Path:
+def gathered_state_dict(model, accelerator=None) -> dict:
+    """The whole model's state dict on rank 0 (empty elsewhere), gathered from FSDP / ZeRO-3 shards.
+
+    COLLECTIVE: under torch.distributed every rank must call it (rank 0 alone would wait for the others forever).
+    DeepSpeed goes through ``accelerator.get_state_dict`` (ZeRO-3 needs ``zero3_save_16bit_model``); FSDP (1 and 2),
+    DDP and plain modules through torch's ``get_model_state_dict`` with a full, CPU-offloaded state dict.
+    """
+    if accelerator is not None and getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED":
+        return accelerator.get_state_dict(model)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unwrap_distributed(model),
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model_dir(model, tokenizer, path, write=None, copy_from=(), replace: bool = False,
+                   state_dict: dict | None = None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to the directory ``path`` so that a crash never leaves something
     that looks like a complete model: everything is written into a temporary directory first.
 
     ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist. A new
     ``path`` is then renamed into place in one step (``replace=True``: an existing one is removed first, once the new
     one is complete). An existing ``path`` (a run's output directory, which also holds checkpoints and logs) receives
-    the files one by one, ``config.json`` (what makes it loadable) last.
+    the files one by one, ``config.json`` (what makes it loadable) last. ``state_dict``: the weights to write (from
+    :func:`gathered_state_dict` when the model is sharded); default the model's own.
     """
     path = Path(path)
     into = path.is_dir() and not replace
     tmp = path / ".model.partial" if into else path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for src in map(Path, copy_from):

@@ -29,7 +29,7 @@ import transformers
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
-from tunesmith.models import save_model_dir
+from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
 from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
@@ -101,6 +101,20 @@ def train(config: ClassifyConfig | dict) -> str:
 
     model = trainer.model
     out = Path(cfg.output_dir)
+    # Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone scores and writes.
+    state = gathered_state_dict(model, trainer.accelerator)
+    if not trainer.is_world_process_zero():
+        return str(out)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # The sharded model cannot score or merge on rank 0 alone: write the gathered weights (the adapter and head
+        # under LoRA, the whole model otherwise); score the saved model with `tunesmith predict`.
+        if cfg.use_peft:
+            model.save_pretrained(out / "adapter", state_dict=state)
+        else:
+            save_model_dir(model, tokenizer, out, state_dict=state)
+        save_yaml(cfg, out / "tunesmith.yaml")
+        atomic_write_json(out / "metrics.json", report)
+        return str(out)
     if cfg.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()

@@ -78,7 +78,8 @@ class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):
     tokens only). transformers' own NEFTune hook stays off: it scales by the padded batch length."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, self.training_inputs(model, inputs), return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        with self.noise(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 

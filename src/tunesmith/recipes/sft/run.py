@@ -78,7 +78,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import ensure_pad_token, load_tokenizer, save_model_dir
+    from tunesmith.models import ensure_pad_token, gathered_state_dict, load_tokenizer, save_model_dir
 
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
     out = Path(cfg.output_dir)
@@ -113,8 +113,9 @@ def train(config, callbacks: list | None = None) -> str:
     trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate() if evals else {}
 
+    state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3 shards)
     if trainer.is_world_process_zero():
-        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d))
+        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d), state_dict=state)
         write_model_card(cfg, out, metrics)
         save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
     if cfg.world_size > 1:

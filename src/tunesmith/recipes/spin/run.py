@@ -239,7 +239,7 @@ class Run:
         save it with :meth:`save_model`."""
         from transformers import set_seed
 
-        from tunesmith.models import wrap_lora
+        from tunesmith.models import gathered_state_dict, wrap_lora
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
@@ -256,11 +256,13 @@ class Run:
         for cb in self.callbacks:
             trainer.add_callback(cb)
         output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(it / "trainer"))
+        state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if cfg.process_index == 0:
             atomic_write_json(it / "train_result.json", {"train_loss": output.training_loss,
                                                          "steps": output.global_step,
                                                          "seconds": time.perf_counter() - start})
-            self.save_model(t, trainer.model)
+            sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+            self.save_model(t, trainer.model, state if sharded else None)
         _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
@@ -287,15 +289,17 @@ class Run:
         return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), cfg.per_device_eval_batch_size,
                          self.device, cfg.process_index, cfg.world_size)["loss"]
 
-    def save_model(self, t: int, model) -> None:
-        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete."""
+    def save_model(self, t: int, model, state_dict: dict | None = None) -> None:
+        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete.
+        ``state_dict``: the whole model gathered from FSDP / ZeRO-3 shards (then a LoRA adapter is merged from disk:
+        a sharded model cannot merge in memory)."""
         from tunesmith.models import load_model_and_tokenizer, save_model_dir
 
         cfg, it = self.cfg, self.iter_dir(t)
-        if cfg.use_peft and cfg.load_in_4bit:  # merge into the full-precision base read from disk
+        if cfg.use_peft and (cfg.load_in_4bit or state_dict is not None):  # merge into the base read from disk
             adapter = it / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
-            model.save_pretrained(adapter, safe_serialization=True)
+            model.save_pretrained(adapter, safe_serialization=True, state_dict=state_dict)
             self.tokenizer.save_pretrained(adapter)
             model, _ = load_model_and_tokenizer(str(adapter), cfg.dtype)
             model = model.merge_and_unload()
@@ -306,7 +310,8 @@ class Run:
             save_template(self.template, directory)
             save_yaml(cfg, directory / "tunesmith.yaml")
 
-        save_model_dir(model, self.tokenizer, it / "model", write=extras)
+        save_model_dir(model, self.tokenizer, it / "model", write=extras,
+                       state_dict=state_dict if not cfg.use_peft else None)
 
     # ---- driver
 
