@@ -214,7 +214,7 @@ def measure(model, quantize: bool = False) -> Shape:
 def recipe_of(values: dict) -> str:
     if "num_iterations" in values or "beta" in values:
         return "spin"
-    if "train_file" in values or "labels" in values or "text_column" in values:
+    if {"train_file", "labels", "text_column", "label_column", "multi_label"} & set(values):
         return "classify"
     return "sft"
 
@@ -225,14 +225,17 @@ def checkpoint_dtype(config) -> str:
 
 
 def precision_of(values: dict, config) -> Precision:
-    dtype = str(values.get("dtype", "float32"))
+    """Bytes of the stored weights and of the compute dtype on a GPU. ``dtype: auto`` (the default) is what the
+    recipes do on a bf16 GPU: a 16-bit checkpoint loads as bfloat16, a float32 one as float32, bf16 mixed precision."""
+    dtype = str(values.get("dtype", "auto"))
+    mixed = values.get("bf16") or values.get("fp16")
     if dtype == "auto":
-        dtype = checkpoint_dtype(config)
+        dtype = "bfloat16" if checkpoint_dtype(config) in ("bfloat16", "float16") else "float32"
+        mixed = mixed if "bf16" in values or "fp16" in values else True
     if dtype not in BYTES:
         raise UserError(f"field 'dtype': unknown dtype '{dtype}'")
     master = BYTES[dtype]
-    compute = 2 if values.get("bf16") or values.get("fp16") else master
-    return Precision(master=master, compute=compute)
+    return Precision(master=master, compute=2 if mixed else master)
 
 
 def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:

@@ -57,7 +57,8 @@ def train(config: ClassifyConfig | dict) -> str:
         raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code, cfg.dtype)
+    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code,
+                                                    cfg.dtype, cfg.model_revision, cfg.attn_implementation)
     held_out = [s for s in ("validation", "test") if s in splits]
     report: dict = {"labels": names, "model": cfg.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}

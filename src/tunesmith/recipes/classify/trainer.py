@@ -13,7 +13,8 @@ QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
 
 
 def load_classifier(path: str, names: list[str] | None = None, multi_label: bool = False,
-                    trust_remote_code: bool = False, dtype: str = "float32"):
+                    trust_remote_code: bool = False, dtype: str = "float32", revision: str | None = None,
+                    attn_implementation: str | None = None):
     """(model, tokenizer, new_modules): a sequence classifier for ``names`` on top of the checkpoint at ``path``.
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
@@ -21,7 +22,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
     if names is not None:
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)},
@@ -34,13 +35,14 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not remote:
         raise UserError(f"{path}: model type '{config.model_type}' has no sequence-classification architecture "
                         f"in transformers (AutoModelForSequenceClassification cannot build it)")
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, revision)
     ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, output_loading_info=True)
+            path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
+            trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
+            output_loading_info=True, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k

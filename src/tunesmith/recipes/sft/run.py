@@ -38,9 +38,10 @@ def prepare_data(cfg: SFTConfig, tokenizer):
 
 
 def build_model(cfg: SFTConfig, tokenizer):
-    from tunesmith.models import load_model_and_tokenizer, wrap_lora
+    from tunesmith.models import load_model_and_tokenizer, model_options, wrap_lora
 
-    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+                                        **model_options(cfg))
     if cfg.use_peft:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                           quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -85,7 +86,7 @@ def train(config, callbacks: list | None = None) -> str:
     if (out / "tunesmith.yaml").exists() and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
         raise UserError(f"{out}: holds a finished run; choose another output_dir or set overwrite_output_dir")
     set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision, cfg.chat_template)
     ensure_pad_token(tokenizer)
     template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
     if cfg.process_index == 0:

@@ -70,7 +70,8 @@ class Run:
 
         self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
         self.out = Path(cfg.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
+                                        cfg.chat_template)
         ensure_pad_token(self.tokenizer)
         if cfg.template:
             self.template = get_template(cfg.template, self.tokenizer)
@@ -145,7 +146,8 @@ class Run:
 
         set_seed(self.cfg.seed)  # a tokenizer without pad token gets a new embedding row: make it the same each load
         model, _ = load_model_and_tokenizer(self.model_dir(t), self.cfg.dtype, self.cfg.load_in_4bit,
-                                            self.cfg.trust_remote_code)
+                                            self.cfg.trust_remote_code, revision=None if t else self.cfg.model_revision,
+                                            attn_implementation=self.cfg.attn_implementation)
         if not self.cfg.load_in_4bit:
             model = model.to(self.device)
         return model
@@ -177,7 +179,8 @@ class Run:
         cfg = self.cfg
         directory = self.iter_dir(t) / "generations"
         directory.mkdir(parents=True, exist_ok=True)
-        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event)
+        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event,
+                        model_path=self.model_dir(t))
         _barrier(cfg)
         shards = read_shards(directory, -(-len(self.prompts) // cfg.shard_size))
         rows = [r for sh in shards for r in sh["rows"]]
@@ -188,7 +191,8 @@ class Run:
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
                 "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed}
+                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
+                "backend": cfg.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
         cfg = self.cfg
@@ -332,9 +336,12 @@ class Run:
                         for checkpoint in (self.iter_dir(t) / "trainer").glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
                 else:
-                    if not loaded:
-                        loaded.append(self.load_model(t))
-                    metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
+                    if stage == "generate" and cfg.generation_backend == "vllm":
+                        metrics = self.stage_generate(t, None)  # vLLM loads theta_t itself
+                    else:
+                        if not loaded:
+                            loaded.append(self.load_model(t))
+                        metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
                 if cfg.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
