@@ -164,8 +164,9 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def gathered_state_dict(model, accelerator=None) -> dict:
-    """The whole model's state dict on rank 0 (empty elsewhere), gathered from FSDP / ZeRO-3 shards.
+def gathered_state_dict(model, accelerator=None) -> dict | None:
+    """The whole model's state dict on rank 0 (empty elsewhere), gathered from FSDP / ZeRO-3 shards; None in a single
+    process (save the model's own weights).
 
     COLLECTIVE: under torch.distributed every rank must call it (rank 0 alone would wait for the others forever).
     DeepSpeed goes through ``accelerator.get_state_dict`` (ZeRO-3 needs ``zero3_save_16bit_model``); FSDP (1 and 2),
@@ -174,7 +175,7 @@ def gathered_state_dict(model, accelerator=None) -> dict:
     if accelerator is not None and getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED":
         return accelerator.get_state_dict(model)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return model.state_dict()
+        return None  # one process: the model's own weights are whole
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(unwrap_distributed(model),
@@ -196,7 +197,7 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), replace: bo
     into = path.is_dir() and not replace
     tmp = path / ".model.partial" if into else path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for src in map(Path, copy_from):
