@@ -33,10 +33,10 @@ def decoder_classifier(tmp_path_factory):
 def test_right_padded_decoder_classifier_pools_the_same_token_under_neftune(decoder_classifier, tmp_path):
     from transformers import DataCollatorWithPadding, TrainingArguments
 
-    from tunesmith.recipes.classify.trainer import ClassifierTrainer, load_classifier, pools_last_token
+    from tunesmith.recipes.classify.trainer import ClassifierTrainer, load_classifier
 
     model, tok, _ = load_classifier(decoder_classifier)
-    assert tok.padding_side == "right" and pools_last_token(model)
+    assert tok.padding_side == "right"
     texts = ["the cat sat on the mat and it was happy", "red", "blue sky", "a dog ran on one two three"]
     batch = DataCollatorWithPadding(tok)([dict(tok(t), labels=i % 2) for i, t in enumerate(texts)])
     assert (batch["attention_mask"][:, -1] == 0).any()  # real right padding
@@ -48,33 +48,12 @@ def test_right_padded_decoder_classifier_pools_the_same_token_under_neftune(deco
         trainer = ClassifierTrainer(model=model, args=args, neftune_alpha=1e-9)  # noise far below float32 eps
         _, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     torch.testing.assert_close(outputs.logits, expected, atol=1e-5, rtol=1e-4)
-    # the same pass without the rotation pools the last position, a pad: what the fix prevents
+    # noise passed as inputs_embeds (the old way) pools the last position, a pad: what the fix prevents
     from tunesmith.neftune import add_noise_to_batch
 
     with torch.no_grad():
         pooled_pad = model(**add_noise_to_batch(model, dict(batch), 1e-9)).logits
     assert not torch.allclose(pooled_pad, expected, atol=1e-3)
-
-
-def test_encoders_are_not_rotated():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from tunesmith.recipes.classify.trainer import pools_last_token
-
-    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32))
-    assert not pools_last_token(bert)
-
-
-def test_last_token_last_rotates_right_padding_only():
-    from tunesmith.recipes.classify.trainer import last_token_last
-
-    batch = {"input_ids": torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [0, 0, 8, 9, 4]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])}
-    out = last_token_last(batch)
-    assert out["input_ids"].tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 0, 8, 9, 4]]
-    assert out["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
-    assert out["position_ids"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 1, 2]]
 
 
 def test_classify_and_predict_load_safetensors_only(decoder_classifier, tmp_path, capsys):

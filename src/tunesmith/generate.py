@@ -128,25 +128,73 @@ def check_decoding(temperature: float, top_p: float, top_k: int, repetition_pena
         raise UserError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of request ``index`` in a run seeded with ``seed`` (vLLM backend): one stream per prompt,
+    so a prompt's sample does not depend on which other prompts share its batch."""
+    return (seed * 1_000_003 + index) % (2**31 - 1)
+
+
 def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_tokens: int = 256,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   repetition_penalty: float = 1.0, min_new_tokens: int = 0, seed: int | None = 0,
-                  tokenizer=None, **_) -> list[dict]:
-    """The same contract as :func:`generate`, run by vLLM (GPU). Greedy = temperature 0."""
+                  tokenizer=None, request_seeds: list[int] | None = None, dtype: str = "auto",
+                  **_) -> list[dict]:
+    """The same contract as :func:`generate`, run by vLLM (GPU). Greedy = temperature 0.
+
+    * vLLM is given the prompts as token ids (``prompt_token_ids``), exactly the ids the HF path feeds
+      ``model.generate``: no text round-trip, no second tokenization, no template applied by vLLM.
+    * Each request has its own ``SamplingParams`` with its own seed: ``request_seeds[i]`` when given (SPIN passes
+      seeds derived from its shard seed), else :func:`request_seed` (``seed``, i). A prompt's sample therefore does
+      not depend on batching or on the other prompts.
+    * Stops at the same end-of-sequence ids as the HF path (the model's generation config and the tokenizer);
+      outputs are decoded with the model's own tokenizer, without the EOS, and ``truncated`` means no EOS within
+      ``max_new_tokens``.
+    * Safetensors only, no remote code. A LoRA adapter directory must be merged first (``tunesmith merge``).
+    """
+    from types import SimpleNamespace
+
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise UserError("backend 'vllm': the vllm package is not installed (pip install 'tunesmith[vllm]'; it needs "
                         "a GPU); use backend 'hf'") from None
-    llm = LLM(model=model_path, tokenizer=model_path, seed=seed or 0)
-    params = SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens,
-                            temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
-                            top_k=(top_k or -1) if do_sample else -1, repetition_penalty=repetition_penalty,
-                            seed=seed)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params)
-    return [{"output": o.outputs[0].text, "output_ids": list(o.outputs[0].token_ids),
-             "new_tokens": len(o.outputs[0].token_ids), "truncated": o.outputs[0].finish_reason == "length"}
-            for o in outs]
+    if (Path(model_path) / "adapter_config.json").exists():
+        raise UserError(f"{model_path}: a LoRA adapter; backend 'vllm' needs a whole model (tunesmith merge --adapter "
+                        f"{model_path} --output DIR)")
+    if request_seeds is not None and len(request_seeds) != len(prompt_ids):
+        raise ValueError(f"request_seeds has {len(request_seeds)} seeds for {len(prompt_ids)} prompts")
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise UserError(f"prompt {i} is empty (no tokens)")
+    if tokenizer is None:
+        from tunesmith.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+    try:
+        from transformers import GenerationConfig
+
+        gen_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS only
+        gen_config = None
+    eos = _eos_ids(SimpleNamespace(generation_config=gen_config), tokenizer)
+
+    if request_seeds is None:
+        request_seeds = [None if seed is None else request_seed(seed, i) for i in range(len(prompt_ids))]
+    common = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                  stop_token_ids=eos, temperature=temperature if do_sample else 0.0,
+                  top_p=top_p if do_sample else 1.0, top_k=(top_k or -1) if do_sample else -1)
+    params = [SamplingParams(**common, seed=s) for s in request_seeds]
+    llm = LLM(model=model_path, tokenizer=model_path, seed=seed or 0, dtype=dtype, load_format="safetensors",
+              trust_remote_code=False)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params)
+    results = []
+    for o in outs:
+        ids = list(o.outputs[0].token_ids)
+        stopped = bool(ids) and ids[-1] in eos
+        kept = ids[:-1] if stopped else ids
+        results.append({"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
+                        "new_tokens": len(ids), "truncated": o.outputs[0].finish_reason == "length" and not stopped})
+    return results
 
 
 # ---------------------------------------------------------------- CLI

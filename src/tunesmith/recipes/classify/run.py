@@ -29,7 +29,7 @@ import transformers
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
-from tunesmith.models import save_model_dir
+from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
 from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
@@ -69,7 +69,8 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code, cfg.dtype)
+    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code,
+                                                    cfg.dtype, cfg.model_revision, cfg.attn_implementation)
     held_out = [s for s in ("validation", "test") if s in splits]
     report: dict = {"labels": names, "model": cfg.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}
@@ -113,6 +114,20 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         report["best_metric"] = {cfg.metric_for_best_model: trainer.state.best_metric}
 
     model = trainer.model
+    # Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone scores and writes.
+    state = gathered_state_dict(model, trainer.accelerator)
+    if not trainer.is_world_process_zero():
+        return str(out)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # The sharded model cannot score or merge on rank 0 alone: write the gathered weights (the adapter and head
+        # under LoRA, the whole model otherwise); score the saved model with `tunesmith predict`.
+        if cfg.use_peft:
+            model.save_pretrained(out / "adapter", state_dict=state)
+        else:
+            save_model_dir(model, tokenizer, out, state_dict=state)
+        save_yaml(cfg, out / "tunesmith.yaml")
+        atomic_write_json(out / "metrics.json", report)
+        return str(out)
     if cfg.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()

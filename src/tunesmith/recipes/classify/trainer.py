@@ -13,7 +13,8 @@ QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
 
 
 def load_classifier(path: str, names: list[str] | None = None, multi_label: bool = False,
-                    trust_remote_code: bool = False, dtype: str = "float32"):
+                    trust_remote_code: bool = False, dtype: str = "float32", revision: str | None = None,
+                    attn_implementation: str | None = None):
     """(model, tokenizer, new_modules): a sequence classifier for ``names`` on top of the checkpoint at ``path``.
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
@@ -21,7 +22,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
     if names is not None:
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)},
@@ -34,14 +35,16 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not remote:
         raise UserError(f"{path}: model type '{config.model_type}' has no sequence-classification architecture "
                         f"in transformers (AutoModelForSequenceClassification cannot build it)")
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, revision)
     ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
     check_weights(path)
     try:  # safetensors only: a pickle (.bin) checkpoint can run code when loaded
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, output_loading_info=True, use_safetensors=True)
+            path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
+            trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
+            output_loading_info=True, use_safetensors=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
@@ -74,53 +77,17 @@ def add_lora(model, cfg, new_modules: list[str]):
                      task_type="SEQ_CLS", modules_to_save=sorted(set(new_modules) | set(cfg.modules_to_save or ())))
 
 
-def pools_last_token(model) -> bool:
-    """Whether the classification head reads the last real token (decoder-only models: Llama, Qwen, GPT-2, ...)
-    rather than the first ([CLS] of BERT-style encoders). Decoder-only = has a causal-LM head and no masked-LM one."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-    from tunesmith.models import unwrap_distributed
-
-    config = unwrap_distributed(model).config
-    kind = getattr(config, "model_type", None)
-    return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-            and not getattr(config, "is_encoder_decoder", False))
-
-
-def last_token_last(batch: dict) -> dict:
-    """The batch with each row rotated so that its last real token sits in the last position, and ``position_ids``
-    given explicitly (0, 1, ... over the real tokens). With ``inputs_embeds`` a decoder-only classification head
-    cannot see where the padding is and pools the last position; after this, that position is the token it pools
-    from ``input_ids`` in evaluation, with the same positions and the same attention. Rows already ending in a real
-    token (left padding) are unchanged."""
-    mask = batch["attention_mask"]
-    width = mask.shape[1]
-    index = torch.arange(width, device=mask.device)
-    last = (index * mask).argmax(dim=1)  # the last real token's position in each row
-    shift = (width - 1 - last).unsqueeze(1)
-    gather = (index.unsqueeze(0) - shift) % width  # new position j holds old position j - shift
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "token_type_ids"):
-        if key in out:
-            out[key] = torch.gather(out[key], 1, gather)
-    out["position_ids"] = (out["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
-    return out
-
-
 class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):
     """``Trainer`` whose training forward passes get NEFTune noise from :mod:`tunesmith.neftune` (per example, real
     tokens only). transformers' own NEFTune hook stays off: it scales by the padded batch length.
 
-    Noise means passing ``inputs_embeds``, which hide the padding from a decoder-only head: such a head would pool
-    the last position, a pad under right padding, while evaluation (``input_ids``) pools the last real token. So
-    noised batches for those models are first rotated by :func:`last_token_last`: training and evaluation pool the
-    same token."""
+    The noise is added inside the forward (:meth:`noise`), so the model still receives ``input_ids``: a decoder-only
+    head finds the last real token under right padding exactly as in evaluation (passing ``inputs_embeds`` instead
+    would hide the padding from it, and it would pool a pad)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.noise_alpha and model.training and "attention_mask" in inputs and pools_last_token(model):
-            inputs = last_token_last(inputs)
-        return super().compute_loss(model, self.training_inputs(model, inputs), return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        with self.noise(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 

@@ -38,9 +38,10 @@ def prepare_data(cfg: SFTConfig, tokenizer):
 
 
 def build_model(cfg: SFTConfig, tokenizer):
-    from tunesmith.models import load_model_and_tokenizer, wrap_lora
+    from tunesmith.models import load_model_and_tokenizer, model_options, wrap_lora
 
-    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+                                        **model_options(cfg))
     if cfg.use_peft:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                           quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -80,7 +81,8 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import ensure_pad_token, load_model_and_tokenizer, load_tokenizer, save_model_dir
+    from tunesmith.models import (ensure_pad_token, gathered_state_dict, load_model_and_tokenizer, load_tokenizer,
+                                  model_options, save_model_dir)
     from tunesmith.recipes.training import check_max_length, run_fingerprint
     from tunesmith.rundir import open_run, training_done
 
@@ -93,7 +95,8 @@ def train(config, callbacks: list | None = None) -> str:
             return str(out)
         check_max_length(cfg)
         set_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
+                                   cfg.chat_template)
         ensure_pad_token(tokenizer)
         template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
         if cfg.process_index == 0:
@@ -103,7 +106,8 @@ def train(config, callbacks: list | None = None) -> str:
         done = run.checkpoint is not None and training_done(run.checkpoint)
         if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
             log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
-            model, _ = load_model_and_tokenizer(run.checkpoint, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+            model, _ = load_model_and_tokenizer(run.checkpoint, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+                                               attn_implementation=cfg.attn_implementation)
         else:
             model = build_model(cfg, tokenizer)
 
@@ -124,8 +128,10 @@ def train(config, callbacks: list | None = None) -> str:
             trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = trainer.evaluate() if evals else {}
 
+        state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if trainer.is_world_process_zero():
-            save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d))
+            save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d),
+                           state_dict=state)
             write_model_card(cfg, out, metrics)
             save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
         if cfg.world_size > 1:

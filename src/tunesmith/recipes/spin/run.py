@@ -72,7 +72,8 @@ class Run:
 
         self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
         self.out = Path(cfg.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
+                                        cfg.chat_template)
         ensure_pad_token(self.tokenizer)
         if cfg.template:
             self.template = get_template(cfg.template, self.tokenizer)
@@ -164,7 +165,8 @@ class Run:
 
         set_seed(self.cfg.seed)  # a tokenizer without pad token gets a new embedding row: make it the same each load
         model, _ = load_model_and_tokenizer(self.model_dir(t), self.cfg.dtype, self.cfg.load_in_4bit,
-                                            self.cfg.trust_remote_code)
+                                            self.cfg.trust_remote_code, revision=None if t else self.cfg.model_revision,
+                                            attn_implementation=self.cfg.attn_implementation)
         if not self.cfg.load_in_4bit:
             model = model.to(self.device)
         return model
@@ -196,7 +198,8 @@ class Run:
         cfg = self.cfg
         directory = self.iter_dir(t) / "generations"
         directory.mkdir(parents=True, exist_ok=True)
-        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event)
+        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event,
+                        model_path=self.model_dir(t))
         _barrier(cfg)
         shards = read_shards(directory, -(-len(self.prompts) // cfg.shard_size))
         rows = [r for sh in shards for r in sh["rows"]]
@@ -207,7 +210,8 @@ class Run:
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
                 "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed}
+                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
+                "backend": cfg.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
         cfg = self.cfg
@@ -258,7 +262,7 @@ class Run:
         save it with :meth:`save_model`."""
         from transformers import set_seed
 
-        from tunesmith.models import wrap_lora
+        from tunesmith.models import gathered_state_dict, wrap_lora
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
@@ -278,6 +282,7 @@ class Run:
         ckpt = newest_complete_checkpoint(it / "trainer")
         if ckpt is not None:
             check_checkpoint(ckpt, self.fingerprint)
+        sharded = False
         if ckpt is not None and training_done(ckpt):  # killed after the last checkpoint: it is theta_{t+1}
             from tunesmith.models import load_model_and_tokenizer
 
@@ -287,9 +292,11 @@ class Run:
         else:
             output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
             trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
+            sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if cfg.process_index == 0:
             atomic_write_json(it / "train_result.json", result | {"seconds": time.perf_counter() - start})
-            self.save_model(t, trained)
+            self.save_model(t, trained, state if sharded else None)
         _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
@@ -316,15 +323,17 @@ class Run:
         return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), cfg.per_device_eval_batch_size,
                          self.device, cfg.process_index, cfg.world_size)["loss"]
 
-    def save_model(self, t: int, model) -> None:
-        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete."""
+    def save_model(self, t: int, model, state_dict: dict | None = None) -> None:
+        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete.
+        ``state_dict``: the whole model gathered from FSDP / ZeRO-3 shards (then a LoRA adapter is merged from disk:
+        a sharded model cannot merge in memory)."""
         from tunesmith.models import load_model_and_tokenizer, save_model_dir
 
         cfg, it = self.cfg, self.iter_dir(t)
-        if cfg.use_peft and cfg.load_in_4bit:  # merge into the full-precision base read from disk
+        if cfg.use_peft and (cfg.load_in_4bit or state_dict is not None):  # merge into the base read from disk
             adapter = it / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
-            model.save_pretrained(adapter, safe_serialization=True)
+            model.save_pretrained(adapter, safe_serialization=True, state_dict=state_dict)
             self.tokenizer.save_pretrained(adapter)
             model, _ = load_model_and_tokenizer(str(adapter), cfg.dtype)
             model = model.merge_and_unload()
@@ -335,7 +344,8 @@ class Run:
             save_template(self.template, directory)
             save_yaml(cfg, directory / "tunesmith.yaml")
 
-        save_model_dir(model, self.tokenizer, it / "model", write=extras)
+        save_model_dir(model, self.tokenizer, it / "model", write=extras,
+                       state_dict=state_dict if not cfg.use_peft else None)
 
     # ---- driver
 
@@ -366,9 +376,12 @@ class Run:
                         for checkpoint in (self.iter_dir(t) / "trainer").glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
                 else:
-                    if not loaded:
-                        loaded.append(self.load_model(t))
-                    metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
+                    if stage == "generate" and cfg.generation_backend == "vllm":
+                        metrics = self.stage_generate(t, None)  # vLLM loads theta_t itself
+                    else:
+                        if not loaded:
+                            loaded.append(self.load_model(t))
+                        metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
                 if cfg.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
