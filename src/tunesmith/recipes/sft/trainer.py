@@ -19,9 +19,9 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # No KV cache in training (scoring.model_inputs): packed rows are isolated by position_ids only without one.
-        inputs = self.training_inputs(model, inputs)
-        loss = causal_lm_loss(model, inputs, num_items_in_batch)
+        with self.noise(model, inputs):
+            # No KV cache (scoring.model_inputs): packed rows are isolated by position_ids only without one.
+            loss = causal_lm_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts the tokens of every process while DDP averages the gradients over them
             # (the same scaling as Trainer.compute_loss)
