@@ -55,7 +55,7 @@ def manual_loss(model_dir, data):
 def test_eval_loss_and_generation_metrics(two_runs, capsys):
     root, data, heldout, runs = two_runs
     out = runs["neft"] / "eval.json"
-    assert main(["eval", "--model", str(runs["neft"]), "--dataset", f"{data},{heldout}", "--generations",
+    assert main(["eval", "--model_name_or_path", str(runs["neft"]), "--dataset", f"{data},{heldout}", "--generations",
                  str(runs["neft"] / "gen_train.jsonl"), "--n_tokens", "4", "--batch_size", "5",
                  "--output", str(out)]) == 0
     r = json.loads(out.read_text())

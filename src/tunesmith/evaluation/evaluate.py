@@ -30,11 +30,12 @@ from tunesmith.evaluation.genfile import read_generations
 @dataclass
 class EvalConfig:
     output: str = field(default="", metadata={"help": "result JSON (put it at RUN_DIR/eval.json for the report)"})
-    model: str = field(default="", metadata={"help": "model directory, for loss / perplexity on 'dataset'"})
+    model_name_or_path: str = field(default="", metadata={"help": "model directory, for loss / perplexity on "
+                                                                  "'dataset' and for 'tasks'"})
     dataset: list[str] = field(default_factory=list, metadata={
         "help": "dataset(s) (any SFT format) to score the model's loss on, e.g. train.jsonl,heldout.jsonl"})
     dataset_format: str = field(default="auto", metadata={"help": "format of 'dataset' and 'references'"})
-    split: str = field(default="train", metadata={"help": "split, for hub datasets"})
+    dataset_split: str = field(default="train", metadata={"help": "split, for hub datasets"})
     template: str = field(default="", metadata={"help": "prompt template (default: the model's saved one)"})
     max_length: int = field(default=512, metadata={"help": "truncate scored examples to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "batch size for scoring"})
@@ -62,10 +63,10 @@ class EvalConfig:
         from tunesmith.rundir import check_output_file
 
         check_output_file(self.output, "output")
-        if (self.dataset or self.tasks) and not self.model:
-            raise UserError("'dataset' and 'tasks' need 'model' (the model to evaluate)")
+        if (self.dataset or self.tasks) and not self.model_name_or_path:
+            raise UserError("'dataset' and 'tasks' need 'model_name_or_path' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:
-            raise UserError("nothing to evaluate: give 'model' + 'dataset' / 'tasks', and/or 'generations'")
+            raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
         least = 5 if self.diversity_mode == "paper" else 4
         if self.n_tokens < least:
             raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
@@ -73,17 +74,15 @@ class EvalConfig:
 
 
 def dataset_loss_of(model, tokenizer, template, source: str, cfg: EvalConfig) -> dict:
-    import torch
-
     from tunesmith.data.collate import Collator
     from tunesmith.data.prepare import load_examples, tokenize_examples
-    from tunesmith.scoring import dataset_loss
+    from tunesmith.scoring import rows_loss
 
-    examples = load_examples(source, cfg.dataset_format, cfg.split)
+    examples = load_examples(source, cfg.dataset_format, cfg.dataset_split)
     rows, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, source=source)
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; the token-weighted sum is order-free
-    batches = torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
-    result = dataset_loss(model, batches, device=next(model.parameters()).device)
+    result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
+                       device=next(model.parameters()).device)
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
@@ -92,7 +91,7 @@ def reference_map(source: str, cfg: EvalConfig) -> dict[tuple[str, str], str]:
     from tunesmith.data.prepare import load_examples
 
     refs = {}
-    for ex in load_examples(source, cfg.dataset_format, cfg.split):
+    for ex in load_examples(source, cfg.dataset_format, cfg.dataset_split):
         if ex.text is None and ex.turns[-1].response is not None:
             refs.setdefault((ex.turns[-1].prompt, ex.input or ""), ex.turns[-1].response)
     if not refs:
@@ -136,12 +135,12 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.dataset or cfg.tasks:
         from tunesmith.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
-        result["model"] = cfg.model
+        model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
+        result["model"] = cfg.model_name_or_path
     if cfg.dataset:
         from tunesmith.data.templates import get_template, load_saved_template
 
-        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model,
+        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model_name_or_path,
                                                                                                   tokenizer)
         result["loss"] = {src: dataset_loss_of(model, tokenizer, template, src, cfg) for src in cfg.dataset}
     if cfg.tasks:

@@ -327,19 +327,10 @@ def run(cfg: ReportConfig) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    from tunesmith.config import build_config, help_text, parse_overrides, read_yaml
+    from tunesmith.config import parse_cli
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(ReportConfig, "report RUN_DIR [RUN_DIR ...]", "Markdown + HTML report with plots "
-                                                                      "comparing runs."), end="")
-        return 0
-    runs = []
-    while argv and not argv[0].startswith("--"):
-        runs.append(argv.pop(0))
-    config_path, values = parse_overrides(argv)
-    base = read_yaml(config_path) if config_path else {}
-    base.update(values)
-    if runs:
-        base["runs"] = list(base.get("runs") or []) + runs
-    run(build_config(ReportConfig, base, config_path or "command line"))
+    cfg = parse_cli(ReportConfig, argv, "report RUN_DIR [RUN_DIR ...]", "Markdown + HTML report with plots comparing "
+                    "runs.", positional="runs")
+    if cfg is not None:
+        run(cfg)
     return 0
