@@ -1,7 +1,8 @@
 """NEFTune overhead: SFT step time with ``neftune_noise_alpha=5`` vs 0, same model, data and seed, one process.
 
 Each repetition trains the ~10M-parameter Llama-style model of bench_sft.py twice through tunesmith's SFT trainer
-(``tunesmith.sft.TunesmithTrainer``, built as ``tunesmith.sft.train`` builds it), once per alpha; the order
+(``tunesmith.recipes.sft.TunesmithTrainer``, built as ``tunesmith.recipes.sft.train`` builds it), once per alpha;
+the order
 alternates between repetitions (0,5 / 5,0 / ...) so drift on the shared CPU hits both arms alike. A callback reads
 the process CPU time (time.process_time) around every optimizer step; both arms draw the same batches in the same
 order (same seed), so step k of one arm is paired with step k of the other. Reported:
@@ -56,7 +57,7 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
     from tunesmith.config import build_config
     from tunesmith.data.collate import Collator
     from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
+    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
 
     out = work / f"neftune-{alpha:g}"
     shutil.rmtree(out, ignore_errors=True)
@@ -68,7 +69,8 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
     _, train_set, _, _, _ = prepare_data(cfg, tok)
     model = build_model(cfg, tok)
     timer = make_step_timer()
-    trainer = TunesmithTrainer(model=model, args=cfg, train_dataset=train_set, data_collator=Collator(tok.pad_token_id),
+    trainer = TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
+                               data_collator=Collator(tok.pad_token_id),
                                processing_class=tok, neftune_alpha=cfg.neftune_noise_alpha,
                                neftune_distribution=cfg.neftune_noise_distribution, callbacks=[timer])
     trainer.train()
@@ -85,7 +87,7 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
     from tunesmith.data.collate import Collator
     from tunesmith.data.tokenize import IGNORE
     from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
+    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
 
     trainers = {}
     model = tok = batches = None
@@ -99,7 +101,7 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
             collate, bs = Collator(tok.pad_token_id), ws.size.batch_size
             batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(n_batches)]
             model = build_model(cfg, tok)
-        trainers[a] = TunesmithTrainer(model=model, args=cfg, train_dataset=rows, data_collator=collate,
+        trainers[a] = TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows, data_collator=collate,
                                        processing_class=tok, neftune_alpha=a)
     times = {a: {"cpu": [], "wall": []} for a in trainers}
     for rep in range(reps + 1):  # the first pass is a warm-up

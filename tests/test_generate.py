@@ -139,7 +139,7 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, t
     assert rows2[0]["decoding"]["prompt_suffix"] == "Answer at length."
     from tunesmith.generate import GenerateConfig, prompt_rows
 
-    cfg = GenerateConfig(model=trained_like_dir, prompts=alpaca_file, output="x", limit=2,
+    cfg = GenerateConfig(model_name_or_path=trained_like_dir, prompts=alpaca_file, output="x", limit=2,
                          prompt_suffix="Answer at length.")
     ids, meta = prompt_rows(cfg, tok, get_template("alpaca"))
     text = tok.decode(ids[1])

@@ -128,7 +128,7 @@ class NoiseProbe:
     {"packing": True}, {"gradient_accumulation_steps": 2},
 ])
 def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_file, tmp_path, variant):
-    from tunesmith import sft
+    from tunesmith.recipes import sft
     from tunesmith.data.collate import Collator, pack
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
@@ -139,7 +139,8 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
     template, train_set, summary, _, _ = sft.prepare_data(cfg, tok)
     rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
     model = sft.build_model(cfg, tok)
-    trainer = sft.TunesmithTrainer(model=model, args=cfg, train_dataset=rows, eval_dataset={"train": train_set[:4]},
+    trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows,
+                                   eval_dataset={"train": train_set[:4]},
                                    data_collator=Collator(tok.pad_token_id), processing_class=tok,
                                    neftune_alpha=ALPHA)
     probe = NoiseProbe(trainer.model)
@@ -167,7 +168,7 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
 
 
 def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_file, tmp_path):
-    from tunesmith import sft
+    from tunesmith.recipes import sft
     from tunesmith.data.collate import Collator
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
@@ -178,7 +179,7 @@ def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_fil
     model = sft.build_model(cfg, tok)
     results = []
     for alpha in (None, ALPHA):
-        trainer = sft.TunesmithTrainer(model=model, args=cfg, train_dataset=train_set,
+        trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
                                        eval_dataset={"train": train_set[:8]},
                                        data_collator=Collator(tok.pad_token_id), processing_class=tok,
                                        neftune_alpha=alpha)
@@ -193,7 +194,7 @@ def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_fil
 def test_saved_model_carries_no_trace(tiny_model_dir, alpaca_file, tmp_path):
     import json
 
-    from tunesmith import sft
+    from tunesmith.recipes import sft
 
     out = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / "o", neftune_noise_alpha=ALPHA, max_steps=2))
     config = json.loads((tmp_path / "o" / "config.json").read_text())

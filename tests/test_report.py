@@ -14,7 +14,7 @@ from tunesmith.evaluation.evaluate import EvalConfig, generation_stats, run as r
 @pytest.fixture(scope="module")
 def two_runs(tiny_model_dir, tmp_path_factory):
     """Two real SFT runs on the same data, one with NEFTune, plus greedy generations on the training prompts."""
-    from tunesmith.sft import train
+    from tunesmith.recipes.sft import train
 
     root = tmp_path_factory.mktemp("runs")
     data = write_jsonl(root / "train.jsonl", alpaca_rows(24))

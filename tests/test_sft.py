@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from conftest import alpaca_rows, sft_config, write_jsonl
-from tunesmith import sft
 from tunesmith.cli import main
 from tunesmith.data.collate import Collator, pack
+from tunesmith.recipes import sft
 from tunesmith.scoring import dataset_loss, token_logprobs
 
 HERE = Path(__file__).parent
+SRC = Path(sft.__file__).parents[3]  # the tunesmith under test (this checkout), for worker processes
 
 
 def losses(out):
@@ -47,6 +49,9 @@ def test_training_lowers_loss_and_saved_model_reloads(tiny_model_dir, alpaca_fil
     assert sum(curve[-3:]) / 3 < curve[0] - 0.3
     files = set(os.listdir(out))
     assert {"tunesmith.yaml", "tunesmith_template.json", "README.md", "tokenizer.json"} <= files
+    card = ModelCard.load(os.path.join(out, "README.md"))  # a Hugging Face model card: metadata header + text
+    assert "tunesmith" in card.data.tags and card.data.library_name == ("peft" if variant else "transformers")
+    assert "## Final metrics" in card.text and "- eval_train_loss: " in card.text
     assert ("adapter_model.safetensors" if variant else "model.safetensors") in files
     assert not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
     if variant.get("load_in_4bit"):
@@ -112,7 +117,7 @@ def test_packing_run_trains(tiny_model_dir, alpaca_file, tmp_path):
 
 
 def _worker(cfg_path, *extra, torchrun=False):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(SRC)]))
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
            if torchrun else [sys.executable])
     return subprocess.run(cmd + [str(HERE / "sft_worker.py"), str(cfg_path), *extra], env=env,

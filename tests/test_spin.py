@@ -13,18 +13,25 @@ import pytest
 import torch
 from conftest import alpaca_rows, sft_config, write_jsonl
 
-from tunesmith import spin
+from transformers import TrainingArguments
+
+from tunesmith.config import build_config
 from tunesmith.data.formats import Example, Turn
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import encode, encode_prompt
 from tunesmith.errors import UserError
+from tunesmith.recipes import spin
+from tunesmith.recipes.spin.data import PairCollator, generate_shards, pair_row
+from tunesmith.recipes.spin.loss import spin_loss
+from tunesmith.recipes.spin.trainer import SPINTrainer
 from tunesmith.scoring import answer_logprobs, sequence_logprobs
 
 
 def spin_config(model_dir, data, out, **over):
     cfg = sft_config(model_dir, data, out, max_length=256, num_iterations=2, beta=0.5, learning_rate=3e-3,
                      num_train_epochs=1, max_new_tokens=10, shard_size=6, generation_batch_size=4,
-                     per_device_eval_batch_size=8, train_loss_eval_samples=0, save_strategy="steps", save_steps=2)
+                     per_device_eval_batch_size=8, save_strategy="steps", save_steps=2)
+    del cfg["train_loss_eval_samples"]  # an SFT key; SPIN has no such key
     cfg.update(over)
     return cfg
 
@@ -50,7 +57,7 @@ def shard_rows(directory):
 
 @torch.no_grad()
 def logps_under(model, pairs, pad_token_id):
-    batch = spin.PairCollator(pad_token_id)(pairs)
+    batch = PairCollator(pad_token_id)(pairs)
     return sequence_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
 
 
@@ -66,7 +73,7 @@ def full_run(tiny_model_dir, data_file, tmp_path_factory):
     cfg = spin_config(tiny_model_dir, data_file, out)
     events = []
     final = spin.train(cfg, on_event=lambda stage, t, k: events.append((stage, t, k)))
-    run = spin.Run(spin.build_config(spin.SPINConfig, cfg))
+    run = spin.Run(build_config(spin.SPINConfig, cfg))
     return {"cfg": cfg, "out": out, "final": final, "events": events, "run": run}
 
 
@@ -80,12 +87,12 @@ def test_loss_equals_papers_formula_on_hand_computed_numbers():
     rr, rg = torch.tensor([-11.0, -8.0, -19.0]), torch.tensor([-11.5, -8.0, -17.0])
     expected_t = [0.15, 4.0, -1.5]
     for i, beta in enumerate([0.1, 1.0, 0.5]):
-        sig, t = spin.spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "sigmoid")
-        hinge, _ = spin.spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "hinge")
+        sig, t = spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "sigmoid")
+        hinge, _ = spin_loss(pr[i:i + 1], pg[i:i + 1], rr[i:i + 1], rg[i:i + 1], beta, "hinge")
         assert t.item() == pytest.approx(expected_t[i], abs=1e-6)
         assert sig.item() == pytest.approx(math.log(1 + math.exp(-expected_t[i])), abs=1e-6)
         assert hinge.item() == pytest.approx(max(0.0, 1 - expected_t[i]), abs=1e-6)
-    assert spin.spin_loss(pr[1:2], pg[1:2], rr[1:2], rg[1:2], 1.0, "hinge")[0].item() == 0.0
+    assert spin_loss(pr[1:2], pg[1:2], rr[1:2], rg[1:2], 1.0, "hinge")[0].item() == 0.0
 
 
 def _triples(tokenizer):
@@ -117,14 +124,14 @@ def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
     beta = 0.3
 
     # tunesmith: reference log-probs stored with the pairs, the policy scored in SPINTrainer.compute_loss
-    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256)} for p, r, y in triples]
-    collate = spin.PairCollator(tok.pad_token_id)
+    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256)} for p, r, y in triples]
+    collate = PairCollator(tok.pad_token_id)
     with torch.no_grad():
         ref_r, ref_g = sequence_logprobs(reference.eval(), {k: v for k, v in collate(pairs).items()}).chunk(2)
     for pair, a, b in zip(pairs, ref_r.tolist(), ref_g.tolist()):
         pair["ref_real"], pair["ref_generated"] = a, b
-    args = spin.TrainingArguments(output_dir=str(tmp_path / "ts"), use_cpu=True, report_to="none")
-    ours = spin.SPINTrainer(model=copy.deepcopy(policy).eval(), args=args, train_dataset=pairs, data_collator=collate,
+    args = TrainingArguments(output_dir=str(tmp_path / "ts"), use_cpu=True, report_to="none")
+    ours = SPINTrainer(model=copy.deepcopy(policy).eval(), args=args, train_dataset=pairs, data_collator=collate,
                             beta=beta, loss_type="sigmoid")
     ours_loss = ours.compute_loss(ours.model, collate(pairs)).item()
 
@@ -164,8 +171,8 @@ def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     model.eval()
-    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256)} for p, r, y in _triples(tok)]
-    batch = spin.PairCollator(tok.pad_token_id)(pairs)
+    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256)} for p, r, y in _triples(tok)]
+    batch = PairCollator(tok.pad_token_id)(pairs)
     with torch.no_grad():
         full = sequence_logprobs(model, batch)
         assert torch.allclose(answer_logprobs(model, batch), full, atol=1e-4)
@@ -179,11 +186,11 @@ def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
     from tunesmith.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
-    pairs = [{"real": spin.pair_row(p, r, 256), "generated": spin.pair_row(p, y, 256), "ref_real": -30.0,
+    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256), "ref_real": -30.0,
               "ref_generated": -30.0} for p, r, y in _triples(tok)]
-    collate = spin.PairCollator(tok.pad_token_id)
-    args = spin.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    tr = spin.SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate, beta=0.5,
+    collate = PairCollator(tok.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    tr = SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate, beta=0.5,
                           neftune_alpha=15.0)
     batch = collate(pairs)
     model.eval()
@@ -253,19 +260,19 @@ def test_generation_prompt_is_token_identical_to_training_prefix(full_run, data_
 def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_path):
     """With do_sample, a shard lost to a crash is regenerated identically (each shard has its own seed)."""
     run = full_run["run"]
-    cfg = spin.build_config(spin.SPINConfig, dict(full_run["cfg"], output_dir=str(tmp_path / "o"), do_sample=True,
+    cfg = build_config(spin.SPINConfig, dict(full_run["cfg"], output_dir=str(tmp_path / "o"), do_sample=True,
                                                   temperature=1.5, top_p=0.95, repetition_penalty=1.1))
     model = run.load_model(0).eval()
     gen = tmp_path / "g"
     gen.mkdir()
-    spin.generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
+    generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
     first = shard_rows(gen)
     (gen / "shard-00001.json").unlink()
-    spin.generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
+    generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
     assert shard_rows(gen) == first
     greedy = shard_rows(full_run["out"] / "iteration-0" / "generations")
     assert [r["ids"] for r in first] != [r["ids"] for r in greedy]  # the sampling settings were used
-    spin.generate_shards(cfg, model, run.tokenizer, run.prompts, 1, tmp_path / "h")  # another iteration, other seeds
+    generate_shards(cfg, model, run.tokenizer, run.prompts, 1, tmp_path / "h")  # another iteration, other seeds
     assert [r["ids"] for r in shard_rows(tmp_path / "h")] != [r["ids"] for r in first]
 
 
@@ -286,7 +293,7 @@ def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_m
                       lora_dropout=0.0, learning_rate=1e-2, neftune_noise_alpha=5.0, mix_previous_iteration=False,
                       shard_size=8, eval_dataset=held_out)
     spin.train(cfg)
-    run = spin.Run(spin.build_config(spin.SPINConfig, cfg))
+    run = spin.Run(build_config(spin.SPINConfig, cfg))
     merged = tmp_path / "run" / "iteration-0" / "model"
     assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
     pairs = run.pairs(1, with_reference=True)
@@ -315,7 +322,7 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     from transformers import TrainerCallback
-    from tunesmith import spin
+    from tunesmith.recipes import spin
 
     cfg, kill, threads = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(threads)
@@ -338,7 +345,7 @@ KILLER = textwrap.dedent("""
 
 
 def _run_killable(cfg, kill):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[1])] + sys.path))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[3])] + sys.path))
     return subprocess.run([sys.executable, "-c", KILLER, json.dumps(cfg), json.dumps(kill),
                            str(torch.get_num_threads())], env=env, capture_output=True, text=True, timeout=600)
 
@@ -458,7 +465,7 @@ def test_torchrun_two_processes_split_generation_shards_and_train_ddp(full_run, 
                per_device_train_batch_size=2)  # 2 processes x 2 pairs = the single-process batch of 4
     (tmp_path / "spin.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[1])] + sys.path))
+               PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[3])] + sys.path))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tunesmith.cli",
                         "spin", "--config", str(tmp_path / "spin.yaml")], env=env, capture_output=True, text=True,
                        timeout=600)

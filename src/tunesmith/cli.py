@@ -10,13 +10,14 @@ from tunesmith.errors import UserError
 
 # name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
 COMMANDS = {
-    "sft": ("tunesmith.sft", "supervised fine-tuning (full, LoRA, QLoRA), optional NEFTune"),
-    "audit": ("tunesmith.data.audit", "show rendered examples with trained tokens marked, and a data summary"),
+    "sft": ("tunesmith.recipes.sft.run", "supervised fine-tuning (full, LoRA, QLoRA), optional NEFTune"),
+    "audit": ("tunesmith.recipes.sft.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
-    "spin": ("tunesmith.spin", "SPIN self-play fine-tuning: all iterations in one resumable run"),
+    "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
-    "classify": ("tunesmith.classify", "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
-    "predict": ("tunesmith.predict", "label sentences or a data file with a trained classifier"),
+    "classify": ("tunesmith.recipes.classify.run",
+                 "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
+    "predict": ("tunesmith.recipes.classify.predict", "label sentences or a data file with a trained classifier"),
     "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
     "eval": ("tunesmith.evaluation.evaluate", "loss/perplexity, lengths, repetition, diversity, ROUGE-L/BLEU; JSON"),
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),

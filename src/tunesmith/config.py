@@ -1,11 +1,17 @@
 """Configs: dataclasses filled from YAML plus ``--key value`` overrides (flags win), with one-line errors.
 
-Every recipe uses :func:`parse_cli` (command line) or :func:`build_config` (Python API / dict), so the rules for
-types, unknown keys and help text live in one place.
+Every command uses :func:`parse_cli` (command line) or :func:`build_config` (Python API / dict), so the rules for
+types, unknown keys, old key names and help text live in one place.
+
+A recipe's config is a :class:`Config`: a few *parts* (:class:`ModelArgs`, :class:`DataArgs`, :class:`LoraArgs`,
+:class:`NEFTuneArgs`, the recipe's own part, and ``transformers.TrainingArguments``), composed rather than inherited.
+The YAML file and the command line stay flat: every key belongs to exactly one part, and ``cfg.key`` reads it from
+there. A recipe gives a part other defaults by subclassing that part (classify's LoRA: r 4 on the query projection).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
@@ -13,9 +19,39 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, first_line
 
 T = TypeVar("T")
+log = logging.getLogger("tunesmith")
+
+# Old key -> its name now. Old names keep working for one release, with a one-line warning; an alias applies only
+# where the command has the new key and not the old one (judge's ``model``, the judge model's name, is its own key).
+ALIASES = {
+    "train_file": "dataset",
+    "validation_file": "eval_dataset",
+    "test_file": "test_dataset",
+    "use_lora": "use_peft",
+    "model": "model_name_or_path",
+    "split": "dataset_split",
+    "file": "dataset",
+    "neftune_alpha": "neftune_noise_alpha",
+    "noise_alpha": "neftune_noise_alpha",
+}
+
+
+def canonical_keys(values: dict, known, source: str) -> dict:
+    """``values`` with old key names replaced by the new ones (a one-line deprecation warning for each)."""
+    out = {}
+    for key, value in values.items():
+        new = ALIASES.get(key)
+        if new is not None and key not in known and new in known:
+            log.warning(f"tunesmith: {source}: key '{key}' is deprecated, use '{new}' (the old name goes after the "
+                        "next release)")
+            if new in values:
+                raise UserError(f"{source}: both '{key}' and '{new}' are given; keep '{new}'")
+            key = new
+        out[key] = value
+    return out
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -112,21 +148,182 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def build_config(cls: type[T], values: dict, source: str = "config") -> T:
-    """Instantiate ``cls`` from a dict, naming the source and the key on any error."""
+    """Instantiate ``cls`` (a dataclass or a :class:`Config`) from a dict, naming the source and the key on any error."""
+    if isinstance(cls, type) and issubclass(cls, Config):
+        return cls.from_dict(values, source)
     fields = _field_types(cls)
+    values = canonical_keys(values, fields, source)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = [f for f in fields if f.replace("_", "") == str(key).replace("_", "").lower()]
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: unknown key '{key}'{hint}")
+            raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, fields)}")
         kwargs[key] = _coerce(value, fields[key], f"{source}: field '{key}'")
     try:
         return cls(**kwargs)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     except (ValueError, TypeError) as e:
-        raise UserError(f"{source}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{source}: {first_line(e)}") from None
+
+
+def _did_you_mean(key, known) -> str:
+    close = [f for f in known if f.replace("_", "") == str(key).replace("_", "").lower()]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _f(default, help: str):
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+class Config:
+    """A recipe's options as named parts. Subclasses set ``PARTS``: (attribute, dataclass) pairs; a key belongs to the
+    first part that declares it. ``cfg.key`` reads (and assigns) the key in its part; ``cfg.training`` is the
+    ``TrainingArguments`` part handed to the Trainer. ``validate`` checks rules that span parts."""
+
+    PARTS: tuple[tuple[str, type], ...] = ()
+
+    def __init__(self, **values):
+        built = type(self).from_dict(values, "config")
+        self.__dict__.update(built.__dict__)
+
+    @classmethod
+    def owners(cls) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, part in cls.PARTS:
+            for f in dataclasses.fields(part):
+                if f.init:
+                    out.setdefault(f.name, name)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config"):
+        owners = cls.owners()
+        values = canonical_keys(dict(values), owners, source)
+        by_part: dict[str, dict] = {name: {} for name, _ in cls.PARTS}
+        for key, value in values.items():
+            if key not in owners:
+                raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
+            by_part[owners[key]][key] = value
+        cls.prepare(by_part)
+        self = object.__new__(cls)
+        for name, part in cls.PARTS:
+            self.__dict__[name] = build_config(part, by_part[name], source)
+        try:
+            self.validate()
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        return self
+
+    @classmethod
+    def prepare(cls, by_part: dict[str, dict]) -> None:
+        """Adjust raw values across parts before the parts are built (the training part validates on construction)."""
+
+    def validate(self) -> None:
+        """Rules that span parts."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        owner = type(self).owners().get(name)
+        parts = self.__dict__
+        if owner is not None and owner in parts:
+            return getattr(parts[owner], name)
+        for part_name, _ in type(self).PARTS:  # read-only properties such as the training part's process_index
+            if part_name in parts and hasattr(type(parts[part_name]), name):
+                return getattr(parts[part_name], name)
+        raise AttributeError(f"{type(self).__name__} has no key '{name}'")
+
+    def __setattr__(self, name, value):
+        owner = type(self).owners().get(name)
+        if owner is not None and owner in self.__dict__:
+            setattr(self.__dict__[owner], name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict:
+        """Every key with its value, flat (the shape of the YAML file)."""
+        return {key: getattr(self.__dict__[part], key) for key, part in type(self).owners().items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
+# ------------------------------------------------------------------------------------------------ shared parts
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    """Model"""
+
+    model_name_or_path: str | None = _f(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
+    dtype: str = _f("float32", "float32, bfloat16, float16 or auto.")
+    trust_remote_code: bool = _f(False, "Allow custom model code from the model repository (off: never runs foreign "
+                                        "code).")
+    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise UserError("field 'model_name_or_path' is required")
+
+
+@dataclasses.dataclass
+class DataArgs:
+    """Data"""
+
+    dataset: str | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file or a hub dataset name "
+                                   "(required).")
+    eval_dataset: str | None = _f(None, "Held-out data (same formats), scored noise-free at evaluations.")
+    dataset_format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    dataset_split: str = _f("train", "Split to read from a hub dataset.")
+    template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
+                                        "and {response}.")
+    max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
+    train_on_prompt: bool = _f(False, "Also train on prompt tokens (default: responses only).")
+    packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them).")
+    padding_free: bool = _f(False, "Put each batch's examples in one row instead of padding them (same examples, "
+                                   "same loss; no padding computed).")
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise UserError("field 'dataset' is required")
+        if self.padding_free and self.packing:
+            raise UserError("padding_free and packing exclude each other (packed rows have no padding to remove)")
+        if self.max_length < 2:
+            raise UserError("max_length must be at least 2")
+
+
+@dataclasses.dataclass
+class LoraArgs:
+    """LoRA"""
+
+    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA scaling alpha (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] | None = _f(None, "Modules to adapt: names, or all-linear (default all-linear).")
+    modules_to_save: list[str] | None = _f(None, "Extra modules trained fully under LoRA.")
+
+    def __post_init__(self):
+        if self.lora_target_modules is None:
+            self.lora_target_modules = ["all-linear"]
+
+
+@dataclasses.dataclass
+class NEFTuneArgs:
+    """NEFTune"""
+
+    neftune_noise_alpha: float | None = _f(None, "NEFTune alpha (paper: 5, 10 or 15); unset or 0 = off.")
+    neftune_noise_distribution: str = _f("uniform", "uniform (the method) or gaussian (the paper's Table 6 "
+                                                    "ablation).")
+
+    def __post_init__(self):
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
+            raise UserError(f"field 'neftune_noise_alpha' must be >= 0 (0 or unset: off), got {self.neftune_noise_alpha}")
+        if self.neftune_noise_distribution not in ("uniform", "gaussian"):
+            raise UserError(f"field 'neftune_noise_distribution' must be uniform or gaussian, "
+                            f"got {self.neftune_noise_distribution!r}")
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
@@ -157,16 +354,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     return config_path, overrides
 
 
-def help_text(cls, command: str, description: str) -> str:
-    lines = [f"usage: tunesmith {command} --config FILE.yaml [--key value ...]", "", description, "",
-             "Options (YAML keys; a --key flag overrides the file):"]
-    own = list(getattr(cls, "__annotations__", {}))
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")}
-    inherited = [f for name, f in fields.items() if name not in own]
-    for f in [fields[name] for name in own if name in fields] + inherited:
-        if inherited and f is inherited[0]:
-            base = next((b.__name__ for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)), "base")
-            lines += ["", f"Inherited from {base}:"]
+def _help_lines(fields) -> list[str]:
+    lines = []
+    for f in fields:
         doc = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             default = f.default
@@ -177,31 +367,59 @@ def help_text(cls, command: str, description: str) -> str:
         lines.append(f"  --{f.name} (default: {default})")
         if doc:
             lines.append(f"      {doc.splitlines()[0]}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def parse_cli(cls: type[T], argv: list[str], command: str, description: str) -> T | None:
-    """Parse a recipe's command line. Returns None after printing help."""
+def help_text(cls, command: str, description: str) -> str:
+    lines = [f"usage: tunesmith {command} --config FILE.yaml [--key value ...]", "", description, "",
+             "Options (YAML keys; a --key flag overrides the file):"]
+    if isinstance(cls, type) and issubclass(cls, Config):
+        owners = cls.owners()
+        for name, part in cls.PARTS:
+            title = (part.__doc__ or name).strip().splitlines()[0]
+            mine = [f for f in dataclasses.fields(part) if f.init and owners.get(f.name) == name
+                    and not f.metadata.get("hidden")]
+            lines += ["", f"{title}:"] + _help_lines(mine)
+        old = {k: v for k, v in ALIASES.items() if v in owners and k not in owners}
+        if old:
+            lines += ["", "Old key names (still accepted for one release): "
+                      + ", ".join(f"{k} -> {v}" for k, v in old.items())]
+        return "\n".join(lines) + "\n"
+    fields = [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")]
+    return "\n".join(lines + _help_lines(fields)) + "\n"
+
+
+def parse_cli(cls: type[T], argv: list[str], command: str, description: str, positional: str | None = None) -> T | None:
+    """Parse a command line (``--config FILE`` plus ``--key value`` overrides). Returns None after printing help.
+
+    ``positional``: a list key that also takes the leading bare arguments (``tunesmith report RUN_DIR ...``)."""
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(cls, command, description), end="")
         return None
+    argv, bare = list(argv), []
+    if positional:
+        while argv and not argv[0].startswith("--"):
+            bare.append(argv.pop(0))
     config_path, overrides = parse_overrides(argv)
     values = read_yaml(config_path) if config_path else {}
     values.update(overrides)
+    if bare:
+        values[positional] = list(values.get(positional) or []) + bare
     return build_config(cls, values, source=config_path or "command line")
 
 
 def save_yaml(config, path: str | Path) -> None:
-    """Write the resolved config (dataclass) as YAML, atomically."""
+    """Write the resolved config (a dataclass or a :class:`Config`) as flat YAML, atomically."""
     from tunesmith.io import atomic_write_text
 
+    items = config.to_dict() if isinstance(config, Config) else {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     data = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
+    for key, v in items.items():
         if hasattr(v, "value") and isinstance(getattr(v, "value"), str):
             v = v.value
         if isinstance(v, (str, int, float, bool, type(None))) or (isinstance(v, (list, dict)) and _plain(v)):
-            data[f.name] = v
+            data[key] = v
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
 
 

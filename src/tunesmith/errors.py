@@ -13,3 +13,9 @@ def at(path, line=None, field=None) -> str:
     if field is not None:
         loc += f": field '{field}'"
     return loc
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors often run to many lines), or its class name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__

@@ -46,6 +46,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
     ``truncated`` (no EOS within ``max_new_tokens``)."""
     import torch
 
+    from tunesmith.models import eval_mode
+
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -74,31 +76,29 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompt_ids), desc="generate", unit="prompt", file=sys.stderr)
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(prompt_ids[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompt_ids[i]
-                ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[row, width - len(p):] = 1
-            with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-            new = out[:, width:].tolist()
-            for row, i in enumerate(idx):
-                toks = new[row]
-                cut = next((k for k, t in enumerate(toks) if t in eos), None)
-                kept = toks if cut is None else toks[:cut]
-                results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
-                              "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
-            if bar:
-                bar.update(len(idx))
+        with eval_mode(model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(prompt_ids[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    p = prompt_ids[i]
+                    ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+                    mask[row, width - len(p):] = 1
+                with torch.no_grad():
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = out[:, width:].tolist()
+                for row, i in enumerate(idx):
+                    toks = new[row]
+                    cut = next((k for k, t in enumerate(toks) if t in eos), None)
+                    kept = toks if cut is None else toks[:cut]
+                    results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
+                                  "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
+                if bar:
+                    bar.update(len(idx))
     finally:
-        model.train(was_training)
         if bar:
             bar.close()
     return results  # type: ignore[return-value]
@@ -129,11 +129,12 @@ def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_token
 
 @dataclass
 class GenerateConfig:
-    model: str = field(default="", metadata={"help": "model directory (trained by tunesmith, or any causal LM)"})
+    model_name_or_path: str = field(default="", metadata={"help": "model directory (trained by tunesmith, or any "
+                                                                   "causal LM)"})
     prompts: str = field(default="", metadata={"help": "prompts file in any SFT format (json/jsonl/csv/parquet) "
                                                        "or a dataset name; answers, if present, become 'reference'"})
     output: str = field(default="", metadata={"help": "output JSONL (alpaca_eval compatible)"})
-    split: str = field(default="train", metadata={"help": "split, for a hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split, for a hub dataset"})
     dataset_format: str = field(default="auto", metadata={"help": "auto, alpaca, prompt_completion, messages, "
                                                                   "sharegpt"})
     template: str = field(default="", metadata={"help": "prompt template (default: the one the model was saved "
@@ -157,7 +158,7 @@ class GenerateConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
 
     def __post_init__(self):
-        for key in ("model", "prompts", "output"):
+        for key in ("model_name_or_path", "prompts", "output"):
             if not getattr(self, key):
                 raise UserError(f"'{key}' is required")
 
@@ -172,7 +173,7 @@ def prompt_rows(cfg: GenerateConfig, tokenizer, template) -> tuple[list[list[int
     from tunesmith.data.load import load_records
     from tunesmith.data.tokenize import encode_prompt
 
-    records = load_records(cfg.prompts, cfg.split)
+    records = load_records(cfg.prompts, cfg.dataset_split)
     if not records:
         raise UserError(f"{cfg.prompts}: no prompts")
     if cfg.limit:
@@ -211,16 +212,16 @@ def run(cfg: GenerateConfig) -> str:
         except ImportError:
             raise UserError("backend 'vllm': the vllm package is not installed (pip install 'tunesmith[vllm]'; it "
                             "needs a GPU); use backend 'hf'") from None
-        model, tokenizer = None, load_tokenizer(cfg.model)
+        model, tokenizer = None, load_tokenizer(cfg.model_name_or_path)
     else:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
-    template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model, tokenizer)
+        model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
+    template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model_name_or_path, tokenizer)
     ids, meta = prompt_rows(cfg, tokenizer, template)
     if cfg.backend == "vllm":
-        outs = generate_vllm(cfg.model, ids, **settings)
+        outs = generate_vllm(cfg.model_name_or_path, ids, **settings)
     else:
         outs = generate(model, tokenizer, ids, batch_size=cfg.batch_size, progress=True, **settings)
-    generator = cfg.generator or Path(cfg.model.rstrip("/")).name
+    generator = cfg.generator or Path(cfg.model_name_or_path.rstrip("/")).name
     decoding = cfg.decoding() | {"template": template.spec()}
     rows = [m | {"output": o["output"], "generator": generator, "truncated": o["truncated"],
                  "new_tokens": o["new_tokens"], "decoding": decoding} for m, o in zip(meta, outs)]

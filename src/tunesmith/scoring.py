@@ -71,3 +71,14 @@ def dataset_loss(model, batches, device=None) -> dict:
     nll, n = total.tolist()
     loss = nll / n if n else float("nan")
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
+
+
+def rows_loss(model, rows, collate, batch_size: int, device=None, rank: int = 0, world_size: int = 1) -> dict:
+    """:func:`dataset_loss` of tokenized ``rows`` (a list or a ``datasets.Dataset``), batched by ``collate``.
+
+    Under torch.distributed every rank passes all rows and scores its share (rows rank, rank + world_size, ...); the
+    sums are all-reduced, so every rank returns the loss of the whole set.
+    """
+    shard = [rows[i] for i in range(rank, len(rows), world_size)]
+    batches = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate)
+    return dataset_loss(model, batches, device=device)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, first_line
 
 SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
 
@@ -89,7 +89,7 @@ def _parquet(path: Path) -> list[Record]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise UserError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot read Parquet ({first_line(e)})") from None
     return [Record(row, f"{path}: row {i}") for i, row in enumerate(table.to_pylist())]
 
 
@@ -102,7 +102,7 @@ def _hub(name: str, split: str) -> list[Record]:
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode: set TUNESMITH_ONLINE=1 to allow hub downloads)" if offline else ""
         raise UserError(f"{name}: not a local file and could not be loaded as a dataset{hint}: "
-                        f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+                        f"{first_line(e)}") from None
     return [Record(dict(row), f"{name}[{split}]: row {i}") for i, row in enumerate(ds)]
 
 

@@ -5,7 +5,7 @@ Reads top to bottom in :func:`run`:
 1. verify the shipped base model (checksums) and rebuild the world it was pretrained on;
 2. write the instruction data: TRAIN people's rows to fine-tune on, HELD-OUT people's rows (people the base model
    knows from pretraining but the fine-tuning never mentions) to evaluate on;
-3. per seed: ``tunesmith.sft.train`` twice, identical but for NEFTune (alpha 5, uniform, per-example length);
+3. per seed: ``tunesmith.recipes.sft.train`` twice, identical but for NEFTune (alpha 5, uniform, per-example length);
    optionally ``--spin K`` SPIN iterations on top of the plain SFT model;
 4. per model: greedy generations on training prompts (copying: ROUGE-L / BLEU against the training answers) and on
    held-out prompts (length, diversity, facts), ``tunesmith eval`` (noise-free training and held-out loss), the fact
@@ -151,7 +151,7 @@ def evaluate_model(cfg: DemoConfig, model_dir: Path, run_dir: Path, name: str, d
     gens = {}
     for split in ("train", "heldout"):
         gens[split] = run_dir / f"generations_{split}.jsonl"
-        run_generate(GenerateConfig(model=str(model_dir), prompts=str(data[f"{split}_prompts"]),
+        run_generate(GenerateConfig(model_name_or_path=str(model_dir), prompts=str(data[f"{split}_prompts"]),
                                     output=str(gens[split]), generator=name, batch_size=32,
                                     max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
                                     repetition_penalty=cfg.repetition_penalty))
@@ -334,7 +334,7 @@ def _run(cfg: DemoConfig) -> dict:
     t0 = time.time()
     out = check_output(cfg, cfg.seeds * (2 + cfg.spin))
     base_dir = verify(cfg.base_model or BASE_DIR)
-    from tunesmith import sft  # heavy imports only once the inputs are known to be good
+    from tunesmith.recipes import sft  # heavy imports only once the inputs are known to be good
     from tunesmith.evaluation import report as R
 
     info = provenance(base_dir)
@@ -359,7 +359,7 @@ def _run(cfg: DemoConfig) -> dict:
             state["timings_s"][f"train {run_dir.name}"] = round(time.time() - t, 1)
             variants[name] = (run_dir, run_dir)
         if cfg.spin:
-            from tunesmith import spin
+            from tunesmith.recipes import spin
 
             spin_dir = out / "runs" / f"spin-seed{seed}"
             t = time.time()

@@ -1,6 +1,6 @@
 """Write the bundled sentiment set (train / validation / test JSONL) from templates, deterministically.
 
-    python -m tunesmith.data.sentiment.build          # rewrites the three files next to this script
+    python -m tunesmith.recipes.classify.sentiment.build          # rewrites the three files next to this script
 
 Every sentence is composed here from the word lists and templates below (written for tunesmith; no existing dataset
 is copied). The set is built so that word counting alone does not solve it:

@@ -2,7 +2,13 @@
 the data summary every training run also logs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from tunesmith.config import _f
 from tunesmith.data.tokenize import IGNORE
+from tunesmith.errors import UserError
+from tunesmith.recipes.sft.config import SFTConfig
+from tunesmith.recipes.sft.run import prepare_data
 
 START, END = "⟦", "⟧"  # trained spans are shown between these marks
 
@@ -24,20 +30,32 @@ def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+@dataclass
+class AuditArgs:
+    """Audit"""
+
+    show: int = _f(3, "Examples to show.")
+
+    def __post_init__(self):
+        if self.show < 0:
+            raise UserError(f"field 'show' must be >= 0, got {self.show}")
+
+
+class AuditConfig(SFTConfig):
+    """``tunesmith sft``'s keys (the same config file) plus ``show``."""
+
+    PARTS = (("audit", AuditArgs),) + SFTConfig.PARTS
+
+
 def cli(argv: list[str]) -> int:
     from tunesmith.config import parse_cli
     from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.sft import SFTConfig, prepare_data
 
-    show = 3
-    if "--show" in argv:
-        i = argv.index("--show")
-        show = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
-    cfg = parse_cli(SFTConfig, argv, "audit", "Show rendered training examples with trained tokens marked "
-                    f"{START}like this{END}, and a summary of the data (--show N examples, default 3).")
+    cfg = parse_cli(AuditConfig, argv, "audit", "Show rendered training examples with trained tokens marked "
+                    f"{START}like this{END}, and a summary of the data.")
     if cfg is None:
         return 0
+    show = cfg.show
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     ensure_pad_token(tokenizer)
     _, train_set, summary, _, eval_summary = prepare_data(cfg, tokenizer)

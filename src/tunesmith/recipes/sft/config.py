@@ -1,0 +1,25 @@
+"""`tunesmith sft` options: the shared model, data, LoRA and NEFTune parts, SFT's own part, and TrainingArguments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
+from tunesmith.recipes.training import TrainingPart
+
+
+@dataclass
+class SFTArgs:
+    """SFT"""
+
+    train_loss_eval_samples: int = _f(256, "Training examples scored noise-free at each evaluation (0 = none).")
+
+
+class SFTConfig(Config):
+    """Every key of the parts below, flat; ``cfg.training`` is the TrainingArguments the Trainer gets."""
+
+    PARTS = (("sft", SFTArgs), ("model", ModelArgs), ("data", DataArgs), ("lora", LoraArgs),
+             ("neftune", NEFTuneArgs), ("training", TrainingPart))
+
+    def validate(self) -> None:
+        if self.load_in_4bit:
+            self.use_peft = True

@@ -1,0 +1,133 @@
+"""Supervised fine-tuning recipe: data -> masked tokens -> transformers.Trainer (full, LoRA or QLoRA) -> saved model.
+
+Reads top to bottom in :func:`train`. The loss is the model's own causal-LM loss normalised by the number of trained
+tokens across gradient accumulation and processes (the Trainer's ``num_items_in_batch``). NEFTune noise, when
+configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passes only (see ``tunesmith.neftune``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from tunesmith.callbacks import JsonlMetrics
+from tunesmith.config import build_config, parse_cli, save_yaml
+from tunesmith.data.collate import Collator, pack
+from tunesmith.data.prepare import load_examples, tokenize_examples
+from tunesmith.data.templates import get_template, save_template
+from tunesmith.errors import UserError
+from tunesmith.recipes.sft.config import SFTConfig
+from tunesmith.recipes.sft.trainer import TunesmithTrainer
+
+log = logging.getLogger("tunesmith")
+
+
+def prepare_data(cfg: SFTConfig, tokenizer):
+    """Template, tokenized train/eval sets and their summaries; raises UserError before anything is written."""
+    template = get_template(cfg.template, tokenizer)
+    examples = load_examples(cfg.dataset, cfg.dataset_format, cfg.dataset_split)
+    train_set, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, cfg.train_on_prompt,
+                                           source=cfg.dataset)
+    eval_set = eval_summary = None
+    if cfg.eval_dataset:
+        eval_examples = load_examples(cfg.eval_dataset, cfg.dataset_format, "validation")
+        eval_set, eval_summary = tokenize_examples(eval_examples, tokenizer, template, cfg.max_length,
+                                                   cfg.train_on_prompt, source=cfg.eval_dataset)
+    return template, train_set, summary, eval_set, eval_summary
+
+
+def build_model(cfg: SFTConfig, tokenizer):
+    from tunesmith.models import load_model_and_tokenizer, wrap_lora
+
+    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+    if cfg.use_peft:
+        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                          quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
+                          modules_to_save=cfg.modules_to_save)
+    return model
+
+
+def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
+    """README.md as a Hugging Face model card (huggingface_hub's ModelCard): metadata header, method, final metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from tunesmith.io import atomic_write_text
+
+    method = "QLoRA" if cfg.load_in_4bit else "LoRA" if cfg.use_peft else "full fine-tuning"
+    neft = (f"NEFTune alpha {cfg.neftune_noise_alpha} ({cfg.neftune_noise_distribution}, per-example length)"
+            if cfg.neftune_noise_alpha else "no NEFTune")
+    local_base = Path(cfg.model_name_or_path).exists()  # the hub's base_model field takes hub ids only
+    data = ModelCardData(library_name="peft" if cfg.use_peft else "transformers",
+                         base_model=None if local_base else cfg.model_name_or_path,
+                         tags=["tunesmith", "sft"] + (["neftune"] if cfg.neftune_noise_alpha else []))
+    lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{cfg.model_name_or_path}` on `{cfg.dataset}` "
+             f"({method}, {neft}).", "", f"- prompt template: `{cfg.template}` (saved in tunesmith_template.json)",
+             f"- epochs {cfg.num_train_epochs}, learning rate {cfg.learning_rate}, max length {cfg.max_length}, "
+             f"packing {cfg.packing}, seed {cfg.seed}", "", "## Final metrics", ""]
+    lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out / "README.md", str(card))
+
+
+def train(config, callbacks: list | None = None) -> str:
+    """Run SFT from an SFTConfig or a dict of config keys. Returns the output directory.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (progress hooks, early stopping, ...).
+    ``resume_from_checkpoint``: a checkpoint directory, or true / last for the newest one in ``output_dir``.
+    """
+    from transformers import set_seed
+
+    from tunesmith.models import ensure_pad_token, load_tokenizer, save_model_dir
+
+    cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
+    out = Path(cfg.output_dir)
+    if (out / "tunesmith.yaml").exists() and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        raise UserError(f"{out}: holds a finished run; choose another output_dir or set overwrite_output_dir")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
+    if cfg.process_index == 0:
+        for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
+            log.warning(line)
+    rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
+    model = build_model(cfg, tokenizer)
+
+    evals = {}
+    if cfg.train_loss_eval_samples:
+        g = torch.Generator().manual_seed(cfg.seed)
+        idx = torch.randperm(summary.kept, generator=g)[: cfg.train_loss_eval_samples].tolist()
+        evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
+    if eval_set:
+        evals["eval"] = eval_set
+    trainer = TunesmithTrainer(
+        model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
+        data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
+        neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+    for callback in [JsonlMetrics(out / "metrics.jsonl")] + list(callbacks or []):
+        trainer.add_callback(callback)
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate() if evals else {}
+
+    if trainer.is_world_process_zero():
+        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d))
+        write_model_card(cfg, out, metrics)
+        save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
+    if cfg.world_size > 1:
+        torch.distributed.barrier()
+    return str(out)
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_cli(SFTConfig, argv, "sft", "Supervised fine-tuning of a causal LM (full, LoRA or QLoRA), with "
+                    "responses-only loss, optional packing and per-example NEFTune.")
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = train(cfg)
+    print(f"model saved to {out}")
+    return 0

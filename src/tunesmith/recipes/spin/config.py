@@ -1,0 +1,135 @@
+"""`tunesmith spin` options and the run's fingerprint (the keys that determine its results).
+
+SPIN's own part holds the values that may change per iteration (``beta``, ``learning_rate``, ``num_train_epochs``: one
+value or one per iteration) and builds each iteration's ``TrainingArguments`` from the training part.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import TrainingArguments
+
+from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
+from tunesmith.errors import UserError
+from tunesmith.recipes.training import TrainingPart
+
+
+@dataclass
+class SPINArgs:
+    """SPIN (iterations and generation; defaults follow the paper)"""
+
+    num_iterations: int = _f(1, "Number of SPIN iterations (the paper: 4).")
+    beta: list[float] = _f([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
+    learning_rate: list[float] = _f([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
+    num_train_epochs: list[float] = _f([2.0], "Epochs per iteration: one value or one per iteration.")
+    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
+    mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
+    max_new_tokens: int = _f(256, "Generation budget per answer; answers cut there are counted and reported.")
+    do_sample: bool = _f(False, "Sample the synthetic answers (default greedy).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling.")
+    repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
+    generation_batch_size: int = _f(32, "Prompts per generation batch.")
+    shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
+
+    def __post_init__(self):
+        n = self.num_iterations
+        if n < 1:
+            raise UserError(f"num_iterations must be at least 1, got {n}")
+        for key in ("beta", "learning_rate", "num_train_epochs"):
+            values = getattr(self, key)
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) == 1:
+                values = values * n
+            if len(values) != n:
+                raise UserError(f"field '{key}' has {len(values)} values but num_iterations is {n} (give one value "
+                                f"or one per iteration)")
+            bad = [v for v in values if not v > 0]
+            if bad:
+                raise UserError(f"field '{key}' must be > 0, got {bad[0]}")
+            setattr(self, key, [float(v) for v in values])
+        if self.loss_type not in ("sigmoid", "hinge"):
+            raise UserError(f"field 'loss_type' must be sigmoid or hinge, got {self.loss_type!r}")
+        for key in ("max_new_tokens", "generation_batch_size", "shard_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
+            raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
+
+
+@dataclass
+class SPINDataArgs(DataArgs):
+    """Data"""
+
+    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
+
+    def __post_init__(self):
+        for key, why in (("packing", "pairs are scored row by row"), ("padding_free", "pairs are scored row by row"),
+                         ("train_on_prompt", "log-probs are over answer tokens")):
+            if getattr(self, key):
+                raise UserError(f"field '{key}' is not supported by SPIN ({why})")
+        if self.dataset_format == "text":
+            raise UserError("dataset_format 'text' has no prompts and real answers; SPIN needs prompt/answer data")
+        super().__post_init__()
+
+
+@dataclass
+class SPINTrainingPart(TrainingPart):
+    """Training (every transformers.TrainingArguments key; learning_rate and num_train_epochs are SPIN's, above)"""
+
+    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
+    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
+    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
+    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
+    save_steps: float = _f(200, "Checkpoint every N steps.")
+    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
+
+
+class SPINConfig(Config):
+    """Every key of the parts below, flat. The SFT model's data keys and LoRA / NEFTune keys mean what they mean in
+    ``tunesmith sft``."""
+
+    PARTS = (("spin", SPINArgs), ("model", ModelArgs), ("data", SPINDataArgs), ("lora", LoraArgs),
+             ("neftune", NEFTuneArgs), ("training", SPINTrainingPart))
+
+    def validate(self) -> None:
+        if self.load_in_4bit:
+            self.use_peft = True
+
+    def iteration_args(self, t: int, output_dir: Path) -> TrainingArguments:
+        """Plain TrainingArguments for iteration ``t``: the training part with the iteration's scalar values."""
+        values = {f.name: getattr(self.training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        values.update(output_dir=str(output_dir), learning_rate=self.learning_rate[t],
+                      num_train_epochs=self.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
+                      resume_from_checkpoint=None)
+        return TrainingArguments(**values)
+
+
+# Keys that determine a run's results: a rerun with other values is a different run.
+FINGERPRINT_KEYS = (
+    "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
+    "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
+    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "do_sample", "temperature", "top_p",
+    "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
+    "adam_beta2", "adam_epsilon",
+)
+
+
+def fingerprint_values(cfg) -> dict:
+    out = {}
+    for key in FINGERPRINT_KEYS:
+        v = getattr(cfg, key)
+        out[key] = v.value if hasattr(v, "value") else v
+    return out
+
+
+def fingerprint(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+

@@ -1,0 +1,116 @@
+"""SPIN's data: prompts and real answers, training pairs, and generation shards on disk."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.data.collate import Collator
+from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
+from tunesmith.errors import UserError
+from tunesmith.io import atomic_write_json
+
+
+class PairCollator:
+    """B pairs -> one right-padded batch of 2B rows (the B real answers, then the B generated) + reference log-probs."""
+
+    def __init__(self, pad_token_id: int):
+        self.rows = Collator(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.rows([f["real"] for f in features] + [f["generated"] for f in features])
+        if "ref_real" in features[0]:
+            batch["ref_real"] = torch.tensor([f["ref_real"] for f in features], dtype=torch.float32)
+            batch["ref_generated"] = torch.tensor([f["ref_generated"] for f in features], dtype=torch.float32)
+        return batch
+
+
+@dataclass
+class Prompt:
+    index: int
+    loc: str
+    prompt_ids: list[int]  # what the generator is given: the training rows' prefix
+    real_ids: list[int]  # the real answer's tokens as trained (with the template's end-of-answer tokens)
+
+
+def build_prompts(examples, tokenizer, template, max_length: int, source: str) -> tuple[list[Prompt], list[str]]:
+    """Prompts and real answers of an SFT set; prompts that leave no room for an answer are dropped (listed)."""
+    prompts, dropped = [], []
+    for ex in examples:
+        if ex.text is not None:
+            raise UserError(f"{ex.loc}: a plain-text record has no prompt and real answer; SPIN needs both")
+        answer = ex.turns[-1].response
+        if answer is None or not answer.strip():
+            raise UserError(f"{ex.loc}: the prompt has no real answer (SPIN trains real answers against generated "
+                            "ones)")
+        prompt = encode_prompt(tokenizer, template, ex)
+        full = encode(tokenizer, template, ex, max_length=10**9)
+        if full is None or full["input_ids"][: len(prompt)] != prompt:
+            raise UserError(f"{ex.loc}: template {template.spec()!r} renders the generation prompt differently from "
+                            "the training text; it cannot be used for SPIN")
+        if len(prompt) >= max_length:
+            dropped.append(ex.loc)
+            continue
+        prompts.append(Prompt(len(prompts), ex.loc, prompt, full["input_ids"][len(prompt):]))
+    if not prompts:
+        raise UserError(f"{source}: no prompt fits in max_length={max_length} with room for an answer")
+    return prompts, dropped
+
+
+def pair_row(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> dict:
+    ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------------ shards on disk
+
+
+def shard_path(directory: Path, k: int) -> Path:
+    return directory / f"shard-{k:05d}.json"
+
+
+def read_shards(directory: Path, n_shards: int) -> list[dict]:
+    shards = []
+    for k in range(n_shards):
+        path = shard_path(directory, k)
+        try:
+            shards.append(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise UserError(f"{path}: missing shard (the run directory was modified)") from None
+    return shards
+
+
+def _shard_seed(seed: int, t: int, k: int) -> int:
+    return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
+
+
+def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
+                    on_event=None) -> None:
+    """Answer every prompt with ``model``; each missing shard of this rank is generated and written atomically."""
+    from tunesmith.generate import generate  # batched, left-padded, length-sorted HF generation
+
+    n_shards = -(-len(prompts) // cfg.shard_size)
+    eos = tokenizer.eos_token_id
+    for k in range(cfg.process_index, n_shards, cfg.world_size):
+        path = shard_path(directory, k)
+        if path.exists():
+            continue
+        start = time.perf_counter()
+        chunk = prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size]
+        outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
+                        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=_shard_seed(cfg.seed, t, k))
+        rows = []
+        for p, o in zip(chunk, outs):
+            ids = o["output_ids"] + ([] if o["truncated"] or eos is None else [eos])  # the answer as generated
+            rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
+                         "truncated": o["truncated"]})
+        atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
+        if on_event:
+            on_event("generate", t, k)
+
+

@@ -1,0 +1,49 @@
+"""SPIN's per-iteration summary: ``summary.json`` and the Markdown table ``summary.md``, from the run's state."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.io import atomic_write_json, atomic_write_text
+
+
+def summary_rows(state: dict, num_iterations: int) -> list[dict]:
+    rows = []
+    for t in range(num_iterations):
+        st = state["iterations"].get(str(t), {})
+        g, r, tr = st.get("generate", {}), st.get("reference", {}), st.get("train", {})
+        rows.append({"iteration": t, "loss": tr.get("loss"), "policy_real": tr.get("policy_real"),
+                     "policy_generated": tr.get("policy_generated"), "ref_real": r.get("ref_real"),
+                     "ref_generated": r.get("ref_generated"), "reward_margin": tr.get("reward_margin"),
+                     "reward_accuracy": tr.get("reward_accuracy"), "truncated": g.get("truncated"),
+                     "prompts": g.get("prompts"), "generate_s": g.get("seconds"),
+                     "reference_s": r.get("seconds"), "train_s": tr.get("seconds"),
+                     "eval_loss": tr.get("eval_loss")})
+    return rows
+
+
+def write_summary(out: Path, state: dict, num_iterations: int) -> None:
+    rows = summary_rows(state, num_iterations)
+    atomic_write_json(out / "summary.json", rows)
+    atomic_write_text(out / "summary.md", format_table(rows))
+
+
+COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("policy_real", "logp real (policy)"),
+           ("ref_real", "logp real (ref)"), ("policy_generated", "logp gen (policy)"),
+           ("ref_generated", "logp gen (ref)"), ("reward_margin", "margin"), ("reward_accuracy", "accuracy"),
+           ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
+           ("train_s", "train s"), ("eval_loss", "eval loss")]
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        tr = "-" if r["truncated"] is None else f"{r['truncated']}/{r['prompts']}"
+        lines.append("| " + " | ".join(tr if k == "truncated" else cell(r[k]) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+

@@ -1,0 +1,163 @@
+"""Configs composed from parts: flat keys each owned by one part, old names as aliases, one NEFTune rule, grouped
+--help, flat saved YAML; and the shared core's small helpers (eval_mode, save_model_dir, first_line)."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+import yaml
+from transformers import TrainingArguments
+
+from tunesmith.config import ALIASES, build_config, help_text, parse_cli, save_yaml
+from tunesmith.errors import UserError, first_line
+from tunesmith.models import eval_mode, save_model_dir
+from tunesmith.recipes.classify.config import ClassifyConfig
+from tunesmith.recipes.sft.config import SFTConfig
+from tunesmith.recipes.spin.config import SPINConfig
+
+RECIPES = [SFTConfig, SPINConfig, ClassifyConfig]
+BASE = {"model_name_or_path": "m", "dataset": "d.jsonl", "output_dir": "o", "report_to": "none", "use_cpu": True}
+
+
+@pytest.mark.parametrize("cls", RECIPES, ids=lambda c: c.__name__)
+def test_every_training_argument_is_a_key_and_keys_have_one_owner(cls):
+    owners = cls.owners()
+    training = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert training <= set(owners)  # every TrainingArguments key still works
+    declared = [f.name for _, part in cls.PARTS for f in dataclasses.fields(part) if f.init]
+    # a key declared by two parts (SPIN's per-iteration learning_rate) goes to the first; none is lost
+    assert set(declared) == set(owners)
+    assert not set(ALIASES) & set(owners)  # no old name is also a live key
+
+
+def test_spin_owns_its_per_iteration_values_and_builds_the_iteration_arguments(tmp_path):
+    cfg = build_config(SPINConfig, dict(BASE, num_iterations=2, learning_rate=[1e-3, 2e-3], beta=0.5))
+    assert SPINConfig.owners()["learning_rate"] == "spin" and cfg.learning_rate == [1e-3, 2e-3]
+    args = cfg.iteration_args(1, tmp_path)
+    assert type(args) is TrainingArguments and args.learning_rate == 2e-3 and args.optim == "rmsprop"
+    assert not isinstance(cfg, SFTConfig)
+
+
+@pytest.mark.parametrize("key", ["padding_free", "packing", "train_on_prompt"])
+def test_spin_rejects_what_it_cannot_do_in_one_line(key):
+    with pytest.raises(UserError, match=f"field '{key}' is not supported by SPIN") as e:
+        build_config(SPINConfig, dict(BASE, **{key: True}))
+    assert "\n" not in str(e.value)
+
+
+def test_spin_has_no_unused_keys():
+    with pytest.raises(UserError, match="unknown key 'train_loss_eval_samples'"):
+        build_config(SPINConfig, dict(BASE, train_loss_eval_samples=0))
+
+
+@pytest.mark.parametrize("cls", RECIPES, ids=lambda c: c.__name__)
+def test_one_neftune_rule(cls):
+    assert build_config(cls, dict(BASE, neftune_noise_alpha=0)).neftune_noise_alpha == 0  # 0 = off, everywhere
+    assert build_config(cls, dict(BASE, neftune_noise_alpha=5)).neftune_noise_alpha == 5
+    with pytest.raises(UserError, match="neftune_noise_alpha' must be >= 0"):
+        build_config(cls, dict(BASE, neftune_noise_alpha=-1))
+    with pytest.raises(UserError, match="uniform or gaussian"):
+        build_config(cls, dict(BASE, neftune_noise_distribution="cauchy"))
+
+
+def test_recipes_give_parts_their_own_defaults():
+    sft, clf = build_config(SFTConfig, BASE), build_config(ClassifyConfig, BASE)
+    assert (sft.lora_r, sft.lora_target_modules, sft.use_peft) == (16, ["all-linear"], False)
+    assert (clf.lora_r, clf.lora_target_modules, clf.use_peft) == (4, None, True)
+    assert clf.training.learning_rate == 1e-3 and sft.training.learning_rate == 5e-5
+
+
+def test_old_names_warn_once_and_map_to_the_new_key(caplog):
+    with caplog.at_level(logging.WARNING, logger="tunesmith"):
+        cfg = build_config(ClassifyConfig, {"model_name_or_path": "m", "train_file": "t.jsonl",
+                                            "validation_file": "v.jsonl", "test_file": "x.jsonl", "use_lora": False,
+                                            "output_dir": "o"}, "c.yaml")
+    assert (cfg.dataset, cfg.eval_dataset, cfg.test_dataset, cfg.use_peft) == ("t.jsonl", "v.jsonl", "x.jsonl", False)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 4 and all("\n" not in w for w in warned)
+    assert "c.yaml: key 'train_file' is deprecated, use 'dataset'" in warned[0]
+    with pytest.raises(UserError, match="both 'train_file' and 'dataset'"):
+        build_config(ClassifyConfig, {"model_name_or_path": "m", "train_file": "t", "dataset": "t"})
+
+
+def test_alias_applies_only_where_the_command_has_the_new_key():
+    from tunesmith.evaluation.judge import JudgeConfig
+
+    assert "model" in {f.name for f in dataclasses.fields(JudgeConfig)}  # judge's own 'model' stays its own key
+    from tunesmith.generate import GenerateConfig
+
+    cfg = build_config(GenerateConfig, {"model": "m", "prompts": "p", "output": "o", "split": "test"})
+    assert (cfg.model_name_or_path, cfg.dataset_split) == ("m", "test")
+
+
+def test_command_line_stays_flat_and_help_groups_keys_by_part(capsys):
+    cfg = parse_cli(SFTConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--lora_r", "8",
+                                "--seed", "3", "--report_to", "none"], "sft", "")
+    assert (cfg.lora_r, cfg.lora.lora_r, cfg.seed, cfg.training.seed) == (8, 8, 3, 3)
+    text = help_text(SFTConfig, "sft", "")
+    for title in ("Model:", "Data:", "LoRA:", "NEFTune:", "SFT:", "Training (every transformers.TrainingArguments"):
+        assert f"\n{title}" in text
+    assert text.count("--lora_r ") == 1 and text.index("LoRA:") < text.index("--lora_r ") < text.index("NEFTune:")
+    spin = help_text(SPINConfig, "spin", "")
+    assert spin.count("--learning_rate ") == 1 and spin.index("--learning_rate ") < spin.index("Model:")
+
+
+def test_saved_yaml_is_flat_and_builds_the_same_config(tmp_path):
+    cfg = build_config(SPINConfig, dict(BASE, num_iterations=2, beta=[0.1, 5.0], lora_r=8, use_peft=True))
+    save_yaml(cfg, tmp_path / "t.yaml")
+    data = yaml.safe_load((tmp_path / "t.yaml").read_text())
+    assert data["beta"] == [0.1, 5.0] and data["learning_rate"] == [5e-7, 5e-7] and data["lora_r"] == 8
+    assert data["optim"] == "rmsprop" and not any(isinstance(v, dict) and k in ("spin", "lora") for k, v in data.items())
+    again = build_config(SPINConfig, data)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_classify_rejects_4bit_and_merge_audit_parse_through_config(tmp_path, capsys):
+    with pytest.raises(UserError, match="load_in_4bit"):
+        build_config(ClassifyConfig, dict(BASE, load_in_4bit=True))
+    from tunesmith.cli import main
+
+    assert main(["audit", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--show", "x"]) == 2
+    assert "field 'show': expected an integer" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(tmp_path)]) == 2
+    assert "--adapter and --output are required" in capsys.readouterr().err
+
+
+def test_eval_mode_restores_the_previous_mode_even_on_error():
+    model = torch.nn.Linear(2, 2).train()
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training
+        raise RuntimeError
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
+
+
+class _Tiny(torch.nn.Module):
+    def save_pretrained(self, path, safe_serialization=True):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        (path / "model.safetensors").write_text("w")
+
+
+def test_save_model_dir_never_leaves_a_partial_model(tmp_path):
+    def crash(directory):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_model_dir(_Tiny(), None, tmp_path / "new", write=crash)
+    assert not (tmp_path / "new").exists()  # the complete model is renamed into place, or nothing is
+    run = tmp_path / "run"
+    (run / "checkpoint-1").mkdir(parents=True)
+    with pytest.raises(OSError):
+        save_model_dir(_Tiny(), None, run, write=crash)
+    assert not (run / "config.json").exists()  # an existing run directory: config.json only once all is written
+    save_model_dir(_Tiny(), None, run, write=lambda d: (d / "extra.json").write_text("1"))
+    assert {p.name for p in run.iterdir()} == {"checkpoint-1", "config.json", "model.safetensors", "extra.json"}
+
+
+def test_first_line():
+    assert first_line(ValueError("bad thing\n  at line 3\n")) == "bad thing"
+    assert first_line(KeyError()) == "KeyError"
