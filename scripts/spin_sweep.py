@@ -95,8 +95,8 @@ def demo_cfg():
 
 def train_sft(base: Path, data: dict, out: Path, seed: int) -> Path:
     """The demo's plain SFT run (its exact settings) on ``data['train']``; reused when already there."""
-    from tunesmith import sft
     from tunesmith.demo.run import sft_config
+    from tunesmith.recipes import sft
 
     if not (out / "tunesmith.yaml").exists():
         c = sft_config(demo_cfg(), base, {"train": data["train"], "heldout_sample": data["loss_sample"]}, out, seed,
@@ -106,7 +106,8 @@ def train_sft(base: Path, data: dict, out: Path, seed: int) -> Path:
 
 
 def spin_settings(overrides: dict) -> dict:
-    """The demo's SPIN config keys (before this work) with ``overrides`` on top."""
+    """The demo's SPIN config keys with ``overrides`` on top. (The sweep rows in RESULTS.md were run when the demo's
+    keys were lr 5e-5, beta 0.1, 1 epoch, greedy, 96 new tokens; each row records its full settings.)"""
     from tunesmith.demo.run import spin_config
 
     c = spin_config(demo_cfg(), Path("SFT"), {"train": "T", "heldout_sample": "H"}, Path("OUT"), 0)
@@ -116,7 +117,7 @@ def spin_settings(overrides: dict) -> dict:
 
 
 def train_spin(sft_dir: Path, data: dict, out: Path, seed: int, iterations: int, settings: dict) -> Path:
-    from tunesmith import spin
+    from tunesmith.recipes import spin
 
     c = dict(settings, model_name_or_path=str(sft_dir), dataset=str(data["train"]),
              eval_dataset=str(data["loss_sample"]), output_dir=str(out), seed=seed, num_iterations=iterations)
@@ -127,11 +128,11 @@ def train_spin(sft_dir: Path, data: dict, out: Path, seed: int, iterations: int,
 def train_continued_sft(start: Path, data: dict, out: Path, seed: int, steps: int, settings: dict, t: int) -> Path:
     """SFT continued from ``start`` on the same data for ``steps`` steps with SPIN iteration t's optimiser, learning
     rate, schedule and batch size: only the loss differs (negative log-likelihood of the real answers)."""
-    from tunesmith import sft
+    from tunesmith.recipes import sft
 
     if (out / "tunesmith.yaml").exists():
         return out
-    pick = lambda v: v[t] if isinstance(v, list) and len(v) > t else (v[0] if isinstance(v, list) else v)  # noqa
+    pick = lambda v: v[t] if isinstance(v, list) and len(v) > t else (v[0] if isinstance(v, list) else v)
     c = dict(model_name_or_path=str(start), dataset=str(data["train"]), output_dir=str(out),
              template="instruction_response", max_length=256, max_steps=steps,
              learning_rate=pick(settings["learning_rate"]), optim=settings.get("optim", "rmsprop"),

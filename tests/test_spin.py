@@ -256,8 +256,8 @@ def test_generated_answers_end_as_the_template_ends_real_ones(tiny_model_dir, tm
             assert p.end_ids == end and p.real_ids[-len(end):] == end
         answers = [[tok.convert_tokens_to_ids("Ġthe")] * 3, [5, 6], [7], [8, 9, 10]]
         monkeypatch.setattr(tunesmith.generate, "generate", lambda model, tokenizer, prompt_ids, **kw: [
-            {"output_ids": a, "output": "x", "truncated": i == 3, "new_tokens": len(a)}
-            for i, a in enumerate(answers[:len(prompt_ids)])])
+            {"output_ids": a, "output": "x", "truncated": i == 3, "new_tokens": len(a)}  # the 4th is cut
+            for i, a in enumerate(answers[:len(prompt_ids)])])  # stands in for the model: fixed answers
         generate_shards(cfg, None, run.tokenizer, run.prompts, 0, tmp_path / f"{template}-gen")
         rows = shard_rows(tmp_path / f"{template}-gen")
         assert [r["ids"] for r in rows] == [a + end for a in answers[:3]] + [answers[3]]
