@@ -2,6 +2,7 @@
 
 usage: python sft_worker.py CONFIG.json [KILL_AT_STEP]
 """
+import hashlib
 import json
 import os
 import signal
@@ -28,8 +29,9 @@ class RecordWorld(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()  # the stream noise is drawn from
         with open(f"{self.path}.rank{args.process_index}", "w") as f:
-            json.dump({"world_size": world, "args_world_size": args.world_size}, f)
+            json.dump({"world_size": world, "args_world_size": args.world_size, "rng": rng}, f)
 
 
 if __name__ == "__main__":

@@ -156,3 +156,54 @@ def test_cli_errors(trained_like_dir, tmp_path, capsys):
     assert main(["generate", "--model", trained_like_dir, "--prompts", str(text), "--output",
                  str(tmp_path / "o.jsonl"), "--backend", "vllm"]) == 2
     assert "vllm package is not installed" in capsys.readouterr().err
+
+
+def test_temperature_zero_is_greedy(model_and_tok):
+    model, tok = model_and_tok
+    prompts = some_prompts(tok, n=4)
+    greedy = generate(model, tok, prompts, max_new_tokens=8)
+    assert generate(model, tok, prompts, do_sample=True, temperature=0.0, seed=3, max_new_tokens=8) == greedy
+    with pytest.raises(UserError, match="temperature must be >= 0"):
+        generate(model, tok, prompts, do_sample=True, temperature=-0.5)
+    with pytest.raises(UserError, match=r"top_p must be in \(0, 1\]"):
+        generate(model, tok, prompts, do_sample=True, top_p=0)
+
+
+def test_cli_temperature_zero_notes_and_records_greedy(trained_like_dir, tmp_path, alpaca_file, caplog):
+    out = tmp_path / "gen.jsonl"
+    base = ["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--max_new_tokens", "5",
+            "--limit", "3"]
+    assert main(base + ["--output", str(out), "--do_sample", "true", "--temperature", "0"]) == 0
+    assert "temperature 0 means greedy decoding" in caplog.text
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["decoding"]["do_sample"] is False and rows[0]["decoding"]["temperature"] == 0
+    assert main(base + ["--output", str(tmp_path / "greedy.jsonl")]) == 0
+    greedy = [json.loads(x)["output"] for x in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in rows] == greedy
+
+
+def test_cli_output_problems_are_one_line_before_any_work(trained_like_dir, tmp_path, alpaca_file, capsys):
+    base = ["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--max_new_tokens", "2"]
+    assert main(base + ["--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: 'output' names a directory" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "plain").write_text("x")
+    assert main(base + ["--output", str(tmp_path / "plain" / "gen.jsonl")]) == 2
+    assert "plain is a file, not a directory" in capsys.readouterr().err
+    for flag, value, message in (("--temperature", "-1", "temperature must be >= 0"),
+                                 ("--batch_size", "0", "batch_size must be at least 1"),
+                                 ("--repetition_penalty", "0", "repetition_penalty must be > 0")):
+        assert main(base + ["--output", str(tmp_path / "g.jsonl"), flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_lone_surrogate_in_prompts_is_one_line(trained_like_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "fine", "output": "ok"}\n'
+                   '{"instruction": "broken \\ud800 text", "output": "ok"}\n', encoding="utf-8")
+    assert main(["generate", "--model", trained_like_dir, "--prompts", str(bad), "--output",
+                 str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: field 'instruction': lone surrogate escape \\ud800" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.jsonl").exists()

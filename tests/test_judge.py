@@ -24,6 +24,7 @@ class FakeServer:
 
     def __init__(self):
         self.requests, self.fail_next, self.status, self.slow_next, self.busy_next = [], 0, None, 0, 0
+        self.redirect_code, self.redirect_to = 302, ""
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,10 +55,20 @@ class FakeServer:
                     return self.wfile.write(b'{"choices": ')
                 if "MALFORMED" in user:
                     return self._send(200, b'{"choices": [{"mess')
+                auth = self.headers.get("Authorization") or ""
+                if "ECHO401" in user:  # an error page echoing the key across the 200-byte cut
+                    return self._send(401, ("x" * 173 + " got " + auth).encode())
+                if "REDIRECT" in user:  # points at another host: the key must not follow
+                    return self._send(server.redirect_code, b"", {"Location": server.redirect_to})
+                if "LISTREPLY" in user:  # content parts instead of a string
+                    return self._send(200, json.dumps({"choices": [{"message": {
+                        "role": "assistant", "content": [{"type": "text", "text": "1"}]}}]}).encode())
                 m = re.search(r"## Answer 1\n(.*?)\n\n## Answer 2\n(.*?)\n\nWhich", user, re.S)
                 reply = "1" if "GOOD" in m.group(1) else ("2" if "GOOD" in m.group(2) else "tie")
                 if "CHATTY" in user:
                     reply = "Both answers have merit."
+                if "ECHOKEY" in user:  # an unparseable reply echoing the key, once in full and once across the cut
+                    reply = f"you sent {auth}; " + "y" * 40 + auth
                 self._send(200, json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
                                                 "role": "assistant", "content": reply}}]}).encode())
@@ -108,11 +119,14 @@ def judge_args(tmp_path, a, b, url, *extra):
 
 
 def assert_no_key(tmp_path, *texts):
+    """Neither the key nor a 12-character piece of it appears in the texts or in any file written."""
+    pieces = [KEY[i:i + 12] for i in range(len(KEY) - 11)]
     for t in texts:
-        assert KEY not in t
+        assert not any(x in t for x in pieces), t
     for p in tmp_path.rglob("*"):
         if p.is_file():
-            assert KEY not in p.read_text(errors="replace"), p
+            text = p.read_text(errors="replace")
+            assert not any(x in text for x in pieces), p
 
 
 def test_endpoint_judge_end_to_end_cache_and_key_hygiene(tmp_path, server, monkeypatch, capsys, caplog):
@@ -378,3 +392,110 @@ def test_custom_judge_prompt(tmp_path, server, monkeypatch, capsys):
 def test_render_prompt_leaves_other_braces():
     assert J.render_prompt("{x} {instruction}|{output_1}|{output_2}", "a {output_2}", "b", "c") == \
         "{x} a {output_2}|b|c"
+
+
+@pytest.mark.parametrize("marker,reason", [("ECHOKEY", "unparseable"),
+                                           ("LISTREPLY", "reply content is list, not text")])
+def test_server_echoes_and_odd_replies_never_leak_the_key_nor_crash(tmp_path, server, monkeypatch, capsys, caplog,
+                                                                    marker, reason):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TS_JUDGE_KEY", KEY)
+    a, b = files(tmp_path, BASIC_A + [(f"q5 {marker}", "GOOD x")], BASIC_B + [(f"q5 {marker}", "y")])
+    assert main(judge_args(tmp_path, a, b, server.url, "--max_retries", "1")) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out/judgements.jsonl").read_text().splitlines()]
+    assert rows[-1]["outcome"] == "unjudged" and reason in rows[-1]["reason"]
+    assert [r["outcome"] for r in rows[:4]] == ["A", "B", "A", "tie"]
+    if marker != "LISTREPLY":
+        assert "***" in rows[-1]["reason"]  # the echo is there, redacted
+    out = capsys.readouterr()
+    assert_no_key(tmp_path, out.out, out.err, caplog.text)
+
+
+def test_error_page_echoing_the_key_is_redacted_before_it_is_cut(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("TS_JUDGE_KEY", KEY)
+    a, b = files(tmp_path, [("q ECHO401", "GOOD")], [("q ECHO401", "bad")])
+    assert main(judge_args(tmp_path, a, b, server.url)) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401 (xxxx" in err and len(server.requests) == 1
+    assert_no_key(tmp_path, err)
+
+
+class RecordingServer:
+    """Another host: records whatever reaches it (GET or POST) with its Authorization header."""
+
+    def __init__(self):
+        self.hits = []
+        hits = self.hits
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _record(self):
+                hits.append((self.command, self.path, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = _record
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # "localhost" is another host name than the judge's 127.0.0.1 (and another port)
+        self.url = f"http://localhost:{self.httpd.server_address[1]}/steal"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_the_key_never_follows_a_redirect(tmp_path, server, monkeypatch, capsys, code):
+    monkeypatch.setenv("TS_JUDGE_KEY", KEY)
+    other = RecordingServer()
+    try:
+        server.redirect_code, server.redirect_to = code, other.url
+        a, b = files(tmp_path, [("q REDIRECT", "GOOD")], [("q REDIRECT", "bad")])
+        assert main(judge_args(tmp_path, a, b, server.url)) == 2
+        err = capsys.readouterr().err
+        assert f"HTTP {code} redirects to {other.url}" in err and "set base_url" in err
+        assert other.hits == [] and len(server.requests) == 1  # nothing sent elsewhere, no retries
+        assert_no_key(tmp_path, err)
+    finally:
+        other.close()
+
+
+def test_judges_see_the_alpaca_input_and_pairs_match_on_it(tmp_path):
+    rows_a = [{"instruction": "Summarize the text.", "input": "cats", "output": "GOOD cats"},
+              {"instruction": "Summarize the text.", "input": "dogs", "output": "dogs"}]
+    rows_b = [{"instruction": "Summarize the text.", "input": "dogs", "output": "GOOD dogs"},
+              {"instruction": "Summarize the text.", "input": "cats", "output": "cats"}]
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = pair_generations(read_generations(tmp_path / "a.jsonl"), read_generations(tmp_path / "b.jsonl"))
+    assert [(x.input, y.input) for x, y in pairs] == [("cats", "cats"), ("dogs", "dogs")]
+    seen = []
+
+    def judge(instruction, x, y):
+        seen.append(instruction)
+        return good_judge(instruction, x, y)
+
+    rows = J.judge_pairs(pairs, J.PythonJudge(judge), progress=False)
+    assert [r["outcome"] for r in rows] == ["A", "B"] and [r["input"] for r in rows] == ["cats", "dogs"]
+    assert seen[0] == "Summarize the text.\n\ncats" and seen[2] == "Summarize the text.\n\ndogs"
+    info = J.export_sheet(pairs, tmp_path / "sheet")
+    import csv
+
+    sheet = list(csv.DictReader(open(info["sheet"])))
+    assert sorted(r["instruction"] for r in sheet) == ["Summarize the text.\n\ncats", "Summarize the text.\n\ndogs"]
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    a, b = files(tmp_path, BASIC_A, BASIC_B)
+    (tmp_path / "taken").write_text("x")
+    assert main(["judge", "--a", a, "--b", b, "--output_dir", str(tmp_path / "taken"), "--judge", "python",
+                 "--python_judge", "test_judge:good_judge"]) == 2
+    assert "'output_dir' is a file, not a directory" in capsys.readouterr().err
+    assert main(["judge", "--a", a, "--b", b, "--output_dir", str(tmp_path / "o"), "--judge", "python",
+                 "--python_judge", "test_judge:good_judge", "--cache", str(tmp_path)]) == 2
+    assert "'cache' names a directory" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def test_local_task_matches_manual_scoring(tiny_model_dir, local_task):
 
 def test_eval_cli_with_tasks(tiny_model_dir, local_task, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", tiny_model_dir, "--tasks", local_task, "--task_limit", "4",
+    assert main(["eval", "--model_name_or_path", tiny_model_dir, "--tasks", local_task, "--task_limit", "4",
                  "--output", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["benchmarks"]["results"]) == {"tiny_colors"}

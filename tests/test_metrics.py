@@ -36,7 +36,9 @@ def test_rouge_l_hand_computed():
     # tokens: [the cat sat on the mat] vs [a cat was sitting on the mat]; LCS = cat on the mat = 4
     p, r = 4 / 6, 4 / 7
     assert M.rouge_l("The cat sat on the mat.", "A cat was sitting on the mat!") == pytest.approx(2 * p * r / (p + r))
-    assert M.lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+    assert M.rouge_l("", "empty prediction") == 0.0
+    # argument order: prediction first. 2 of 2 prediction tokens, 2 of 4 reference tokens -> P 1, R 0.5
+    assert M.rouge_l("a b", "a b c d") == pytest.approx(2 * 1 * 0.5 / 1.5)
 
 
 @pytest.mark.parametrize("pred,ref", PAIRS + _random_pairs(seed=1))
@@ -102,3 +104,50 @@ def test_all_too_short_and_bad_n():
     assert out["n_used"] == 0 and out["n_too_short"] == 2 and out["rep_2"] is None
     with pytest.raises(ValueError):
         M.rep_diversity(["a b c"], n_tokens=3)
+
+
+def simctg_reference(texts, n_tokens):
+    """An independent transcription of SimCTG's measure_repetition_and_diversity (the code behind NEFTune's Table 4),
+    applied to the first n_tokens words of each answer long enough, as NEFTune's evaluation does."""
+    kept = [" ".join(t.split()[:n_tokens]) for t in texts if len(t.split()) >= n_tokens]
+    reps = {}
+    for n in (2, 3, 4):
+        unique = total = 0
+        for text in kept:
+            words = text.strip().split()
+            start, end, seen, count = 0, n, set(), 0
+            while end < len(words):  # stops before the last n-gram
+                seen.add(" ".join(words[start:end]))
+                count += 1
+                start, end = start + 1, end + 1
+            unique, total = unique + len(seen), total + count
+        reps[n] = round((1 - unique / total) * 100, 2)
+    div = (1 - reps[2] / 100) * (1 - reps[3] / 100) * (1 - reps[4] / 100)
+    return reps, div
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_mode_matches_simctg_reference(seed):
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices("a b c d e f".split(), k=rng.randint(3, 20))) for _ in range(30)]
+    out = M.rep_diversity(texts, n_tokens=9, mode="paper")
+    reps, div = simctg_reference(texts, 9)
+    assert out["mode"] == "paper" and out["n_used"] == sum(len(t.split()) >= 9 for t in texts) > 0
+    assert [out["rep_2"], out["rep_3"], out["rep_4"]] == [reps[2], reps[3], reps[4]]
+    assert out["diversity"] == pytest.approx(div, abs=1e-12)
+    assert out["log_diversity"] == pytest.approx(-math.log(1 - div))
+    formula = M.rep_diversity(texts, n_tokens=9)
+    assert formula["mode"] == "formula" and formula["rep_2"] != out["rep_2"]  # the two modes really differ here
+
+
+def test_paper_mode_hand_computed():
+    # "a b a b a b" without its last 2-gram: ab ba ab ba (4, 2 unique) -> 50.0 (formula: 60.0)
+    # 3-grams without the last: aba bab aba (3, 2 unique) -> 33.33 (rounded; formula 50.0)
+    # 4-grams without the last: abab baba (2, 2 unique) -> 0.0
+    out = M.rep_diversity(["a b a b a b"], n_tokens=6, mode="paper")
+    assert (out["rep_2"], out["rep_3"], out["rep_4"]) == (50.0, 33.33, 0.0)
+    assert out["diversity"] == pytest.approx(0.5 * (1 - 0.3333))
+    with pytest.raises(ValueError, match="at least 5 in paper mode"):
+        M.rep_diversity(["a b c d"], n_tokens=4, mode="paper")
+    with pytest.raises(ValueError, match="mode"):
+        M.rep_diversity(["a b c d"], n_tokens=4, mode="simctg")

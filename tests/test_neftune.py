@@ -94,29 +94,30 @@ def test_builtin_transformers_hook_differs_on_padded_batch():
 
 
 class NoiseProbe:
-    """Observes (without changing anything) the clean token embeddings and what the decoder stack receives."""
+    """Observes (without changing anything) the clean token embeddings and what the first decoder layer receives."""
 
     def __init__(self, model):
         from tunesmith.neftune import input_embedding_module
 
         base = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
         self.events = []
-        self._clean = None
+        self._clean = self._mask = None
         self.handles = [
-            input_embedding_module(model).register_forward_hook(self._on_embed),
+            input_embedding_module(model).register_forward_hook(self._on_embed),  # registered first: sees clean
             base.register_forward_pre_hook(self._on_base, with_kwargs=True),
+            base.layers[0].register_forward_pre_hook(self._on_layer, with_kwargs=True),
         ]
 
     def _on_embed(self, module, args, output):
         self._clean = output.detach().clone()
 
     def _on_base(self, module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            self.events.append(("clean", None))
-            return
-        mask = kwargs.get("attention_mask")
-        self.events.append(("noised", (embeds.detach() - self._clean, mask)))
+        self._mask = kwargs.get("attention_mask")
+
+    def _on_layer(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        noise = hidden.detach() - self._clean
+        self.events.append(("noised", (noise, self._mask)) if noise.abs().max() > 0 else ("clean", None))
 
     def close(self):
         for h in self.handles:

@@ -55,7 +55,7 @@ def manual_loss(model_dir, data):
 def test_eval_loss_and_generation_metrics(two_runs, capsys):
     root, data, heldout, runs = two_runs
     out = runs["neft"] / "eval.json"
-    assert main(["eval", "--model", str(runs["neft"]), "--dataset", f"{data},{heldout}", "--generations",
+    assert main(["eval", "--model_name_or_path", str(runs["neft"]), "--dataset", f"{data},{heldout}", "--generations",
                  str(runs["neft"] / "gen_train.jsonl"), "--n_tokens", "4", "--batch_size", "5",
                  "--output", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -79,7 +79,7 @@ def test_eval_references_file_and_errors(tmp_path):
                                               {"instruction": "q2", "output": "a dog ran far away"}])
     refs = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "q2", "output": "a dog ran"},
                                               {"instruction": "q1", "output": "the cat sat"}])
-    s = generation_stats(gens, 4, refs={"q1": "the cat sat", "q2": "a dog ran"})
+    s = generation_stats(gens, 4, refs={("q1", ""): "the cat sat", ("q2", ""): "a dog ran"})
     assert s["overlap"]["rouge_l"] == [1.0, pytest.approx(2 * 1 * 0.6 / 1.6)]
     r = run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[gens], references=refs, n_tokens=4))
     assert r["generations"]["g"]["overlap"]["rouge_l"][0] == 1.0
@@ -90,7 +90,7 @@ def test_eval_references_file_and_errors(tmp_path):
     no_ref = generation_stats(gens, 4)
     assert no_ref["overlap"] is None and "no references" in no_ref["overlap_note"]
     with pytest.raises(UserError, match=r"g.jsonl:2: field 'instruction': no reference"):
-        generation_stats(gens, 4, refs={"q1": "x"})
+        generation_stats(gens, 4, refs={("q1", ""): "x"})
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "q1"}])
     with pytest.raises(UserError):
         run_eval(EvalConfig(output=str(tmp_path / "e2.json"), generations=[gens], references=empty))
@@ -100,11 +100,50 @@ def test_eval_references_file_and_errors(tmp_path):
         EvalConfig(output="x", generations=[gens], n_tokens=3)
 
 
+def test_eval_references_match_instruction_and_input(tmp_path):
+    """Alpaca rows that share an instruction differ by their input: each generation gets its own reference."""
+    refs = write_jsonl(tmp_path / "r.jsonl", [
+        {"instruction": "Summarize the text.", "input": "the cat sat on the mat", "output": "a cat sat"},
+        {"instruction": "Summarize the text.", "input": "dogs run in the park", "output": "dogs run"},
+        {"instruction": "Summarize the text.", "output": "nothing to summarize"}])
+    gens = write_jsonl(tmp_path / "g.jsonl", [
+        {"instruction": "Summarize the text.", "input": "dogs run in the park", "output": "dogs run"},
+        {"instruction": "Summarize the text.", "output": "nothing to summarize"},
+        {"instruction": "Summarize the text.", "input": "the cat sat on the mat", "output": "a cat sat"}])
+    r = run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[gens], references=refs, n_tokens=4))
+    assert r["generations"]["g"]["overlap"]["rouge_l"] == [1.0, 1.0, 1.0]
+    other = write_jsonl(tmp_path / "o.jsonl", [{"instruction": "Summarize the text.", "input": "unknown text",
+                                               "output": "x"}])
+    with pytest.raises(UserError, match=r"o.jsonl:1: field 'instruction': no reference answer with this "
+                                        r"instruction and input"):
+        run_eval(EvalConfig(output=str(tmp_path / "e.json"), generations=[other], references=refs, n_tokens=4))
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "q", "input": 3, "output": "x"}])
+    with pytest.raises(UserError, match=r"b.jsonl:1: field 'input': expected a string"):
+        generation_stats(bad, 4)
+
+
+def test_eval_diversity_mode_is_recorded(tmp_path, capsys):
+    gens = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q", "output": "a b a b a b"}])
+    assert main(["eval", "--generations", gens, "--n_tokens", "6", "--diversity_mode", "paper", "--output",
+                 str(tmp_path / "e.json")]) == 0
+    r = json.loads((tmp_path / "e.json").read_text())
+    d = r["generations"]["g"]["diversity"]
+    assert r["diversity_mode"] == d["mode"] == "paper" and d["rep_2"] == 50.0  # formula mode: 60.0
+    assert "paper mode, first 6 words" in capsys.readouterr().out
+    assert main(["eval", "--generations", gens, "--n_tokens", "4", "--diversity_mode", "paper", "--output",
+                 str(tmp_path / "e.json")]) == 2
+    assert "n_tokens must be at least 5" in capsys.readouterr().err
+    assert main(["eval", "--generations", gens, "--diversity_mode", "simctg", "--output",
+                 str(tmp_path / "e.json")]) == 2
+
+
 def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     root, data, heldout, runs = two_runs
-    for name in ("base", "neft"):
-        assert main(["eval", "--generations", str(runs[name] / "gen_train.jsonl"), "--n_tokens", "4",
-                     "--output", str(runs[name] / "eval.json")]) == 0
+    for name, mode in (("base", "formula"), ("neft", "paper")):
+        assert main(["eval", "--generations", str(runs[name] / "gen_train.jsonl"), "--n_tokens", "5",
+                     "--diversity_mode", mode, "--output", str(runs[name] / "eval.json")]) == 0
+        ev = json.loads((runs[name] / "eval.json").read_text())
+        assert ev["diversity_mode"] == mode and ev["generations"]["gen_train"]["diversity"]["mode"] == mode
     ev = json.loads((runs["base"] / "eval.json").read_text())
     ev["benchmarks"] = {"results": {"tiny_colors": {"acc": 0.375, "acc_stderr": 0.18}}}
     (runs["base"] / "eval.json").write_text(json.dumps(ev))
@@ -136,6 +175,9 @@ def test_report_renders_with_plots(two_runs, tmp_path, capsys):
     assert any("eval_eval_loss" in x for x in log) and any("eval_train_loss" in x for x in log)
     assert "| base | tiny_colors | acc 0.3750 | acc_stderr 0.1800 |" in md
     assert "held-out loss (last logged)" in md and "<table>" in page
+    # the report says how rep-n was computed, and warns when the runs differ
+    assert "formula mode: rep-n" in md and "paper mode: as the NEFTune paper" in md
+    assert "do not all use the same mode" in md
     assert "3 plots" in capsys.readouterr().out
 
 
@@ -153,6 +195,11 @@ def test_report_errors(tmp_path):
     (tmp_path / "w.json").write_text("{}")
     with pytest.raises(UserError, match="field 'n': missing"):
         main_report(["--winrate", str(tmp_path / "w.json")])
+    with pytest.raises(UserError, match="'output' is a file, not a directory"):
+        main_report(["--winrate", str(tmp_path / "w.json"), "--output", str(tmp_path / "w.json")])
+    gens = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q", "output": "a b c d"}])
+    with pytest.raises(UserError, match="'output' names a directory"):
+        EvalConfig(output=str(tmp_path), generations=[gens])
 
 
 def main_report(argv):

@@ -167,7 +167,8 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
     r2 = _worker(tmp_path / "two.json", torchrun=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     worlds = [json.loads((tmp_path / "two" / f"world.rank{r}").read_text()) for r in (0, 1)]
-    assert all(w == {"world_size": 2, "args_world_size": 2} for w in worlds)
+    assert all((w["world_size"], w["args_world_size"]) == (2, 2) for w in worlds)
+    assert worlds[0]["rng"] == worlds[1]["rng"]  # without NEFTune the ranks' generators are left as the Trainer set them
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 4
     assert l1 == pytest.approx(l2, abs=2e-4)

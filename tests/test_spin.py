@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import alpaca_rows, sft_config, write_jsonl
 
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from tunesmith.config import build_config
 from tunesmith.data.formats import Example, Turn
@@ -597,3 +597,28 @@ def test_torchrun_two_processes_split_generation_shards_and_train_ddp(full_run, 
     assert ddp["steps"] == single["steps"] == 3
     for key in ("loss", "reward_margin", "policy_real", "policy_generated"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-3, abs=1e-3), key
+
+
+def test_killed_after_the_last_checkpoint_finishes_from_it(tiny_model_dir, data_file, tmp_path):
+    """Issue 10 item 4 for SPIN: a kill between the iteration's last checkpoint and its model save is finished from
+    that checkpoint, without a training step past it (the Trainer, resumed from a checkpoint that ends mid-epoch,
+    would train one more), giving the uninterrupted run's model."""
+    # 12 pairs, batch 4: 3 steps an epoch; half an epoch ends at step 2, mid-epoch, where checkpoint-2 is written
+    base = spin_config(tiny_model_dir, data_file, None, num_iterations=1, num_train_epochs=0.5)
+
+    class CrashOnLastSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == state.max_steps:
+                raise RuntimeError("killed")
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    spin.train(dict(base, output_dir=str(straight)))
+    with pytest.raises(RuntimeError, match="killed"):
+        spin.train(dict(base, output_dir=str(killed)), callbacks=[CrashOnLastSave()])
+    assert [p.name for p in (killed / "iteration-0" / "trainer").glob("checkpoint-*")] == ["checkpoint-2"]
+    assert not (killed / "iteration-0" / "model").exists()
+    spin.train(dict(base, output_dir=str(killed)))
+    log = (killed / "iteration-0" / "metrics.jsonl").read_text().splitlines()
+    assert max(json.loads(x)["step"] for x in log) == 2  # nothing trained after the last checkpoint
+    wa, wb = weights(killed / "iteration-0" / "model"), weights(straight / "iteration-0" / "model")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)

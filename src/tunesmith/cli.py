@@ -21,6 +21,7 @@ COMMANDS = {
     "judge": ("tunesmith.evaluation.judge", "pairwise judging of two generation files; win rates with intervals"),
     "eval": ("tunesmith.evaluation.evaluate", "loss/perplexity, lengths, repetition, diversity, ROUGE-L/BLEU; JSON"),
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
+    "plan": ("tunesmith.plan", "peak GPU memory per device for a config: DDP, FSDP, ZeRO-2/3; full, LoRA, QLoRA"),
     "demo": ("tunesmith.demo.run", "fine-tune the shipped tiny model with and without NEFTune, compare in a report"),
 }
 

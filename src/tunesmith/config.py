@@ -54,6 +54,26 @@ def canonical_keys(values: dict, known, source: str) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key}' (first given on line {first + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -63,7 +83,7 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config ({e.__class__.__name__}: {e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -206,6 +226,7 @@ class Config:
             if key not in owners:
                 raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
             by_part[owners[key]][key] = value
+        device_mixed_precision(by_part)
         cls.prepare(by_part)
         self = object.__new__(cls)
         for name, part in cls.PARTS:
@@ -258,7 +279,12 @@ class ModelArgs:
     """Model"""
 
     model_name_or_path: str | None = _f(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
-    dtype: str = _f("float32", "float32, bfloat16, float16 or auto.")
+    model_revision: str | None = _f(None, "Hub revision of the model (branch, tag or commit); default the main branch.")
+    dtype: str = _f("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
+                            "with bf16 mixed precision), float32, bfloat16 or float16.")
+    attn_implementation: str = _f("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
+                                          "flash kernels when installed; packing and padding_free then run the "
+                                          "variable-length kernels from position_ids).")
     trust_remote_code: bool = _f(False, "Allow custom model code from the model repository (off: never runs foreign "
                                         "code).")
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
@@ -266,6 +292,9 @@ class ModelArgs:
     def __post_init__(self):
         if not self.model_name_or_path:
             raise UserError("field 'model_name_or_path' is required")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        check_attn_implementation(self.attn_implementation)
 
 
 @dataclasses.dataclass
@@ -279,6 +308,8 @@ class DataArgs:
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
     template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
                                         "and {response}.")
+    chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
+                                         "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
     train_on_prompt: bool = _f(False, "Also train on prompt tokens (default: responses only).")
     packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them).")
@@ -288,6 +319,8 @@ class DataArgs:
     def __post_init__(self):
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        if self.chat_template is not None:
+            read_chat_template(self.chat_template)
         if self.padding_free and self.packing:
             raise UserError("padding_free and packing exclude each other (packed rows have no padding to remove)")
         if self.max_length < 2:
@@ -324,6 +357,47 @@ class NEFTuneArgs:
         if self.neftune_noise_distribution not in ("uniform", "gaussian"):
             raise UserError(f"field 'neftune_noise_distribution' must be uniform or gaussian, "
                             f"got {self.neftune_noise_distribution!r}")
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_attn_implementation(name: str) -> None:
+    """One-line error for an unknown attention kernel or one that is not installed here."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"field 'attn_implementation' must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    from transformers.utils import import_utils
+
+    available = {"flash_attention_2": "is_flash_attn_2_available", "flash_attention_3": "is_flash_attn_3_available",
+                 "flex_attention": "is_torch_flex_attn_available"}
+    check = available.get(name)
+    if check and not getattr(import_utils, check, lambda: False)():
+        raise UserError(f"field 'attn_implementation': {name} is not available here (its kernel is not installed or "
+                        "needs a GPU); use sdpa")
+
+
+def read_chat_template(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"field 'chat_template': cannot read {path} ({e.__class__.__name__})") from None
+    if "{%" not in text and "{{" not in text:
+        raise UserError(f"field 'chat_template': {path} is not a Jinja template (no {{% %}} or {{{{ }}}})")
+    return text
+
+
+def device_mixed_precision(by_part: dict[str, dict]) -> None:
+    """``dtype: auto`` (the default): bf16 mixed precision on GPUs that support it (fp16 on other GPUs), none on CPU,
+    unless the config sets bf16 / fp16 itself."""
+    model, training = by_part.get("model"), by_part.get("training")
+    if model is None or training is None or model.get("dtype", "auto") != "auto":
+        return
+    if "bf16" in training or "fp16" in training or training.get("use_cpu"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        training["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
 
 
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:

@@ -12,15 +12,21 @@ compares against), ``truncated`` (the output hit ``max_new_tokens`` without an e
 
 The NEFTune paper evaluates with greedy decoding and ``repetition_penalty`` 1.2; its Table 5 controls are
 ``min_new_tokens`` (EOS blocked until a minimum length) and ``prompt_suffix`` (asking for a longer answer).
+
+Sampling with ``temperature`` 0 is greedy decoding (the limit of sampling as the temperature goes to 0, and what
+vLLM and the OpenAI API do; transformers alone would refuse it): the CLI says so and records ``do_sample: false``.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from tunesmith.errors import UserError
+
+log = logging.getLogger("tunesmith")
 
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
                  "min_new_tokens", "seed")
@@ -52,6 +58,9 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_decoding(temperature, top_p, top_k, repetition_penalty, min_new_tokens)
+    if do_sample and temperature == 0:
+        do_sample = False  # temperature 0 is greedy decoding (see the module docstring)
     for i, p in enumerate(prompt_ids):
         if not p:
             raise UserError(f"prompt {i} is empty (no tokens)")
@@ -104,25 +113,88 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
     return results  # type: ignore[return-value]
 
 
+def check_decoding(temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+                   min_new_tokens: int) -> None:
+    """One-line errors for decoding settings no backend can use."""
+    if not temperature >= 0:
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not repetition_penalty > 0:
+        raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    if min_new_tokens < 0:
+        raise UserError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of request ``index`` in a run seeded with ``seed`` (vLLM backend): one stream per prompt,
+    so a prompt's sample does not depend on which other prompts share its batch."""
+    return (seed * 1_000_003 + index) % (2**31 - 1)
+
+
 def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_tokens: int = 256,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                   repetition_penalty: float = 1.0, min_new_tokens: int = 0, seed: int | None = 0,
-                  tokenizer=None, **_) -> list[dict]:
-    """The same contract as :func:`generate`, run by vLLM (GPU). Greedy = temperature 0."""
+                  tokenizer=None, request_seeds: list[int] | None = None, dtype: str = "auto",
+                  **_) -> list[dict]:
+    """The same contract as :func:`generate`, run by vLLM (GPU). Greedy = temperature 0.
+
+    * vLLM is given the prompts as token ids (``prompt_token_ids``), exactly the ids the HF path feeds
+      ``model.generate``: no text round-trip, no second tokenization, no template applied by vLLM.
+    * Each request has its own ``SamplingParams`` with its own seed: ``request_seeds[i]`` when given (SPIN passes
+      seeds derived from its shard seed), else :func:`request_seed` (``seed``, i). A prompt's sample therefore does
+      not depend on batching or on the other prompts.
+    * Stops at the same end-of-sequence ids as the HF path (the model's generation config and the tokenizer);
+      outputs are decoded with the model's own tokenizer, without the EOS, and ``truncated`` means no EOS within
+      ``max_new_tokens``.
+    * Safetensors only, no remote code. A LoRA adapter directory must be merged first (``tunesmith merge``).
+    """
+    from types import SimpleNamespace
+
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise UserError("backend 'vllm': the vllm package is not installed (pip install 'tunesmith[vllm]'; it needs "
                         "a GPU); use backend 'hf'") from None
-    llm = LLM(model=model_path, tokenizer=model_path, seed=seed or 0)
-    params = SamplingParams(max_tokens=max_new_tokens, min_tokens=min_new_tokens,
-                            temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
-                            top_k=(top_k or -1) if do_sample else -1, repetition_penalty=repetition_penalty,
-                            seed=seed)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params)
-    return [{"output": o.outputs[0].text, "output_ids": list(o.outputs[0].token_ids),
-             "new_tokens": len(o.outputs[0].token_ids), "truncated": o.outputs[0].finish_reason == "length"}
-            for o in outs]
+    if (Path(model_path) / "adapter_config.json").exists():
+        raise UserError(f"{model_path}: a LoRA adapter; backend 'vllm' needs a whole model (tunesmith merge --adapter "
+                        f"{model_path} --output DIR)")
+    if request_seeds is not None and len(request_seeds) != len(prompt_ids):
+        raise ValueError(f"request_seeds has {len(request_seeds)} seeds for {len(prompt_ids)} prompts")
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise UserError(f"prompt {i} is empty (no tokens)")
+    if tokenizer is None:
+        from tunesmith.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_path)
+    try:
+        from transformers import GenerationConfig
+
+        gen_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS only
+        gen_config = None
+    eos = _eos_ids(SimpleNamespace(generation_config=gen_config), tokenizer)
+
+    if request_seeds is None:
+        request_seeds = [None if seed is None else request_seed(seed, i) for i in range(len(prompt_ids))]
+    common = dict(max_tokens=max_new_tokens, min_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                  stop_token_ids=eos, temperature=temperature if do_sample else 0.0,
+                  top_p=top_p if do_sample else 1.0, top_k=(top_k or -1) if do_sample else -1)
+    params = [SamplingParams(**common, seed=s) for s in request_seeds]
+    llm = LLM(model=model_path, tokenizer=model_path, seed=seed or 0, dtype=dtype, load_format="safetensors",
+              trust_remote_code=False)
+    outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params)
+    results = []
+    for o in outs:
+        ids = list(o.outputs[0].token_ids)
+        stopped = bool(ids) and ids[-1] in eos
+        kept = ids[:-1] if stopped else ids
+        results.append({"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
+                        "new_tokens": len(ids), "truncated": o.outputs[0].finish_reason == "length" and not stopped})
+    return results
 
 
 # ---------------------------------------------------------------- CLI
@@ -158,27 +230,48 @@ class GenerateConfig:
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
 
     def __post_init__(self):
+        from tunesmith.rundir import check_output_file
+
         for key in ("model_name_or_path", "prompts", "output"):
             if not getattr(self, key):
                 raise UserError(f"'{key}' is required")
+        check_output_file(self.output, "output")
+        check_decoding(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.limit < 0:
+            raise UserError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        if self.do_sample and self.temperature == 0:
+            log.warning("note: temperature 0 means greedy decoding; sampling is off (do_sample: false is recorded)")
+            self.do_sample = False
 
     def decoding(self) -> dict:
         d = asdict(self)
         return {k: d[k] for k in DECODING_KEYS} | {"prompt_suffix": self.prompt_suffix, "backend": self.backend}
 
 
-def prompt_rows(cfg: GenerateConfig, tokenizer, template) -> tuple[list[list[int]], list[dict]]:
-    """Encode every prompt of ``cfg.prompts`` with ``template``; returns (token ids, row metadata)."""
+def prompt_examples(cfg: GenerateConfig) -> list:
+    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded)."""
     from tunesmith.data.formats import to_examples
     from tunesmith.data.load import load_records
-    from tunesmith.data.tokenize import encode_prompt
 
     records = load_records(cfg.prompts, cfg.dataset_split)
     if not records:
         raise UserError(f"{cfg.prompts}: no prompts")
     if cfg.limit:
         records = records[:cfg.limit]
-    examples = to_examples(records, cfg.dataset_format, require_response=False)
+    return to_examples(records, cfg.dataset_format, require_response=False)
+
+
+def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None = None
+                ) -> tuple[list[list[int]], list[dict]]:
+    """Encode every prompt of ``cfg.prompts`` (or ``examples``) with ``template``; returns (token ids, row
+    metadata)."""
+    from tunesmith.data.tokenize import encode_prompt
+
+    examples = prompt_examples(cfg) if examples is None else examples
     ids, meta = [], []
     for ex in examples:
         if ex.text is not None:
@@ -206,6 +299,7 @@ def run(cfg: GenerateConfig) -> str:
     from tunesmith.models import load_model_and_tokenizer, load_tokenizer
 
     settings = {k: getattr(cfg, k) for k in DECODING_KEYS}
+    examples = prompt_examples(cfg)
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -215,8 +309,9 @@ def run(cfg: GenerateConfig) -> str:
         model, tokenizer = None, load_tokenizer(cfg.model_name_or_path)
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
-    template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model_name_or_path, tokenizer)
-    ids, meta = prompt_rows(cfg, tokenizer, template)
+    template = (get_template(cfg.template, tokenizer) if cfg.template
+                else load_saved_template(cfg.model_name_or_path, tokenizer))
+    ids, meta = prompt_rows(cfg, tokenizer, template, examples)
     if cfg.backend == "vllm":
         outs = generate_vllm(cfg.model_name_or_path, ids, **settings)
     else:

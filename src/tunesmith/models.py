@@ -24,9 +24,15 @@ def unwrap_distributed(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def resolve_dtype(name: str):
+def resolve_dtype(name: str, checkpoint_dtype=None):
+    """The torch dtype to load weights in. ``auto``: float32 on CPU (and for float32 checkpoints); on a GPU, a 16-bit
+    checkpoint (``checkpoint_dtype``, from its config.json) loads as bfloat16 where the GPU supports it, else float32
+    (fp16 weights cannot be trained without a float32 master copy)."""
     if name == "auto":
-        return "auto"
+        sixteen = str(checkpoint_dtype).replace("torch.", "") in ("bfloat16", "float16")
+        if sixteen and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype '{name}' (choose float32, bfloat16, float16 or auto)")
     return DTYPES[name]
@@ -39,15 +45,52 @@ def _check_source(path: str) -> None:
         raise UserError(f"{path}: model directory not found")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def check_weights(path: str) -> None:
+    """A local model directory whose .safetensors files are torn (a copy or a save cut short) is a one-line error,
+    not a traceback from deep inside the loader."""
+    from tunesmith.rundir import safetensors_problem
+
+    p = Path(path)
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise UserError(f"{path}: cannot load model ({problem})")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   chat_template: str | None = None):
+    """The tokenizer at ``path`` (``revision`` on the hub); ``chat_template``: a Jinja file replacing its template."""
     from transformers import AutoTokenizer
+
+    from tunesmith.config import read_chat_template
 
     _check_source(path)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{path}: cannot load tokenizer ({first_line(e)})") from None
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)
     return tok
+
+
+def checkpoint_dtype(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The dtype a checkpoint's config.json declares (None if it declares none or cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+
+def model_options(cfg) -> dict:
+    """The ModelArgs / DataArgs keys every model load takes (keyword arguments of :func:`load_model_and_tokenizer`)."""
+    return {"revision": cfg.model_revision, "attn_implementation": cfg.attn_implementation,
+            "chat_template": getattr(cfg, "chat_template", None)}
 
 
 def ensure_pad_token(tokenizer, model=None, eos_pads: bool = False) -> bool:
@@ -81,7 +124,8 @@ def resize_embeddings(model, vocab_size: int) -> None:
 
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bool = False,
-                             trust_remote_code: bool = False, model_class=None):
+                             trust_remote_code: bool = False, model_class=None, revision: str | None = None,
+                             attn_implementation: str | None = None, chat_template: str | None = None):
     """Load a causal LM (or ``model_class``) and its tokenizer; safetensors only; adds a dedicated pad token.
 
     ``path`` may also be a LoRA adapter directory saved by tunesmith: its base is loaded (resized to the adapter's
@@ -89,20 +133,27 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bo
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, revision, chat_template)
     adapter_cfg = Path(path) / "adapter_config.json"
     base = json.loads(adapter_cfg.read_text())["base_model_name_or_path"] if adapter_cfg.exists() else path
     if adapter_cfg.exists():
         _check_source(base)
-    kwargs = dict(dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
+    auto = checkpoint_dtype(base, revision, trust_remote_code) if dtype == "auto" else None
+    kwargs = dict(dtype=resolve_dtype(dtype, auto), trust_remote_code=trust_remote_code, use_safetensors=True,
+                  revision=revision)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        compute = DTYPES.get(dtype, torch.float32) if dtype != "auto" else torch.float32
+        compute = kwargs["dtype"]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute)
     cls = model_class or AutoModelForCausalLM
+    check_weights(base)
+    if adapter_cfg.exists():
+        check_weights(path)
     try:
         model = cls.from_pretrained(base, **kwargs)
     except (OSError, ValueError) as e:
@@ -130,35 +181,66 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def save_model_dir(model, tokenizer, path, write=None, copy_from=(), replace: bool = False) -> Path:
-    """Save ``model`` (safetensors) and ``tokenizer`` to the directory ``path`` so that a crash never leaves something
-    that looks like a complete model: everything is written into a temporary directory first.
+def gathered_state_dict(model, accelerator=None) -> dict | None:
+    """The whole model's state dict on rank 0 (empty elsewhere), gathered from FSDP / ZeRO-3 shards; None in a single
+    process (save the model's own weights).
 
-    ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist. A new
-    ``path`` is then renamed into place in one step (``replace=True``: an existing one is removed first, once the new
-    one is complete). An existing ``path`` (a run's output directory, which also holds checkpoints and logs) receives
-    the files one by one, ``config.json`` (what makes it loadable) last.
+    COLLECTIVE: under torch.distributed every rank must call it (rank 0 alone would wait for the others forever).
+    DeepSpeed goes through ``accelerator.get_state_dict`` (ZeRO-3 needs ``zero3_save_16bit_model``); FSDP (1 and 2),
+    DDP and plain modules through torch's ``get_model_state_dict`` with a full, CPU-offloaded state dict.
     """
+    if accelerator is not None and getattr(accelerator.distributed_type, "value", "") == "DEEPSPEED":
+        return accelerator.get_state_dict(model)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # one process: the model's own weights are whole
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unwrap_distributed(model),
+                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str | None = None,
+                   state_dict: dict | None = None) -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` to the directory ``path`` so that a crash never leaves something
+    that looks like a complete model: everything is written into a fresh temporary directory first (nothing that
+    exists is ever cleared to make room for it).
+
+    ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist.
+    ``owner`` (a command, e.g. "merge"): ``path`` is a whole directory that command owns; it is renamed into place in
+    one step, and an existing one is replaced only if that command wrote it (see
+    :func:`tunesmith.rundir.publish_dir`: a user's directory is refused, never deleted). Without ``owner``, a new
+    ``path`` is renamed into place, and an existing ``path`` (a run's output directory, which also holds checkpoints
+    and logs) receives the files one by one, ``config.json`` (what makes it loadable) last.
+    ``state_dict``: the weights to write (from :func:`gathered_state_dict` when the model is sharded); default the
+    model's own.
+    """
+    import tempfile
+
+    from tunesmith.rundir import check_replaceable, publish_dir, staging_dir
+
     path = Path(path)
-    into = path.is_dir() and not replace
-    tmp = path / ".model.partial" if into else path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for src in map(Path, copy_from):
-        if src.exists():
-            shutil.copy(src, tmp / src.name)
-    if write is not None:
-        write(tmp)
+    if owner is not None:
+        check_replaceable(path, owner)  # refuse before the work, not after
+    into = owner is None and path.is_dir()
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=path)) if into else staging_dir(path)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for src in map(Path, copy_from):
+            if src.exists():
+                shutil.copy(src, tmp / src.name)
+        if write is not None:
+            write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if owner is not None:
+        return publish_dir(tmp, path, owner)
     if not into:
-        if path.exists():
-            shutil.rmtree(path)
         os.replace(tmp, path)
         return path
     for f in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
-        if (path / f.name).is_dir():
-            shutil.rmtree(path / f.name)
         os.replace(f, path / f.name)
     tmp.rmdir()
     return path
@@ -182,13 +264,17 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
-    """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir."""
+    """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir.
+    An existing output_dir is replaced only if it is empty or an earlier merge's output."""
+    from tunesmith.rundir import check_replaceable
+
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise UserError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
+    check_replaceable(output_dir, "merge")  # a user's directory is refused before any work, and never deleted
     model, tokenizer = load_model_and_tokenizer(adapter_dir, dtype)
     model = model.merge_and_unload()
     kept = [Path(adapter_dir) / name for name in ("tunesmith_template.json", "tunesmith.yaml", "README.md")]
-    save_model_dir(model, tokenizer, output_dir, copy_from=kept, replace=True)
+    save_model_dir(model, tokenizer, output_dir, copy_from=kept, owner="merge")
     return output_dir
 
 

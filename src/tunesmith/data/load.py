@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import UserError, first_line
 
 SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON text that may decode to a surrogate code point
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -31,6 +34,44 @@ def _read_text(path: Path) -> str:
         raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
+def _printable(key) -> str:
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _find_surrogate(value, where: str = "") -> tuple[str, str] | None:
+    """(field path, the escape) of the first string in ``value`` holding a lone surrogate, else None."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return (where, f"\\u{ord(m.group()):04x}") if m else None
+    if isinstance(value, dict):
+        items = ((f"{where}.{_printable(k)}" if where else _printable(k), k, v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{where}[{i}]", None, v) for i, v in enumerate(value))
+    else:
+        return None
+    for name, key, v in items:
+        found = _find_surrogate(key, name) if isinstance(key, str) else None
+        found = found or _find_surrogate(v, name)
+        if found:
+            return found
+    return None
+
+
+def may_hold_surrogates(json_text: str) -> bool:
+    """Cheap pre-check for :func:`check_text`: only a ``\\udXXX`` escape in JSON text decodes to a surrogate."""
+    return _SURROGATE_ESCAPE.search(json_text) is not None
+
+
+def check_text(obj, loc: str) -> None:
+    """JSON may spell a lone surrogate (``\\ud800``): not a character, it breaks tokenizers and UTF-8 writes later.
+    Raise a one-line error naming the location and field."""
+    found = _find_surrogate(obj)
+    if found:
+        field, escape = found
+        raise UserError(f"{loc}: field '{field}': lone surrogate escape {escape} (half of a UTF-16 pair, not a "
+                        f"character); fix the text's encoding")
+
+
 def _jsonl(path: Path) -> list[Record]:
     out = []
     for n, line in enumerate(_read_text(path).splitlines(), start=1):
@@ -42,6 +83,8 @@ def _jsonl(path: Path) -> list[Record]:
             raise UserError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        if may_hold_surrogates(line):
+            check_text(obj, f"{path}:{n}")
         out.append(Record(obj, f"{path}:{n}"))
     return out
 
@@ -62,9 +105,12 @@ def _json(path: Path) -> list[Record]:
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a JSON array of objects, got {type(obj).__name__}")
     out = []
+    check = may_hold_surrogates(text)
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise UserError(f"{path}: row {i}: expected an object, got {type(item).__name__}")
+        if check:
+            check_text(item, f"{path}: row {i}")
         out.append(Record(item, f"{path}: row {i}"))
     return out
 

@@ -158,7 +158,7 @@ def evaluate_model(cfg: DemoConfig, model_dir: Path, run_dir: Path, name: str, d
                                     output=str(gens[split]), generator=name, batch_size=32,
                                     max_new_tokens=24 if cfg.quick else cfg.max_new_tokens,
                                     repetition_penalty=cfg.repetition_penalty))
-    result = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model=str(model_dir),
+    result = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model_name_or_path=str(model_dir),
                                  dataset=[str(data["train_sample"]), str(data["heldout"])],
                                  generations=[str(gens["train"]), str(gens["heldout"])], n_tokens=cfg.n_tokens,
                                  run_name=name, batch_size=32))

@@ -9,7 +9,9 @@
   log-diversity on the first ``n_tokens`` whitespace tokens (Table 4), the count of outputs cut at
   ``max_new_tokens``, and ROUGE-L / BLEU against reference answers (Fig. 5: generations on training prompts vs the
   training answers). References come from each row's ``reference`` field (written by ``tunesmith generate`` when the
-  prompts file has answers) or from ``references``, a dataset matched by instruction.
+  prompts file has answers) or from ``references``, a dataset matched by instruction AND input (Alpaca rows that share
+  an instruction, e.g. "Summarize the text.", differ by their input). ``diversity_mode`` picks rep-n as written
+  (``formula``) or as the paper's SimCTG code computes it (``paper``); the JSON and the report say which.
 
 Save it as ``RUN_DIR/eval.json`` and ``tunesmith report`` picks it up.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from tunesmith.errors import UserError
 from tunesmith.evaluation import metrics as M
@@ -27,20 +30,25 @@ from tunesmith.evaluation.genfile import read_generations
 @dataclass
 class EvalConfig:
     output: str = field(default="", metadata={"help": "result JSON (put it at RUN_DIR/eval.json for the report)"})
-    model: str = field(default="", metadata={"help": "model directory, for loss / perplexity on 'dataset'"})
+    model_name_or_path: str = field(default="", metadata={"help": "model directory, for loss / perplexity on "
+                                                                  "'dataset' and for 'tasks'"})
     dataset: list[str] = field(default_factory=list, metadata={
         "help": "dataset(s) (any SFT format) to score the model's loss on, e.g. train.jsonl,heldout.jsonl"})
     dataset_format: str = field(default="auto", metadata={"help": "format of 'dataset' and 'references'"})
-    split: str = field(default="train", metadata={"help": "split, for hub datasets"})
+    dataset_split: str = field(default="train", metadata={"help": "split, for hub datasets"})
     template: str = field(default="", metadata={"help": "prompt template (default: the model's saved one)"})
     max_length: int = field(default=512, metadata={"help": "truncate scored examples to this many tokens"})
     batch_size: int = field(default=8, metadata={"help": "batch size for scoring"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
     generations: list[str] = field(default_factory=list, metadata={"help": "generation file(s) to measure"})
     references: str = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
-                                                          "instruction (default: each row's 'reference' field)"})
+                                                          "instruction and input (default: each row's 'reference' "
+                                                          "field)"})
     n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
                                                         "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
+    diversity_mode: Literal["formula", "paper"] = field(default="formula", metadata={
+        "help": "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
+                "each answer's last n-gram skipped, rep-n rounded to 2 decimals)"})
     run_name: str = field(default="", metadata={"help": "name shown in reports (default: the output's folder)"})
     tasks: list[str] = field(default_factory=list, metadata={
         "help": "lm-evaluation-harness tasks: names (arc_easy, mmlu, ...) and/or task .yaml files"})
@@ -52,53 +60,59 @@ class EvalConfig:
     def __post_init__(self):
         if not self.output:
             raise UserError("'output' is required")
-        if (self.dataset or self.tasks) and not self.model:
-            raise UserError("'dataset' and 'tasks' need 'model' (the model to evaluate)")
+        from tunesmith.rundir import check_output_file
+
+        check_output_file(self.output, "output")
+        if (self.dataset or self.tasks) and not self.model_name_or_path:
+            raise UserError("'dataset' and 'tasks' need 'model_name_or_path' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:
-            raise UserError("nothing to evaluate: give 'model' + 'dataset' / 'tasks', and/or 'generations'")
-        if self.n_tokens < 4:
-            raise UserError(f"n_tokens must be at least 4 (rep-4 needs 4-grams), got {self.n_tokens}")
+            raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
+        least = 5 if self.diversity_mode == "paper" else 4
+        if self.n_tokens < least:
+            raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
+                            f"{', and paper mode skips the last one' if least == 5 else ''}), got {self.n_tokens}")
 
 
 def dataset_loss_of(model, tokenizer, template, source: str, cfg: EvalConfig) -> dict:
-    import torch
-
     from tunesmith.data.collate import Collator
     from tunesmith.data.prepare import load_examples, tokenize_examples
-    from tunesmith.scoring import dataset_loss
+    from tunesmith.scoring import rows_loss
 
-    examples = load_examples(source, cfg.dataset_format, cfg.split)
+    examples = load_examples(source, cfg.dataset_format, cfg.dataset_split)
     rows, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, source=source)
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; the token-weighted sum is order-free
-    batches = torch.utils.data.DataLoader(rows, batch_size=cfg.batch_size, collate_fn=Collator(tokenizer.pad_token_id))
-    result = dataset_loss(model, batches, device=next(model.parameters()).device)
+    result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
+                       device=next(model.parameters()).device)
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
-def reference_map(source: str, cfg: EvalConfig) -> dict[str, str]:
+def reference_map(source: str, cfg: EvalConfig) -> dict[tuple[str, str], str]:
+    """(instruction, input) -> reference answer; the first record wins where a prompt repeats."""
     from tunesmith.data.prepare import load_examples
 
     refs = {}
-    for ex in load_examples(source, cfg.dataset_format, cfg.split):
+    for ex in load_examples(source, cfg.dataset_format, cfg.dataset_split):
         if ex.text is None and ex.turns[-1].response is not None:
-            refs.setdefault(ex.turns[-1].prompt, ex.turns[-1].response)
+            refs.setdefault((ex.turns[-1].prompt, ex.input or ""), ex.turns[-1].response)
     if not refs:
         raise UserError(f"{source}: empty reference set (no record with an answer)")
     return refs
 
 
-def generation_stats(path: str, n_tokens: int, refs: dict[str, str] | None = None) -> dict:
+def generation_stats(path: str, n_tokens: int, refs: dict[tuple[str, str], str] | None = None,
+                     diversity_mode: str = "formula") -> dict:
     gens = read_generations(path)
     outputs = [g.output for g in gens]
     out = {"file": str(path), "generator": gens[0].generator, "n": len(gens),
            "truncated": sum(bool(g.row.get("truncated")) for g in gens),
            "decoding": gens[0].row.get("decoding"),
-           "length": M.lengths(outputs), "diversity": M.rep_diversity(outputs, n_tokens)}
+           "length": M.lengths(outputs), "diversity": M.rep_diversity(outputs, n_tokens, mode=diversity_mode)}
     if refs is not None:
-        missing = [g for g in gens if g.instruction not in refs]
+        missing = [g for g in gens if g.key not in refs]
         if missing:
-            raise UserError(f"{missing[0].loc}: field 'instruction': no reference answer for this prompt")
-        references = [refs[g.instruction] for g in gens]
+            what = "instruction and input" if missing[0].input else "instruction"
+            raise UserError(f"{missing[0].loc}: field 'instruction': no reference answer with this {what}")
+        references = [refs[g.key] for g in gens]
     elif all("reference" in g.row for g in gens):
         references = [str(g.row["reference"]) for g in gens]
     else:
@@ -117,16 +131,16 @@ def run(cfg: EvalConfig) -> dict:
     from tunesmith.io import atomic_write_json
 
     result = {"run": cfg.run_name or Path(cfg.output).resolve().parent.name, "n_tokens": cfg.n_tokens,
-              "log_diversity_cap": M.LOG_DIVERSITY_CAP}
+              "diversity_mode": cfg.diversity_mode, "log_diversity_cap": M.LOG_DIVERSITY_CAP}
     if cfg.dataset or cfg.tasks:
         from tunesmith.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype)
-        result["model"] = cfg.model
+        model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
+        result["model"] = cfg.model_name_or_path
     if cfg.dataset:
         from tunesmith.data.templates import get_template, load_saved_template
 
-        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model,
+        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model_name_or_path,
                                                                                                   tokenizer)
         result["loss"] = {src: dataset_loss_of(model, tokenizer, template, src, cfg) for src in cfg.dataset}
     if cfg.tasks:
@@ -138,7 +152,7 @@ def run(cfg: EvalConfig) -> dict:
     refs = reference_map(cfg.references, cfg) if cfg.references else None
     result["generations"] = {}
     for path in cfg.generations:
-        stats = generation_stats(path, cfg.n_tokens, refs)
+        stats = generation_stats(path, cfg.n_tokens, refs, cfg.diversity_mode)
         name, k = Path(path).stem, 2
         while name in result["generations"]:  # two files with the same name from different folders
             name, k = f"{Path(path).stem}-{k}", k + 1
@@ -164,7 +178,8 @@ def format_result(r: dict) -> str:
         lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "
                      f"rep-2 {_f(d['rep_2'])} rep-3 {_f(d['rep_3'])} rep-4 {_f(d['rep_4'])} "
                      f"diversity {_f(d['diversity'], 3)} log-div {_f(d['log_diversity'])} "
-                     f"(first {d['n_tokens']} words; {d['n_too_short']} shorter left out; cut at budget "
+                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words; {d['n_too_short']} shorter left "
+                     f"out; cut at budget "
                      f"{g['truncated']})")
         if g["overlap"]:
             o = g["overlap"]

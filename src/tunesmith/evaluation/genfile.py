@@ -1,12 +1,15 @@
 """Reading generation files: JSONL (``tunesmith generate``) or a JSON list (alpaca_eval's model_outputs.json).
 
-Every row needs ``instruction`` and ``output`` (strings); ``generator`` is optional."""
+Every row needs ``instruction`` and ``output`` (strings); ``generator`` and ``input`` (Alpaca's input, written by
+``tunesmith generate``) are optional. A prompt is the pair (instruction, input): rows that share an instruction but
+not an input are different prompts."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.data.load import check_text, may_hold_surrogates
 from tunesmith.errors import UserError, at
 
 
@@ -17,6 +20,18 @@ class Generation:
     generator: str
     loc: str
     row: dict
+    input: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What identifies the prompt: instruction and input."""
+        return self.instruction, self.input
+
+    @property
+    def prompt(self) -> str:
+        """The instruction as a reader (or a judge) must see it: with the Alpaca input below it, as AlpacaEval shows
+        Alpaca prompts."""
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
 
 
 def read_generations(path: str | Path) -> list[Generation]:
@@ -42,31 +57,36 @@ def read_generations(path: str | Path) -> list[Generation]:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{at(path, lineno)}: invalid JSON ({e.msg})") from None
-    out = []
+    out, suspicious = [], may_hold_surrogates(text)
     for line, row in rows:
         if not isinstance(row, dict):
             raise UserError(f"{at(path, line)}: expected an object with 'instruction' and 'output'")
+        if suspicious:
+            check_text(row, at(path, line))
         for key in ("instruction", "output"):
             if key not in row:
                 raise UserError(f"{at(path, line, key)}: missing")
             if not isinstance(row[key], str):
                 raise UserError(f"{at(path, line, key)}: expected a string, got {type(row[key]).__name__}")
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise UserError(f"{at(path, line, 'input')}: expected a string, got {type(extra).__name__}")
         out.append(Generation(row["instruction"], row["output"], str(row.get("generator") or path.stem),
-                              f"{path}:{line}", row))
+                              f"{path}:{line}", row, extra or ""))
     if not out:
         raise UserError(f"{path}: no generations in the file")
     return out
 
 
 def pair_generations(a: list[Generation], b: list[Generation]) -> list[tuple[Generation, Generation]]:
-    """Match the two sides prompt by prompt (by instruction text, duplicates in order). Any prompt present on one
-    side only is an error naming its location."""
-    pool: dict[str, list[Generation]] = {}
+    """Match the two sides prompt by prompt (by instruction and input, duplicates in order). Any prompt present on
+    one side only is an error naming its location."""
+    pool: dict[tuple[str, str], list[Generation]] = {}
     for g in b:
-        pool.setdefault(g.instruction, []).append(g)
+        pool.setdefault(g.key, []).append(g)
     pairs = []
     for g in a:
-        matches = pool.get(g.instruction)
+        matches = pool.get(g.key)
         if not matches:
             other = Path(b[0].loc.rsplit(":", 1)[0]).name
             raise UserError(f"{g.loc}: field 'instruction': prompt not found in {other} "

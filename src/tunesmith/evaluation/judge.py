@@ -3,14 +3,18 @@
 Judges (all answer "1", "2" or "tie" for one instruction and two answers):
 
 * ``endpoint``: any OpenAI-compatible chat-completions server (hosted, vLLM, llama.cpp). The API key is read from the
-  environment variable named by ``api_key_env`` and is never logged or written anywhere. Timeouts, retries with
-  exponential backoff; a reply that cannot be parsed is retried too.
+  environment variable named by ``api_key_env`` and is never logged or written anywhere: whatever the server sends
+  back (error bodies, replies, redirect targets) is redacted before it reaches a log line, ``judgements.jsonl`` or
+  an error message, and redirects are not followed, so the key is only ever sent to ``base_url``'s host (a redirect
+  stops the step, naming where it points: set ``base_url`` to that address). Timeouts, retries with exponential
+  backoff; a reply that cannot be parsed (or whose content is not text) is retried too, then counted unjudged.
 * ``local``: a local causal LM run with transformers (greedy, a few tokens).
 * ``python``: any callable ``f(instruction, output_1, output_2) -> "1" | "2" | "tie"`` (``module:function``).
 * ``sheet_export`` / ``sheet_import``: a human sheet. Export writes shuffled, blinded pairs as CSV (to fill in) and
   HTML (to read); the side order is kept in a key file; import reads the filled CSV.
 
-Every machine judge is asked twice per prompt, once in each answer order, and a side wins only if preferred in both
+Judges see the prompt as the generation file holds it: the instruction, and below it the Alpaca ``input`` when there
+is one (as AlpacaEval shows Alpaca prompts). Every machine judge is asked twice per prompt, once in each answer order, and a side wins only if preferred in both
 (see :func:`tunesmith.evaluation.winrate.combine_orders`). Verdicts are cached on disk (one JSON line appended per
 verdict), so a rerun asks only what is missing. A prompt whose judge call still fails after the retries is counted
 "unjudged" (never a tie); if ``max_consecutive_failures`` prompts fail in a row the step stops with an error, after
@@ -98,8 +102,18 @@ def _sha(*parts) -> str:
 
 # ---------------------------------------------------------------- judges
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend the Authorization header to whatever host it points at."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError, handled in EndpointJudge._post
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class EndpointJudge:
-    """OpenAI-compatible ``POST {base_url}/chat/completions``."""
+    """OpenAI-compatible ``POST {base_url}/chat/completions``. The key goes to that URL only (no redirects)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 4, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 8,
@@ -117,8 +131,17 @@ class EndpointJudge:
                                 f"or pass --api_key_env '' for a server without a key")
         self.id = _sha("endpoint", self.url, model, temperature, max_tokens, SYSTEM_PROMPT, user_prompt)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+    def redact(self, text: str) -> str:
+        """``text`` with the API key (as sent, and as a JSON string would escape it) replaced by ``***``. Apply it to
+        whole server texts BEFORE shortening them, so no fragment of the key survives a cut."""
+        if not self._key:
+            return text
+        for form in {self._key, json.dumps(self._key)[1:-1]}:
+            text = text.replace(form, "***")
+        return text
+
+    def _body(self, raw: bytes) -> str:
+        return self.redact(raw[:65536].decode("utf-8", "replace")).strip()
 
     def _post(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -128,26 +151,36 @@ class EndpointJudge:
             headers["Authorization"] = f"Bearer {self._key}"
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            detail = self._redact(e.read()[:200].decode("utf-8", "replace"))
+            detail = self._body(e.read())
+            if 300 <= e.code < 400:  # never followed: the key must not travel to another address
+                where = self.redact(str(e.headers.get("Location", "?") if e.headers else "?"))[:200]
+                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} redirects to {where}; tunesmith "
+                                     f"does not follow redirects (the API key would go along): set base_url to "
+                                     f"the final address") from None
             if e.code in (401, 403, 404):  # the same request will never work: stop the step
-                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} ({detail.strip()})") from None
+                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} ({detail[:200]})") from None
             retry_after = None
             try:  # 429 / 503 servers may say how long to wait (seconds form only)
                 retry_after = float(e.headers.get("Retry-After", "")) if e.headers else None
             except ValueError:
                 pass
-            raise JudgeFailure(f"HTTP {e.code} ({detail.strip()[:100]})", retry_after) from None
+            raise JudgeFailure(f"HTTP {e.code} ({detail[:100]})", retry_after) from None
         except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise JudgeFailure(f"{type(reason).__name__}: {self._redact(str(reason))}") from None
+            raise JudgeFailure(f"{type(reason).__name__}: {self.redact(str(reason))[:200]}") from None
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeFailure(f"malformed response body {self._redact(raw[:80].decode('utf-8', 'replace'))!r}") \
-                from None
+            raise JudgeFailure(f"malformed response body {self._body(raw)[:80]!r}") from None
+        if content is None:
+            return ""
+        if not isinstance(content, str):
+            raise JudgeFailure(f"reply content is {type(content).__name__}, not text "
+                               f"({self.redact(json.dumps(content, ensure_ascii=False))[:80]})")
+        return self.redact(content)
 
     def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
         messages = [{"role": "system", "content": SYSTEM_PROMPT},
@@ -157,7 +190,7 @@ class EndpointJudge:
             try:
                 return parse_verdict(self._post(messages))
             except JudgeFailure as e:
-                reason, retry_after = str(e), e.retry_after
+                reason, retry_after = self.redact(str(e)), e.retry_after
             if attempt < self.max_retries:
                 delay = max(self.backoff * 2 ** attempt, min(retry_after or 0.0, 60.0))
                 log.warning("judge call failed (%s); retry %d/%d in %.1fs", reason, attempt + 1, self.max_retries,
@@ -267,6 +300,7 @@ def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cac
     from concurrent.futures import ThreadPoolExecutor
 
     judge_id = getattr(judge, "id", None) or _sha("callable", repr(judge))
+    redact = getattr(judge, "redact", None) or (lambda text: text)  # nothing a server sent may carry the key out
     rows, fails_in_a_row = [], 0
 
     def ask(instruction, first, second):
@@ -276,15 +310,15 @@ def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cac
         try:
             v = judge(instruction, first, second)
         except JudgeFailure as e:
-            return None, str(e)
+            return None, redact(str(e))
         if cache is not None:
             cache.put(key, v)
         return v, None
 
     def judge_one(item):
         a, b = item
-        v1, err1 = ask(a.instruction, a.output, b.output)
-        v2, err2 = ask(a.instruction, b.output, a.output) if both_orders and v1 is not None else (None, None)
+        v1, err1 = ask(a.prompt, a.output, b.output)
+        v2, err2 = ask(a.prompt, b.output, a.output) if both_orders and v1 is not None else (None, None)
         return a, b, v1, v2, err1 or err2
 
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -295,8 +329,9 @@ def judge_pairs(pairs: list[tuple[Generation, Generation]], judge: Callable, cac
                 outcome = combine_orders(v1, v2)
             else:
                 outcome = {"1": "A", "2": "B", "tie": "tie", None: "unjudged"}[v1]
-            row = {"index": i, "instruction": a.instruction, "outcome": outcome, "verdict_a_first": v1,
-                   "verdict_b_first": v2 if both_orders else None, "loc_a": a.loc, "loc_b": b.loc}
+            row = {"index": i, "instruction": a.instruction, **({"input": a.input} if a.input else {}),
+                   "outcome": outcome, "verdict_a_first": v1, "verdict_b_first": v2 if both_orders else None,
+                   "loc_a": a.loc, "loc_b": b.loc}
             if outcome == "unjudged":
                 row["reason"] = err
                 fails_in_a_row += 1
@@ -336,8 +371,9 @@ def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path
         a, b = pairs[i]
         a_first = rng.random() < 0.5
         sid = f"q{n:04d}"
-        key[sid] = {"index": i, "answer_1": "A" if a_first else "B", "instruction": a.instruction}
-        rows.append({"id": sid, "instruction": a.instruction, "answer_1": a.output if a_first else b.output,
+        key[sid] = {"index": i, "answer_1": "A" if a_first else "B", "instruction": a.instruction,
+                    **({"input": a.input} if a.input else {})}
+        rows.append({"id": sid, "instruction": a.prompt, "answer_1": a.output if a_first else b.output,
                      "answer_2": b.output if a_first else a.output, "verdict": ""})
     import io
 
@@ -398,7 +434,8 @@ def import_sheet(sheet: str | Path, key_path: str | Path) -> list[dict]:
             outcome = "tie"
         else:
             outcome = k["answer_1"] if v == "1" else ("B" if k["answer_1"] == "A" else "A")
-        rows[k["index"]] = {"index": k["index"], "instruction": k["instruction"], "outcome": outcome,
+        rows[k["index"]] = {"index": k["index"], "instruction": k["instruction"],
+                            **({"input": k["input"]} if k.get("input") else {}), "outcome": outcome,
                             "sheet_id": sid, "verdict": v or None}
     for sid, k in key.items():
         if sid not in seen:
@@ -459,6 +496,11 @@ class JudgeConfig:
             raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.judge == "sheet_import" and not self.sheet:
             raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
+        from tunesmith.rundir import check_output_dir, check_output_file
+
+        check_output_dir(self.output_dir)
+        if self.cache:
+            check_output_file(self.cache, "cache")
 
 
 def make_judge(cfg: JudgeConfig):

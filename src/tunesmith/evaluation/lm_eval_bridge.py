@@ -13,7 +13,8 @@ import math
 import re
 from pathlib import Path
 
-from tunesmith.errors import UserError
+from tunesmith.errors import UserError, first_line
+from tunesmith.models import eval_mode
 
 _TASK_NAME = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 
@@ -72,18 +73,15 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: list[str] | N
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown lm-eval task '{unknown[0]}' (a task name, or a path to a task .yaml file)")
-    was_training = model.training
-    model.eval()
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, apply_chat_template=apply_chat_template,
-                                      bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        with eval_mode(model):
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, apply_chat_template=apply_chat_template,
+                                          bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=seed,
+                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     except (ConnectionError, OSError) as e:
-        raise UserError(f"lm-eval tasks {names}: data not reachable ({str(e).splitlines()[0][:200]}); offline "
+        raise UserError(f"lm-eval tasks {names}: data not reachable ({first_line(e)[:200]}); offline "
                         f"runs need the dataset in the local cache or a local task file") from None
-    finally:
-        model.train(was_training)
     results = {}
     for task, metrics in out["results"].items():
         clean = {}

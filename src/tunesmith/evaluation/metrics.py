@@ -2,118 +2,65 @@
 
 Definitions (../shared/design/PAPERS.md):
 
-* ROUGE-L: F-measure of the longest common subsequence, on rouge-score's tokens (lowercase, runs of ``[a-z0-9]``;
-  no stemming). Agrees with ``rouge_score.rouge_scorer.RougeScorer(["rougeL"])``.
-* BLEU: up to 4-grams on sacrebleu's ``13a`` tokens with its default ``exp`` smoothing. The corpus score agrees with
-  ``sacrebleu.corpus_bleu``, the per-answer score (effective order) with ``sacrebleu.sentence_bleu``. Scale 0-100.
+* ROUGE-L: F-measure of the longest common subsequence, computed by rouge-score
+  (``RougeScorer(["rougeL"])``: lowercase, runs of ``[a-z0-9]``, no stemming).
+* BLEU: up to 4-grams, computed by sacrebleu (``13a`` tokens, default ``exp`` smoothing): the corpus score is
+  ``sacrebleu.corpus_bleu``, the per-answer score ``sacrebleu.sentence_bleu`` (effective order). Scale 0-100.
 * Lengths: characters and whitespace tokens of each answer.
-* rep-n = 100 * (1 - |unique n-grams| / |n-grams|) over whitespace tokens (n = 2, 3, 4);
-  diversity = prod_n (1 - rep-n / 100); log-diversity = -log(1 - diversity), CAPPED AT 20 (a text without any
+* rep-n and diversity, in one of two modes (``mode``), both on the first ``n_tokens`` whitespace tokens of each
+  answer (answers shorter than that are left out of these numbers and counted in ``n_too_short``):
+
+  - ``formula`` (default), the definition as written: rep-n = 100 * (1 - |unique n-grams| / |n-grams|) over all
+    n-grams of each answer (n = 2, 3, 4);
+  - ``paper``, what produced the NEFTune paper's Table 4 (SimCTG's measurement code, Su et al. 2022): the n-gram
+    loop stops one n-gram early (each answer's last n-gram is not counted) and rep-n is rounded to 2 decimals
+    before diversity is computed from it.
+
+  In both, set-level rep-n pools the n-gram counts of all kept answers (as the SimCTG / NEFTune reference code does),
+  diversity = prod_n (1 - rep-n / 100) and log-diversity = -log(1 - diversity), CAPPED AT 20 (a text without any
   repeated 2-gram has diversity 1 and an infinite log-diversity; the reference code caps it at 20, so do we).
-  All three use only the first ``n_tokens`` whitespace tokens of each answer; answers shorter than that are left out
-  of these numbers and their count is reported (``n_too_short``). Set-level rep-n pools the n-gram counts of all kept
-  answers (as the SimCTG / NEFTune reference code does; with every answer truncated to the same N this equals the mean
-  of the per-answer values), and set-level diversity is computed from the pooled rep-n.
 """
 from __future__ import annotations
 
+import functools
 import math
-import re
 import statistics
-from collections import Counter
 
 LOG_DIVERSITY_CAP = 20.0
-_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+DIVERSITY_MODES = ("formula", "paper")
 
 
-# ---------------------------------------------------------------- ROUGE-L
+# ---------------------------------------------------------------- ROUGE-L and BLEU (rouge-score, sacrebleu)
 
-def rouge_tokens(text: str) -> list[str]:
-    """rouge-score's default tokenization (without stemming)."""
-    return _ROUGE_TOKEN.findall(text.lower())
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
-def lcs_length(a: list, b: list) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+@functools.cache
+def _bleu(effective_order: bool):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(effective_order=effective_order)
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F-measure in [0, 1] of one prediction against one reference."""
-    p, r = rouge_tokens(prediction), rouge_tokens(reference)
-    if not p or not r:
-        return 0.0
-    lcs = lcs_length(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-# ---------------------------------------------------------------- BLEU
-
-def _bleu_tokens(text: str) -> list[str]:
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()(text.rstrip()).split()
-
-
-def _ngram_stats(hyp: list[str], ref: list[str], max_n: int = 4) -> tuple[list[int], list[int]]:
-    correct, total = [], []
-    for n in range(1, max_n + 1):
-        h = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
-        r = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
-        correct.append(sum(min(c, r[g]) for g, c in h.items()))
-        total.append(max(len(hyp) - n + 1, 0))
-    return correct, total
-
-
-def _bleu_from_stats(correct, total, hyp_len, ref_len, effective_order: bool) -> float:
-    """BLEU (0-100) from sufficient statistics: geometric mean of n-gram precisions (``exp`` smoothing: the k-th
-    zero-match order gets precision 1 / (2^k * total)) times the brevity penalty."""
-    if not any(correct):
-        return 0.0
-    bp = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len > 0 else 0.0)
-    logs, smooth = [], 1.0
-    for c, t in zip(correct, total):
-        if t == 0:
-            if effective_order:
-                break
-            logs.append(-9999999999.0)  # log(0): a corpus with no n-grams of this order scores 0
-            continue
-        if c == 0:
-            smooth *= 2
-            logs.append(math.log(100.0 / (smooth * t)))
-        else:
-            logs.append(math.log(100.0 * c / t))
-    return bp * math.exp(sum(logs) / len(logs))
+    return _rouge_scorer().score(reference, prediction)["rougeL"].fmeasure
 
 
 def sentence_bleu(prediction: str, reference: str) -> float:
     """BLEU (0-100) of one answer, with effective order (short answers are not zeroed by missing 4-grams)."""
-    hyp, ref = _bleu_tokens(prediction), _bleu_tokens(reference)
-    correct, total = _ngram_stats(hyp, ref)
-    return _bleu_from_stats(correct, total, len(hyp), len(ref), effective_order=True)
+    return _bleu(True).sentence_score(prediction, [reference]).score
 
 
 def corpus_bleu(predictions: list[str], references: list[str]) -> float:
     """Corpus BLEU (0-100): n-gram statistics summed over all pairs, then one score."""
-    correct, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
-    for p, r in zip(predictions, references, strict=True):
-        hyp, ref = _bleu_tokens(p), _bleu_tokens(r)
-        c, t = _ngram_stats(hyp, ref)
-        correct = [a + b for a, b in zip(correct, c)]
-        total = [a + b for a, b in zip(total, t)]
-        hyp_len += len(hyp)
-        ref_len += len(ref)
-    return _bleu_from_stats(correct, total, hyp_len, ref_len, effective_order=False)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    return _bleu(False).corpus_score(list(predictions), [list(references)]).score
 
 
 def overlap(predictions: list[str], references: list[str]) -> dict:
@@ -145,8 +92,9 @@ def lengths(texts: list[str]) -> dict:
             "words_mean": statistics.fmean(words), "words_median": statistics.median(words)}
 
 
-def _ngram_counts(tokens: list[str], n: int) -> tuple[int, int]:
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+def _ngram_counts(tokens: list[str], n: int, skip_last: bool = False) -> tuple[int, int]:
+    """(unique, total) n-grams of ``tokens``; ``skip_last`` leaves the last n-gram out (SimCTG's loop)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + int(not skip_last))]
     return len(set(grams)), len(grams)
 
 
@@ -157,14 +105,21 @@ def log_diversity_from(diversity: float) -> float:
     return min(-math.log(1.0 - diversity), LOG_DIVERSITY_CAP)
 
 
-def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] = (2, 3, 4)) -> dict:
+def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] = (2, 3, 4),
+                  mode: str = "formula") -> dict:
     """rep-n, diversity and log-diversity on the first ``n_tokens`` whitespace tokens of each answer.
 
-    Answers with fewer than ``n_tokens`` tokens are left out; ``n_used`` and ``n_too_short`` say how many."""
-    if n_tokens < max(orders):
-        raise ValueError(f"n_tokens must be at least {max(orders)}, got {n_tokens}")
+    ``mode``: ``formula`` (the definition as written) or ``paper`` (SimCTG's code behind the NEFTune paper's numbers:
+    each answer's last n-gram is skipped and rep-n is rounded to 2 decimals). Answers with fewer than ``n_tokens``
+    tokens are left out; ``n_used`` and ``n_too_short`` say how many."""
+    if mode not in DIVERSITY_MODES:
+        raise ValueError(f"diversity mode must be one of {', '.join(DIVERSITY_MODES)}, got {mode!r}")
+    paper = mode == "paper"
+    least = max(orders) + int(paper)  # paper mode needs one token more for a single n-gram of the top order
+    if n_tokens < least:
+        raise ValueError(f"n_tokens must be at least {least} in {mode} mode, got {n_tokens}")
     kept = [t.split()[:n_tokens] for t in texts if len(t.split()) >= n_tokens]
-    out = {"n_tokens": n_tokens, "n_used": len(kept), "n_too_short": len(texts) - len(kept),
+    out = {"mode": mode, "n_tokens": n_tokens, "n_used": len(kept), "n_too_short": len(texts) - len(kept),
            "log_diversity_cap": LOG_DIVERSITY_CAP}
     if not kept:
         out.update({f"rep_{n}": None for n in orders} | {"diversity": None, "log_diversity": None})
@@ -173,10 +128,12 @@ def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] 
     for n in orders:
         unique = total = 0
         for toks in kept:
-            u, t = _ngram_counts(toks, n)
+            u, t = _ngram_counts(toks, n, skip_last=paper)
             unique += u
             total += t
         rep = 100.0 * (1.0 - unique / total)
+        if paper:
+            rep = round(rep, 2)
         out[f"rep_{n}"] = rep
         diversity *= 1.0 - rep / 100.0
     out["diversity"] = diversity
@@ -184,6 +141,6 @@ def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] 
     return out
 
 
-def text_stats(texts: list[str], n_tokens: int = 50) -> dict:
+def text_stats(texts: list[str], n_tokens: int = 50, mode: str = "formula") -> dict:
     """The NEFTune Table 4 row for one set of answers: lengths plus repetition / diversity."""
-    return {"length": lengths(texts), "diversity": rep_diversity(texts, n_tokens)}
+    return {"length": lengths(texts), "diversity": rep_diversity(texts, n_tokens, mode=mode)}

@@ -37,6 +37,9 @@ class ReportConfig:
     def __post_init__(self):
         if not self.runs and not self.winrate:
             raise UserError("nothing to report: give run directories (tunesmith report RUN_A RUN_B ...)")
+        from tunesmith.rundir import check_output_dir
+
+        check_output_dir(self.output, "output")
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -222,8 +225,14 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
                          _fmt(d["rep_2"]), _fmt(d["rep_3"]), _fmt(d["rep_4"]), _fmt(d["diversity"], 3),
                          _fmt(d["log_diversity"]), f"{d['n_used']} / {d['n_too_short']}", str(g["truncated"])])
         n_tok = sorted({g["diversity"]["n_tokens"] for _, g in sets})
+        modes = sorted({g["diversity"].get("mode", "formula") for _, g in sets})
+        how = {"formula": "formula mode: rep-n = 100·(1 − unique n-grams / n-grams) over all n-grams of each answer",
+               "paper": "paper mode: as the NEFTune paper's numbers were computed by SimCTG's code — each answer's "
+                        "last n-gram is not counted and rep-n is rounded to 2 decimals"}
         blocks += [("h2", "Length, repetition and diversity (NEFTune Table 4)"),
-                   ("p", f"Lengths over all answers. rep-n = 100·(1 − unique n-grams / n-grams); diversity = "
+                   ("p", f"Lengths over all answers. rep-n in {'; '.join(how[m] for m in modes)}"
+                         f"{' (the runs do not all use the same mode: compare with care)' if len(modes) > 1 else ''}"
+                         f"; diversity = "
                          f"∏(1 − rep-n/100) for n = 2..4; log-diversity = −log(1 − diversity), capped at 20. These "
                          f"use the first {', '.join(map(str, n_tok))} whitespace tokens of each answer; shorter "
                          f"answers are left out (column 'used / too short'). 'cut' = outputs that hit the "
@@ -318,19 +327,10 @@ def run(cfg: ReportConfig) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    from tunesmith.config import build_config, help_text, parse_overrides, read_yaml
+    from tunesmith.config import parse_cli
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(ReportConfig, "report RUN_DIR [RUN_DIR ...]", "Markdown + HTML report with plots "
-                                                                      "comparing runs."), end="")
-        return 0
-    runs = []
-    while argv and not argv[0].startswith("--"):
-        runs.append(argv.pop(0))
-    config_path, values = parse_overrides(argv)
-    base = read_yaml(config_path) if config_path else {}
-    base.update(values)
-    if runs:
-        base["runs"] = list(base.get("runs") or []) + runs
-    run(build_config(ReportConfig, base, config_path or "command line"))
+    cfg = parse_cli(ReportConfig, argv, "report RUN_DIR [RUN_DIR ...]", "Markdown + HTML report with plots comparing "
+                    "runs.", positional="runs")
+    if cfg is not None:
+        run(cfg)
     return 0

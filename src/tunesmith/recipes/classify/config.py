@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from tunesmith.config import Config, LoraArgs, ModelArgs, NEFTuneArgs, _f
 from tunesmith.errors import UserError
+from tunesmith.recipes.training import check_training_values
 
 # The article's five sentences (its "before / after" table).
 ARTICLE_SENTENCES = ["It was good.", "Not a fan, don't recommend.", "Better than the first one.",
@@ -101,6 +102,7 @@ class ClassifyTrainingPart(TrainingArguments):
             self.label_names = ["labels"]
         if self.metric_for_best_model and self.metric_for_best_model.startswith("eval_"):
             self.metric_for_best_model = self.metric_for_best_model[len("eval_"):]
+        check_training_values(self)
         super().__post_init__()
 
 

@@ -29,16 +29,28 @@ import transformers
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
-from tunesmith.models import save_model_dir
+from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
 from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
 from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier
+from tunesmith.recipes.training import run_fingerprint
+from tunesmith.rundir import open_run
 
 
 def train(config: ClassifyConfig | dict) -> str:
     """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
+    out = Path(cfg.output_dir)
+    with open_run(out, "classify", run_fingerprint(cfg), cfg.resume_from_checkpoint,
+                  main=cfg.process_index == 0) as run:
+        if run.finished:
+            print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
+            return str(out)
+        return _train(cfg, run, out)
+
+
+def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     transformers.set_seed(cfg.seed)
     model_path = resolve_path(cfg.model_name_or_path)
 
@@ -57,7 +69,8 @@ def train(config: ClassifyConfig | dict) -> str:
         raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code, cfg.dtype)
+    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code,
+                                                    cfg.dtype, cfg.model_revision, cfg.attn_implementation)
     held_out = [s for s in ("validation", "test") if s in splits]
     report: dict = {"labels": names, "model": cfg.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}
@@ -92,7 +105,8 @@ def train(config: ClassifyConfig | dict) -> str:
         compute_metrics=compute_metrics if val_records else None,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    trainer.add_callback(run.checkpoint_callback())
+    trainer.train(resume_from_checkpoint=run.checkpoint)
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
@@ -100,7 +114,20 @@ def train(config: ClassifyConfig | dict) -> str:
         report["best_metric"] = {cfg.metric_for_best_model: trainer.state.best_metric}
 
     model = trainer.model
-    out = Path(cfg.output_dir)
+    # Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone scores and writes.
+    state = gathered_state_dict(model, trainer.accelerator)
+    if not trainer.is_world_process_zero():
+        return str(out)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # The sharded model cannot score or merge on rank 0 alone: write the gathered weights (the adapter and head
+        # under LoRA, the whole model otherwise); score the saved model with `tunesmith predict`.
+        if cfg.use_peft:
+            model.save_pretrained(out / "adapter", state_dict=state)
+        else:
+            save_model_dir(model, tokenizer, out, state_dict=state)
+        save_yaml(cfg, out / "tunesmith.yaml")
+        atomic_write_json(out / "metrics.json", report)
+        return str(out)
     if cfg.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()
@@ -110,8 +137,8 @@ def train(config: ClassifyConfig | dict) -> str:
     report["compare"] = [{"text": t, "before": _shown(b), "after": _shown(a)}
                          for t, b, a in zip(sentences, before_rows, after_rows)]
     save_model_dir(model, tokenizer, out)
-    save_yaml(cfg, out / "tunesmith.yaml")
     atomic_write_json(out / "metrics.json", report)
+    save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
     _print_summary(report)
     return str(out)
 

@@ -6,14 +6,15 @@ import transformers
 from transformers import Trainer
 
 from tunesmith.errors import UserError, first_line
-from tunesmith.models import ensure_pad_token, load_tokenizer, resolve_dtype, wrap_lora
+from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer, resolve_dtype, wrap_lora
 from tunesmith.neftune import NEFTuneTrainerMixin
 
 QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
 
 
 def load_classifier(path: str, names: list[str] | None = None, multi_label: bool = False,
-                    trust_remote_code: bool = False, dtype: str = "float32"):
+                    trust_remote_code: bool = False, dtype: str = "float32", revision: str | None = None,
+                    attn_implementation: str | None = None):
     """(model, tokenizer, new_modules): a sequence classifier for ``names`` on top of the checkpoint at ``path``.
 
     ``new_modules`` are the modules the checkpoint did not provide (the fresh head): they must train fully.
@@ -21,7 +22,7 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
     if names is not None:
         kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                       label2id={n: i for i, n in enumerate(names)},
@@ -34,13 +35,16 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING and not remote:
         raise UserError(f"{path}: model type '{config.model_type}' has no sequence-classification architecture "
                         f"in transformers (AutoModelForSequenceClassification cannot build it)")
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, revision)
     ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
-    try:
+    check_weights(path)
+    try:  # safetensors only: a pickle (.bin) checkpoint can run code when loaded
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            ignore_mismatched_sizes=True, output_loading_info=True)
+            path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
+            trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
+            output_loading_info=True, use_safetensors=True,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
@@ -75,10 +79,15 @@ def add_lora(model, cfg, new_modules: list[str]):
 
 class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):
     """``Trainer`` whose training forward passes get NEFTune noise from :mod:`tunesmith.neftune` (per example, real
-    tokens only). transformers' own NEFTune hook stays off: it scales by the padded batch length."""
+    tokens only). transformers' own NEFTune hook stays off: it scales by the padded batch length.
+
+    The noise is added inside the forward (:meth:`noise`), so the model still receives ``input_ids``: a decoder-only
+    head finds the last real token under right padding exactly as in evaluation (passing ``inputs_embeds`` instead
+    would hide the padding from it, and it would pool a pad)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, self.training_inputs(model, inputs), return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        with self.noise(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 

@@ -38,9 +38,10 @@ def prepare_data(cfg: SFTConfig, tokenizer):
 
 
 def build_model(cfg: SFTConfig, tokenizer):
-    from tunesmith.models import load_model_and_tokenizer, wrap_lora
+    from tunesmith.models import load_model_and_tokenizer, model_options, wrap_lora
 
-    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+                                        **model_options(cfg))
     if cfg.use_peft:
         model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                           quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -74,51 +75,67 @@ def train(config, callbacks: list | None = None) -> str:
     """Run SFT from an SFTConfig or a dict of config keys. Returns the output directory.
 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects (progress hooks, early stopping, ...).
-    ``resume_from_checkpoint``: a checkpoint directory, or true / last for the newest one in ``output_dir``.
+    ``resume_from_checkpoint``: a checkpoint directory, or true / last for the newest complete one in ``output_dir``
+    (written by this very run: its settings fingerprint must match). The output directory is locked while the run
+    lives; a finished run is never overwritten (resuming it does nothing).
     """
     from transformers import set_seed
 
-    from tunesmith.models import ensure_pad_token, load_tokenizer, save_model_dir
+    from tunesmith.models import (ensure_pad_token, gathered_state_dict, load_model_and_tokenizer, load_tokenizer,
+                                  model_options, save_model_dir)
+    from tunesmith.recipes.training import check_max_length, run_fingerprint
+    from tunesmith.rundir import open_run, training_done
 
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
     out = Path(cfg.output_dir)
-    if (out / "tunesmith.yaml").exists() and not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        raise UserError(f"{out}: holds a finished run; choose another output_dir or set overwrite_output_dir")
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    ensure_pad_token(tokenizer)
-    template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
-    if cfg.process_index == 0:
-        for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
-            log.warning(line)
-    rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
-    model = build_model(cfg, tokenizer)
+    with open_run(out, "sft", run_fingerprint(cfg), cfg.resume_from_checkpoint,
+                  main=cfg.process_index == 0) as run:
+        if run.finished:
+            log.warning(f"{out}: this run has finished already; nothing to resume")
+            return str(out)
+        check_max_length(cfg)
+        set_seed(cfg.seed)
+        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
+                                   cfg.chat_template)
+        ensure_pad_token(tokenizer)
+        template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
+        if cfg.process_index == 0:
+            for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
+                log.warning(line)
+        rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
+        done = run.checkpoint is not None and training_done(run.checkpoint)
+        if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
+            log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
+            model, _ = load_model_and_tokenizer(run.checkpoint, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+                                               attn_implementation=cfg.attn_implementation)
+        else:
+            model = build_model(cfg, tokenizer)
 
-    evals = {}
-    if cfg.train_loss_eval_samples:
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(summary.kept, generator=g)[: cfg.train_loss_eval_samples].tolist()
-        evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
-    if eval_set:
-        evals["eval"] = eval_set
-    trainer = TunesmithTrainer(
-        model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
-        data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
-        neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
-    for callback in [JsonlMetrics(out / "metrics.jsonl")] + list(callbacks or []):
-        trainer.add_callback(callback)
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    metrics = trainer.evaluate() if evals else {}
+        evals = {}
+        if cfg.train_loss_eval_samples:
+            g = torch.Generator().manual_seed(cfg.seed)
+            idx = torch.randperm(summary.kept, generator=g)[: cfg.train_loss_eval_samples].tolist()
+            evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
+        if eval_set:
+            evals["eval"] = eval_set
+        trainer = TunesmithTrainer(
+            model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
+            data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
+            neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+            trainer.add_callback(callback)
+        if not done:
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+        metrics = trainer.evaluate() if evals else {}
 
-    if trainer.is_world_process_zero():
-        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d))
-        write_model_card(cfg, out, metrics)
-        save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
-    if cfg.world_size > 1:
-        torch.distributed.barrier()
+        state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
+        if trainer.is_world_process_zero():
+            save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d),
+                           state_dict=state)
+            write_model_card(cfg, out, metrics)
+            save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
+        if cfg.world_size > 1:
+            torch.distributed.barrier()
     return str(out)
 
 

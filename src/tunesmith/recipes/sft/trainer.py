@@ -10,11 +10,12 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
     """Trainer with per-example NEFTune noise on training passes and token-weighted, noise-free evaluation."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in self.training_inputs(model, inputs).items() if k != "token_mask"}
-        # No KV cache in training: packed rows are isolated by position_ids only when no cache is in use.
-        inputs["use_cache"] = False
-        return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        with self.noise(model, inputs):
+            inputs = {k: v for k, v in inputs.items() if k != "token_mask"}
+            # No KV cache in training: packed rows are isolated by position_ids only when no cache is in use.
+            inputs["use_cache"] = False
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -6,8 +6,6 @@ value or one per iteration) and builds each iteration's ``TrainingArguments`` fr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,8 @@ class SPINArgs:
     top_p: float = _f(0.95, "Nucleus sampling (the authors' generator: 0.95).")
     repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
     generation_batch_size: int = _f(32, "Prompts per generation batch.")
+    generation_backend: str = _f("hf", "hf (transformers' generate) or vllm (GPU; the same prompt ids, a seed per "
+                                       "prompt derived from its shard's seed).")
     shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
 
     def __post_init__(self):
@@ -58,6 +58,8 @@ class SPINArgs:
         for key in ("max_new_tokens", "generation_batch_size", "shard_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
+        if self.generation_backend not in ("hf", "vllm"):
+            raise UserError(f"field 'generation_backend' must be hf or vllm, got {self.generation_backend!r}")
         if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
             raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
 
@@ -130,8 +132,3 @@ def fingerprint_values(cfg) -> dict:
         v = getattr(cfg, key)
         out[key] = v.value if hasattr(v, "value") else v
     return out
-
-
-def fingerprint(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-

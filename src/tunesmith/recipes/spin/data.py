@@ -113,27 +113,44 @@ def _shard_seed(seed: int, t: int, k: int) -> int:
 
 
 def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
-                    on_event=None) -> None:
-    """Answer every prompt with ``model``; each missing shard of this rank is generated and written atomically."""
-    from tunesmith.generate import generate  # batched, left-padded, length-sorted HF generation
+                    on_event=None, model_path: str | None = None) -> None:
+    """Answer every prompt with theta_t; each missing shard of this rank is generated and written atomically.
+
+    ``generation_backend: hf`` runs ``model`` with batched HF generation, seeded per shard. ``vllm`` runs the model
+    saved at ``model_path`` in one vLLM engine for all of this rank's missing shards, with the same prompt ids and one
+    seed per prompt derived from its shard's seed (so a shard's answers do not depend on what else is generated)."""
+    from tunesmith.generate import generate, generate_vllm, request_seed
 
     n_shards = -(-len(prompts) // cfg.shard_size)
-    for k in range(cfg.process_index, n_shards, cfg.world_size):
-        path = shard_path(directory, k)
-        if path.exists():
-            continue
+    todo = [k for k in range(cfg.process_index, n_shards, cfg.world_size) if not shard_path(directory, k).exists()]
+    settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
+    chunks = {k: prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size] for k in todo}
+    vllm_outs, vllm_seconds = {}, 0.0
+    if todo and cfg.generation_backend == "vllm":
         start = time.perf_counter()
-        chunk = prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-        outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
-                        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                        top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=_shard_seed(cfg.seed, t, k))
+        ids = [p.prompt_ids for k in todo for p in chunks[k]]
+        seeds = [request_seed(_shard_seed(cfg.seed, t, k), j) for k in todo for j in range(len(chunks[k]))]
+        outs = iter(generate_vllm(model_path, ids, tokenizer=tokenizer, request_seeds=seeds, dtype=cfg.dtype,
+                                  **settings))
+        vllm_outs = {k: [next(outs) for _ in chunks[k]] for k in todo}
+        vllm_seconds = (time.perf_counter() - start) / len(todo)
+    for k in todo:
+        start = time.perf_counter()
+        chunk = chunks[k]
+        if cfg.generation_backend == "vllm":
+            outs = vllm_outs[k]
+        else:
+            outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
+                            seed=_shard_seed(cfg.seed, t, k), **settings)
         rows = []
         for p, o in zip(chunk, outs):
             # the answer as generated, ended as the template ends real answers (a cut answer has no end)
             ids = o["output_ids"] + ([] if o["truncated"] else p.end_ids)
             rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
                          "truncated": o["truncated"]})
-        atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
+        seconds = time.perf_counter() - start + vllm_seconds
+        atomic_write_json(shard_path(directory, k), {"shard": k, "seconds": seconds, "rows": rows})
         if on_event:
             on_event("generate", t, k)
 

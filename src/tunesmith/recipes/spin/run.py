@@ -41,12 +41,14 @@ from tunesmith.data.prepare import load_examples, tokenize_examples
 from tunesmith.data.templates import get_template, load_saved_template, save_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
-from tunesmith.recipes.spin.config import SPINConfig, fingerprint, fingerprint_values
+from tunesmith.recipes.spin.config import SPINConfig, fingerprint_values
 from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.summary import write_summary
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
-from tunesmith.recipes.training import last_complete_checkpoint
+from tunesmith.recipes.training import check_max_length
+from tunesmith.rundir import (Fingerprint, RunLock, check_checkpoint, checkpoint_callback, checkpoint_state, contents,
+                              digest, newest_complete_checkpoint, training_done)
 from tunesmith.scoring import rows_loss
 
 log = logging.getLogger("tunesmith")
@@ -70,7 +72,8 @@ class Run:
 
         self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
         self.out = Path(cfg.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
+                                        cfg.chat_template)
         ensure_pad_token(self.tokenizer)
         if cfg.template:
             self.template = get_template(cfg.template, self.tokenizer)
@@ -88,15 +91,30 @@ class Run:
                                                  source=cfg.eval_dataset)
         self.collator = PairCollator(self.tokenizer.pad_token_id)
         self.device = cfg.device
-        self.fp_values = fingerprint_values(cfg)
         # the prompts and real answers as tokens: a changed data file, tokenizer or template is a different run
-        self.fp_values["data_tokens"] = fingerprint([[p.prompt_ids, p.real_ids] for p in self.prompts])
-        self.fp = fingerprint(self.fp_values)
-        self.state = self._open_state()
+        self.fingerprint = Fingerprint.of(fingerprint_values(cfg) | {
+            "data_tokens": digest([[p.prompt_ids, p.real_ids] for p in self.prompts])})
+        self.fp_values, self.fp = self.fingerprint.values, self.fingerprint.digest
+        self.lock = None
+        self.state = self._open_state(write=False)  # refuses another run's directory before anything is written
+
+    def _lock(self) -> RunLock:
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"{self.out}: output_dir is a file, not a directory")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.out}: cannot create output_dir ({e.strerror or e})") from None
+        return RunLock(self.out, "spin").acquire()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- state
 
-    def _open_state(self) -> dict:
+    def _open_state(self, write: bool = True) -> dict:
         path = self.out / STATE_FILE
         if path.exists():
             try:
@@ -109,9 +127,11 @@ class Run:
                 raise UserError(f"{self.out}: holds a different SPIN run (config differs in {', '.join(diff) or '?'}); "
                                 "choose another output_dir")
             return state
-        if self.out.exists() and any(self.out.iterdir()):
+        if self.out.exists() and contents(self.out):
             raise UserError(f"{self.out}: not empty and holds no SPIN run; choose an empty or new output_dir")
         state = {"fingerprint": self.fp, "config": self.fp_values, "prompts": len(self.prompts), "iterations": {}}
+        if not write:
+            return state
         _barrier(self.cfg)  # every rank has checked the directory before rank 0 writes into it
         if self.cfg.process_index == 0:
             atomic_write_json(path, state)
@@ -145,7 +165,8 @@ class Run:
 
         set_seed(self.cfg.seed)  # a tokenizer without pad token gets a new embedding row: make it the same each load
         model, _ = load_model_and_tokenizer(self.model_dir(t), self.cfg.dtype, self.cfg.load_in_4bit,
-                                            self.cfg.trust_remote_code)
+                                            self.cfg.trust_remote_code, revision=None if t else self.cfg.model_revision,
+                                            attn_implementation=self.cfg.attn_implementation)
         if not self.cfg.load_in_4bit:
             model = model.to(self.device)
         return model
@@ -177,7 +198,8 @@ class Run:
         cfg = self.cfg
         directory = self.iter_dir(t) / "generations"
         directory.mkdir(parents=True, exist_ok=True)
-        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event)
+        generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event,
+                        model_path=self.model_dir(t))
         _barrier(cfg)
         shards = read_shards(directory, -(-len(self.prompts) // cfg.shard_size))
         rows = [r for sh in shards for r in sh["rows"]]
@@ -189,7 +211,8 @@ class Run:
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows), "identical": same / len(rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
                 "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed}
+                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
+                "backend": cfg.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
         cfg = self.cfg
@@ -240,7 +263,7 @@ class Run:
         save it with :meth:`save_model`."""
         from transformers import set_seed
 
-        from tunesmith.models import wrap_lora
+        from tunesmith.models import gathered_state_dict, wrap_lora
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
@@ -254,14 +277,27 @@ class Run:
                               neftune_distribution=cfg.neftune_noise_distribution,
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
+        trainer.add_callback(checkpoint_callback(self.fingerprint))
         for cb in self.callbacks:
             trainer.add_callback(cb)
-        output = trainer.train(resume_from_checkpoint=last_complete_checkpoint(it / "trainer"))
+        ckpt = newest_complete_checkpoint(it / "trainer")
+        if ckpt is not None:
+            check_checkpoint(ckpt, self.fingerprint)
+        sharded = False
+        if ckpt is not None and training_done(ckpt):  # killed after the last checkpoint: it is theta_{t+1}
+            from tunesmith.models import load_model_and_tokenizer
+
+            log.warning(f"spin: {ckpt}: training had reached its last step; saving the model from it")
+            trained, _ = load_model_and_tokenizer(str(ckpt), cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+            result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
+        else:
+            output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
+            sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if cfg.process_index == 0:
-            atomic_write_json(it / "train_result.json", {"train_loss": output.training_loss,
-                                                         "steps": output.global_step,
-                                                         "seconds": time.perf_counter() - start})
-            self.save_model(t, trainer.model)
+            atomic_write_json(it / "train_result.json", result | {"seconds": time.perf_counter() - start})
+            self.save_model(t, trained, state if sharded else None)
         _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
@@ -294,15 +330,17 @@ class Run:
         return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), cfg.per_device_eval_batch_size,
                          self.device, cfg.process_index, cfg.world_size)["loss"]
 
-    def save_model(self, t: int, model) -> None:
-        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete."""
+    def save_model(self, t: int, model, state_dict: dict | None = None) -> None:
+        """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete.
+        ``state_dict``: the whole model gathered from FSDP / ZeRO-3 shards (then a LoRA adapter is merged from disk:
+        a sharded model cannot merge in memory)."""
         from tunesmith.models import load_model_and_tokenizer, save_model_dir
 
         cfg, it = self.cfg, self.iter_dir(t)
-        if cfg.use_peft and cfg.load_in_4bit:  # merge into the full-precision base read from disk
+        if cfg.use_peft and (cfg.load_in_4bit or state_dict is not None):  # merge into the base read from disk
             adapter = it / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
-            model.save_pretrained(adapter, safe_serialization=True)
+            model.save_pretrained(adapter, safe_serialization=True, state_dict=state_dict)
             self.tokenizer.save_pretrained(adapter)
             model, _ = load_model_and_tokenizer(str(adapter), cfg.dtype)
             model = model.merge_and_unload()
@@ -313,11 +351,22 @@ class Run:
             save_template(self.template, directory)
             save_yaml(cfg, directory / "tunesmith.yaml")
 
-        save_model_dir(model, self.tokenizer, it / "model", write=extras)
+        save_model_dir(model, self.tokenizer, it / "model", write=extras,
+                       state_dict=state_dict if not cfg.use_peft else None)
 
     # ---- driver
 
     def train(self) -> str:
+        """Run or resume every iteration, holding the output directory's lock (rank 0) throughout."""
+        if self.cfg.process_index == 0:
+            self.lock = self._lock()  # one run at a time in a directory
+        try:
+            self.state = self._open_state()  # again, under the lock: the directory may have changed since
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> str:
         cfg = self.cfg
         for t in range(cfg.num_iterations):
             if all(self.done(t, s) for s in STAGES):
@@ -334,9 +383,12 @@ class Run:
                         for checkpoint in (self.iter_dir(t) / "trainer").glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
                 else:
-                    if not loaded:
-                        loaded.append(self.load_model(t))
-                    metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
+                    if stage == "generate" and cfg.generation_backend == "vllm":
+                        metrics = self.stage_generate(t, None)  # vLLM loads theta_t itself
+                    else:
+                        if not loaded:
+                            loaded.append(self.load_model(t))
+                        metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
                 if cfg.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
@@ -357,6 +409,7 @@ def train(config, callbacks=(), on_event=None) -> str:
     stage written (both hooks exist for monitoring and for the crash tests).
     """
     cfg = config if isinstance(config, SPINConfig) else build_config(SPINConfig, dict(config), "config")
+    check_max_length(cfg)
     return Run(cfg, callbacks, on_event).train()
 
 

@@ -26,8 +26,9 @@ class SPINTrainer(NEFTuneTrainerMixin, Trainer):
         self._signature_columns = ["real", "generated", "ref_real", "ref_generated"]  # kept by remove_unused_columns
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        rows = self.training_inputs(model, {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")})
-        real, generated = answer_logprobs(model, rows).chunk(2)
+        rows = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
+        with self.noise(model, rows):
+            real, generated = answer_logprobs(model, rows).chunk(2)
         losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
                               self.loss_type)
         if model.training:

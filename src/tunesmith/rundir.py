@@ -1,0 +1,542 @@
+"""Where a command writes: output files, run directories, checkpoints, and the guards that keep runs apart.
+
+* :func:`check_output_file`, :func:`check_output_dir` — an output path is checked before any work is done (a file
+  where a file is expected, a writable folder), so a long generation never ends in a traceback at the last write.
+* :func:`open_run` — what a training recipe (SFT, SPIN, classify) calls before training, in a few lines::
+
+      fp = Fingerprint.of_config(cfg, FINGERPRINT_KEYS)
+      with open_run(cfg.output_dir, "sft", fp, cfg.resume_from_checkpoint, main=cfg.process_index == 0) as run:
+          if run.finished:
+              return ...                                      # a resumed finished run: nothing to do
+          trainer.add_callback(run.checkpoint_callback())     # the fingerprint goes into every checkpoint
+          if not (run.checkpoint and training_done(run.checkpoint)):  # else: load the checkpoint, do not train
+              trainer.train(resume_from_checkpoint=run.checkpoint)
+          ...                                                 # save; write FINISHED_FILE last
+
+  It holds an exclusive lock on the directory (:class:`RunLock`), refuses a directory holding a finished run, another
+  command's run, checkpoints of a run nobody asked to resume, or files tunesmith did not write, and resolves
+  ``resume_from_checkpoint`` to the newest COMPLETE checkpoint whose fingerprint matches the run's settings.
+* :class:`Fingerprint` — a digest of the settings that decide what a run computes. It is stored in every checkpoint's
+  ``trainer_state.json`` (through a stateful Trainer callback, so it is written with, and torn with, the file the
+  Trainer writes last) and checked on resume: a mismatch is a one-line refusal naming the settings that differ.
+* :func:`newest_complete_checkpoint` — checkpoints torn by a kill or a full disk (no or half-written
+  ``trainer_state.json``, a truncated ``.safetensors`` file) are skipped.
+* :func:`publish_dir` — replace a whole output directory (``tunesmith merge``) from a staging directory; a non-empty
+  directory that tunesmith did not write for that command is never deleted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import struct
+import tempfile
+from pathlib import Path
+
+from tunesmith.errors import UserError
+
+log = logging.getLogger("tunesmith")
+
+LOCK_FILE = ".tunesmith.lock"
+OWNER_FILE = "tunesmith_run.json"  # written into every directory tunesmith creates as a run or output directory
+FINISHED_FILE = "tunesmith.yaml"  # the resolved config, written last: its presence marks a finished run
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_BOOKKEEPING = {LOCK_FILE, OWNER_FILE}
+
+
+# ---------------------------------------------------------------- output files
+
+def check_output_file(path: str | os.PathLike, key: str = "output") -> Path:
+    """Refuse, in one line and before any work, an output file path that cannot be written: a directory, a path
+    under a file, or a folder without write permission. Returns the path."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: '{key}' names a directory; give a file path (e.g. {p / 'out.jsonl'})")
+    _check_writable(p, p.parent, key)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """The same for an output directory: not a file, not under a file, writable. Creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{p}: '{key}' is a file, not a directory")
+    _check_writable(p, p, key)
+    return p
+
+
+def _check_writable(p: Path, folder: Path, key: str) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{p}: cannot write '{key}': {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{p}: cannot write '{key}': no write permission in {existing}")
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def digest(obj) -> str:
+    """A short, stable digest of any JSON-able value (sorted keys; other objects by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """The settings that decide what a run computes (``values``, JSON-safe) and their digest."""
+
+    values: dict
+    digest: str
+
+    @classmethod
+    def of(cls, values: dict) -> "Fingerprint":
+        plain = json.loads(json.dumps({k: getattr(v, "value", v) for k, v in values.items()}, default=str))
+        return cls(plain, digest(plain))
+
+    @classmethod
+    def of_config(cls, cfg, keys, **extra) -> "Fingerprint":
+        """The fingerprint of ``cfg``'s ``keys`` (enum values by their value), plus ``extra`` values (e.g. a digest
+        of the tokenized data)."""
+        return cls.of({k: getattr(cfg, k) for k in keys} | extra)
+
+    def differences(self, other: dict) -> list[str]:
+        """The keys whose value differs between this fingerprint and another's ``values``."""
+        return sorted(k for k in set(self.values) | set(other) if self.values.get(k) != other.get(k))
+
+
+@functools.cache
+def _callback_class():
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TunesmithRun(TrainerCallback, ExportableState):
+        """Puts the run's fingerprint into every checkpoint's trainer_state.json (``stateful_callbacks``)."""
+
+        def __init__(self, fingerprint: str, config: dict):
+            self.fingerprint, self.config = fingerprint, config
+
+        def state(self) -> dict:
+            return {"args": {"fingerprint": self.fingerprint, "config": self.config}, "attributes": {}}
+
+    return TunesmithRun
+
+
+def checkpoint_callback(fp: Fingerprint):
+    """A TrainerCallback that stamps every checkpoint the Trainer writes with ``fp``."""
+    return _callback_class()(fp.digest, fp.values)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file is not whole (truncated, or no header), or None. Reads the header only."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                return f"{path.name} is truncated or not a safetensors file"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"{path.name}: cannot read ({e.strerror or e})"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name}: the header is not valid (not a safetensors file, or torn)"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        return f"{path.name}: the header is not valid"
+    if size < 8 + n + end:
+        return f"{path.name} is truncated ({size} bytes, the header promises {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(ckpt: str | os.PathLike) -> str | None:
+    """Why a Trainer checkpoint is not complete, or None. The Trainer writes trainer_state.json after the weights,
+    optimizer, scheduler and RNG states; a kill or a full disk leaves it missing or half-written."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return f"{ckpt} is not a directory"
+    try:
+        json.loads((ckpt / TRAINER_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{ckpt.name} has no {TRAINER_STATE} (torn while saving)"
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"{ckpt.name}: {TRAINER_STATE} is torn"
+    for f in sorted(ckpt.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            return f"{ckpt.name}: {problem}"
+    return None
+
+
+def checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-N`` directories of ``directory``, newest (highest N) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_complete_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that is complete (see :func:`checkpoint_problem`); torn newer ones are skipped with a
+    note."""
+    for p in checkpoints(directory):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        log.warning(f"{p}: skipped, not a complete checkpoint ({problem})")
+    return None
+
+
+def checkpoint_state(ckpt: str | os.PathLike) -> dict:
+    """The checkpoint's trainer_state.json (global_step, max_steps, ...)."""
+    return json.loads((Path(ckpt) / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def training_done(ckpt: str | os.PathLike) -> bool:
+    """Whether the checkpoint already holds the end of training (its step reached the run's max_steps). The Trainer
+    resumed from such a checkpoint mid-epoch trains one step too many, so a recipe loads it instead of training."""
+    state = checkpoint_state(ckpt)
+    return 0 < int(state.get("max_steps") or 0) <= int(state.get("global_step") or 0)
+
+
+def checkpoint_fingerprint(ckpt: str | os.PathLike) -> dict | None:
+    """``{"fingerprint": digest, "config": values}`` stamped into a checkpoint by :func:`checkpoint_callback`, or
+    None for a checkpoint without one (another tool's, or an older tunesmith's)."""
+    try:
+        stamp = checkpoint_state(ckpt).get("stateful_callbacks", {}).get("TunesmithRun")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(stamp, list):  # the Trainer keeps a list when a callback class is registered twice
+        stamp = stamp[-1] if stamp else None
+    args = stamp.get("args") if isinstance(stamp, dict) else None
+    return args if isinstance(args, dict) and isinstance(args.get("fingerprint"), str) else None
+
+
+def check_checkpoint(ckpt: str | os.PathLike, fp: Fingerprint) -> None:
+    """Refuse, in one line, a checkpoint that is torn or that another run (other settings) wrote."""
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"resume_from_checkpoint: {ckpt} is not a complete checkpoint ({problem})")
+    stamp = checkpoint_fingerprint(ckpt)
+    if stamp is None:
+        raise UserError(f"{ckpt}: carries no tunesmith fingerprint (written by another tool or an older tunesmith), "
+                        f"so it cannot be checked against this run's settings; start afresh in a new output_dir")
+    if stamp["fingerprint"] != fp.digest:
+        diff = fp.differences(stamp.get("config") or {})
+        raise UserError(f"{ckpt}: belongs to a run with other settings (differs in {', '.join(diff) or '?'}); "
+                        f"resume it with those settings, or choose another output_dir")
+
+
+# ---------------------------------------------------------------- the lock
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether ``pid`` is a live process (and, when ``started`` is known, the same process: pids are reused)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # a zombie: dead, not yet reaped
+            return False
+        if started is not None and fields[19] != started:
+            return False
+    except (OSError, IndexError):
+        pass
+    return True
+
+
+class RunLock:
+    """An exclusive lock on a directory: ``.tunesmith.lock`` holds the owner's pid, host and start time and is
+    ``flock``-ed while the run lives. A second run finds it held (or names a live pid) and stops in one line naming
+    that pid; a lock left by a dead process (SIGKILL, power loss) is taken over."""
+
+    def __init__(self, directory: str | os.PathLike, command: str = ""):
+        self.directory, self.command = Path(directory), command
+        self.path = self.directory / LOCK_FILE
+        self._fd: int | None = None
+
+    def _holder(self, fd: int) -> dict:
+        try:
+            text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return {}
+        if text.isdigit():  # a bare pid
+            return {"pid": int(text)}
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return {}
+        return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else {}
+
+    def _busy(self, holder: dict) -> UserError:
+        what = f" ({holder['command']})" if holder.get("command") else ""
+        pid = holder.get("pid", "?")
+        return UserError(f"{self.directory}: in use by another tunesmith run{what}, pid {pid}; wait for it to end "
+                         f"or choose another output_dir (if pid {pid} is not tunesmith, delete {self.path})")
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"{self.directory}: cannot write in the output directory ({e.strerror or e})") \
+                    from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise self._busy(holder) from None
+            except OSError:
+                pass  # no flock on this file system: the pid check below still applies
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous owner removed the file between our open and flock: start over
+                os.close(fd)
+                continue
+            holder = self._holder(fd)
+            if holder and holder["pid"] != os.getpid() and holder.get("host", socket.gethostname()) == \
+                    socket.gethostname() and _alive(holder["pid"], holder.get("started")):
+                os.close(fd)
+                raise self._busy(holder)
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()),
+                  "command": self.command}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
+            return self
+        raise UserError(f"{self.directory}: could not take the lock {self.path} (it keeps changing hands)")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- ownership
+
+def read_owner(directory: str | os.PathLike) -> dict | None:
+    """The owner record tunesmith wrote into ``directory`` (``{"command": ..., ...}``), or None."""
+    try:
+        info = json.loads((Path(directory) / OWNER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("command"), str) else None
+
+
+def write_owner(directory: str | os.PathLike, command: str, **info) -> None:
+    from tunesmith.io import atomic_write_json
+
+    atomic_write_json(Path(directory) / OWNER_FILE, {"command": command, **info})
+
+
+def contents(directory: str | os.PathLike) -> list[str]:
+    """The names in ``directory`` but tunesmith's own bookkeeping files (lock, owner record)."""
+    directory = Path(directory)
+    try:
+        return sorted(p.name for p in directory.iterdir() if p.name not in _BOOKKEEPING)
+    except FileNotFoundError:
+        return []
+
+
+def is_finished(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / FINISHED_FILE).is_file()
+
+
+def check_replaceable(directory: str | os.PathLike, command: str) -> None:
+    """Refuse a path tunesmith may not replace wholesale: a file, or a non-empty directory that tunesmith did not
+    write for ``command``."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d}: is a file, not a directory")
+    if d.is_dir() and contents(d):
+        owner = read_owner(d)
+        if owner is None or owner["command"] != command:
+            made = f"holds a tunesmith {owner['command']} run" if owner else "was not written by tunesmith"
+            raise UserError(f"{d}: not empty and {made}; choose a new or empty directory (tunesmith never deletes "
+                            f"what it did not write)")
+
+
+def staging_dir(directory: str | os.PathLike) -> Path:
+    """A fresh, empty directory beside ``directory`` to build its new content in (then :func:`publish_dir`)."""
+    d = Path(directory)
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".partial", dir=d.parent))
+    except OSError as e:
+        raise UserError(f"{d}: cannot write beside it ({e.strerror or e})") from None
+
+
+def publish_dir(staging: str | os.PathLike, directory: str | os.PathLike, command: str, **info) -> Path:
+    """Move a finished ``staging`` directory into place as ``directory``, marked as written by ``command``. An
+    existing ``directory`` is replaced only if :func:`check_replaceable` allows it; the old one is renamed aside
+    first and deleted last, so a crash leaves either the old or the new directory complete."""
+    staging, d = Path(staging), Path(directory)
+    write_owner(staging, command, **info)
+    check_replaceable(d, command)
+    old = None
+    if d.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".old", dir=d.parent))
+        os.replace(d, old / d.name)
+    os.replace(staging, d)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+# ---------------------------------------------------------------- a training run's directory
+
+@dataclasses.dataclass
+class Run:
+    """What :func:`open_run` decided. ``checkpoint``: resume from it (None: a fresh start). ``finished``: the
+    directory holds this very run, finished; nothing is to be done or rewritten."""
+
+    directory: Path
+    command: str
+    fingerprint: Fingerprint
+    checkpoint: str | None = None
+    finished: bool = False
+    lock: RunLock | None = None
+
+    def checkpoint_callback(self):
+        return checkpoint_callback(self.fingerprint)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _wants_resume(resume) -> bool | str:
+    """True for "resume from the newest checkpoint", a path string for a given one, False for a fresh start."""
+    if resume is None or resume is False:
+        return False
+    if resume is True:
+        return True
+    text = str(resume).strip()
+    if text.lower() in ("", "false", "no", "none"):
+        return False
+    if text.lower() in ("true", "yes", "last"):
+        return True
+    return text
+
+
+def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resume=None, *, main: bool = True) -> Run:
+    """Open a training run's output directory; see the module docstring. ``resume``: the recipe's
+    ``resume_from_checkpoint`` (None/false, true/"last", or a checkpoint path). ``main``: whether this process
+    writes (rank 0 under DDP; the others only read). Raises :class:`UserError` with one line on every refusal."""
+    d = Path(output_dir)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d}: output_dir is a file, not a directory")
+    lock = None
+    if main:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{d}: cannot create output_dir ({e.strerror or e})") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UserError(f"{d}: cannot write in output_dir (no write permission)")
+        lock = RunLock(d, command).acquire()
+    try:
+        run = _resolve(d, command, fp, _wants_resume(resume), main)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: bool) -> Run:
+    if not main:  # other ranks only read what they need; the main process checks (and writes) the directory
+        if is_finished(d) and resume:
+            return Run(d, command, fp, finished=True)
+        if not resume or is_finished(d):
+            return Run(d, command, fp)
+    owner = read_owner(d)
+    if owner is not None and owner["command"] != command:
+        state = "finished " if is_finished(d) else ""
+        raise UserError(f"{d}: holds a {state}tunesmith {owner['command']} run, not a {command} run; choose "
+                        f"another output_dir")
+    if is_finished(d):
+        if not resume:
+            raise UserError(f"{d}: holds a finished run ({FINISHED_FILE}); choose another output_dir (tunesmith does "
+                            f"not overwrite a finished run)")
+        recorded = (owner or {}).get("fingerprint")
+        if recorded is not None and recorded != fp.digest:
+            diff = fp.differences((owner or {}).get("config") or {})
+            raise UserError(f"{d}: holds a finished run with other settings (differs in {', '.join(diff) or '?'}); "
+                            f"choose another output_dir")
+        return Run(d, command, fp, finished=True)
+    if not resume:
+        done = newest_complete_checkpoint(d)
+        if done is not None:
+            raise UserError(f"{d}: holds checkpoints of an unfinished run (newest: {done.name}); set "
+                            f"resume_from_checkpoint: true to continue it, or choose another output_dir")
+        if owner is None and contents(d):
+            raise UserError(f"{d}: not empty and not a tunesmith run directory; choose a new or empty output_dir")
+        if main:
+            write_owner(d, command, fingerprint=fp.digest, config=fp.values)
+        return Run(d, command, fp)
+    if resume is True:
+        ckpt = newest_complete_checkpoint(d)
+        if ckpt is None:
+            raise UserError(f"resume_from_checkpoint: no complete checkpoint in {d} to resume from (drop "
+                            f"resume_from_checkpoint to start afresh)")
+    else:
+        ckpt = Path(resume)
+        if not ckpt.is_dir():
+            raise UserError(f"resume_from_checkpoint: {ckpt} is not a checkpoint directory")
+    check_checkpoint(ckpt, fp)
+    return Run(d, command, fp, checkpoint=str(ckpt))
