@@ -271,14 +271,14 @@ def test_a_run_made_with_another_world_size_is_refused(full_run, tmp_path):
     """The world size sets the global batch (and which rank wrote which shard): it is part of the fingerprint."""
     import shutil
 
-    from tunesmith.recipes.spin.config import fingerprint
+    from tunesmith.rundir import Fingerprint
 
     out = tmp_path / "run"
     shutil.copytree(full_run["out"], out)
     state = json.loads((out / "spin_state.json").read_text())
     assert state["config"]["world_size"] == 1
     state["config"]["world_size"] = 2  # as written by a 2-process torchrun run
-    state["fingerprint"] = fingerprint(state["config"])
+    state["fingerprint"] = Fingerprint.of(state["config"]).digest
     (out / "spin_state.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match=r"config differs in world_size\)"):
         spin.train(dict(full_run["cfg"], output_dir=str(out)))
