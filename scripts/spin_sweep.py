@@ -160,9 +160,11 @@ def evaluate(model_dir: Path, run_dir: Path, name: str, data: dict, judge) -> di
     if done.exists():
         return json.loads(done.read_text())
     gen = run_dir / "generations_heldout.jsonl"  # the name win_rate_under reads
-    run_generate(GenerateConfig(model=str(model_dir), prompts=str(data["prompts"]), output=str(gen), generator=name,
+    run_generate(GenerateConfig(model_name_or_path=str(model_dir), prompts=str(data["prompts"]), output=str(gen),
+                                generator=name,
                                 batch_size=32, max_new_tokens=96))
-    ev = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model=str(model_dir), dataset=[str(data["eval_loss"])],
+    ev = run_eval(EvalConfig(output=str(run_dir / "eval.json"), model_name_or_path=str(model_dir),
+                             dataset=[str(data["eval_loss"])],
                              generations=[str(gen)], n_tokens=12, run_name=name, batch_size=32))
     facts = fact_accuracy(judge, gen)
     g = ev["generations"][gen.stem]
