@@ -18,12 +18,20 @@ needs_base = pytest.mark.skipif(not (base.BASE_DIR / base.MANIFEST).is_file(), r
 @needs_base
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--spin", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "win rate vs SFT" in printed
     state = json.loads((out / "demo.json").read_text())
     assert state["complete"] is True
-    assert set(state["per_variant"]) == {"sft", "neftune"}
+    assert set(state["per_variant"]) == {"sft", "neftune", "spin1"}
+    # SPIN ran with the demo's recipe and the authors' sampling, and its diagnostics are in the report
+    spin_state = json.loads((out / "runs/spin-seed0/spin_state.json").read_text())
+    cfg = DemoConfig()
+    assert {k: spin_state["config"][k] for k in ("learning_rate", "beta", "num_train_epochs")} == {
+        "learning_rate": [cfg.spin_learning_rate], "beta": [cfg.spin_beta], "num_train_epochs": [cfg.spin_epochs]}
+    gen = spin_state["iterations"]["0"]["generate"]
+    assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.8, 0.95)
+    summary = json.loads((out / "runs/spin-seed0/summary.json").read_text())[0]
     for name in ("sft-seed0", "neftune-seed0"):
         run = out / "runs" / name
         assert (run / "tunesmith.yaml").is_file() and (run / "eval.json").is_file()
@@ -39,6 +47,10 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     for png in ("summary.png", "loss_curves.png", "winrates.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
     assert "QUICK MODE" in md and (out / "report.html").read_text().count("<img") >= 3
+    assert "## SPIN per iteration" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 0 | 1 |"))  # seed 0, iteration 1
+    assert f"{summary['ref_real']:.2f} → {summary['policy_real']:.2f}" in row
+    assert f"{summary['identical']:.2f}" in row
     wr = json.loads((out / "judge/neftune-vs-sft-seed0/winrate.json").read_text())
     assert wr["n"] + wr["unjudged"] == 8 and wr["unjudged"] == 0
     # Held-out prompts are about held-out people only.

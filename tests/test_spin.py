@@ -30,7 +30,8 @@ from tunesmith.scoring import answer_logprobs, sequence_logprobs
 def spin_config(model_dir, data, out, **over):
     cfg = sft_config(model_dir, data, out, max_length=256, num_iterations=2, beta=0.5, learning_rate=3e-3,
                      num_train_epochs=1, max_new_tokens=10, shard_size=6, generation_batch_size=4,
-                     per_device_eval_batch_size=8, save_strategy="steps", save_steps=2)
+                     per_device_eval_batch_size=8, save_strategy="steps", save_steps=2,
+                     do_sample=False)  # greedy: shards of any size (the torchrun test) hold the same answers
     del cfg["train_loss_eval_samples"]  # an SFT key; SPIN has no such key
     cfg.update(over)
     return cfg
@@ -201,6 +202,110 @@ def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
     assert abs(noisy - clean) > 1e-4
 
 
+def test_identical_real_and_generated_answers_give_zero_margin_and_no_gradient(tiny_model_dir, tiny_tokenizer):
+    """The SFT model often reproduces a training answer: such a pair has t = 0 whatever the weights (loss log 2), so
+    it contributes nothing to the gradient; a pair that differs does."""
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    template = get_template("alpaca", tok)
+    ex = Example(turns=[Turn("what is the color of sky", "the answer is blue")])
+    prompt = encode_prompt(tok, template, ex)
+    real = encode(tok, template, ex, 10**9)["input_ids"][len(prompt):]
+    other = encode(tok, template, Example(turns=[Turn("what is the color of sky", "it was red")]),
+                   10**9)["input_ids"][len(prompt):]
+    grads = {}
+    for generated, moves in ((real, False), (other, True)):
+        pair = {"real": pair_row(prompt, real, 256), "generated": pair_row(prompt, generated, 256),
+                "ref_real": -5.0, "ref_generated": -5.0 if not moves else -7.0}  # theta_t scores identical rows alike
+        batch = PairCollator(tok.pad_token_id)([pair])
+        model.zero_grad()
+        r, g = answer_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
+        loss, t = spin_loss(r, g, batch["ref_real"], batch["ref_generated"], beta=0.5)
+        loss.sum().backward()
+        grads[moves] = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
+        if not moves:
+            assert t.item() == 0.0 and loss.item() == pytest.approx(math.log(2))
+    assert grads[True] > 1e-3 and grads[False] < 1e-5 * grads[True]  # zero up to float rounding
+
+
+def test_generated_answers_end_as_the_template_ends_real_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """A chat template that writes text after the end-of-turn token (here "</s>\n", like Qwen's "<|im_end|>\n"):
+    real rows are trained on that tail, so every finished generated row ends with the same tokens; a cut answer has
+    no end. With a plain template the end is the EOS alone."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import tunesmith.generate
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+                         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|im_end|>' }}{% endif %}"
+                         "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                         "{% endif %}")
+    tok.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4))
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for template, end in (("chat", [tok.eos_token_id] + newline), ("alpaca", [tok.eos_token_id])):
+        cfg = build_config(spin.SPINConfig, spin_config(str(model_dir), data, tmp_path / template, template=template))
+        run = spin.Run(cfg)
+        for p in run.prompts:
+            assert p.end_ids == end and p.real_ids[-len(end):] == end
+        answers = [[tok.convert_tokens_to_ids("Ġthe")] * 3, [5, 6], [7], [8, 9, 10]]
+        monkeypatch.setattr(tunesmith.generate, "generate", lambda model, tokenizer, prompt_ids, **kw: [
+            {"output_ids": a, "output": "x", "truncated": i == 3, "new_tokens": len(a)}  # the 4th is cut
+            for i, a in enumerate(answers[:len(prompt_ids)])])  # stands in for the model: fixed answers
+        generate_shards(cfg, None, run.tokenizer, run.prompts, 0, tmp_path / f"{template}-gen")
+        rows = shard_rows(tmp_path / f"{template}-gen")
+        assert [r["ids"] for r in rows] == [a + end for a in answers[:3]] + [answers[3]]
+        for p, r in zip(run.prompts[:3], rows):  # the real and the generated row end alike
+            real, gen = pair_row(p.prompt_ids, p.real_ids, 256), pair_row(r["prompt_ids"], r["ids"], 256)
+            assert real["input_ids"][-len(end):] == gen["input_ids"][-len(end):] == end
+            assert real["labels"][-len(end):] == gen["labels"][-len(end):] == end  # both trained
+
+
+def test_a_run_made_with_another_world_size_is_refused(full_run, tmp_path):
+    """The world size sets the global batch (and which rank wrote which shard): it is part of the fingerprint."""
+    import shutil
+
+    from tunesmith.rundir import Fingerprint
+
+    out = tmp_path / "run"
+    shutil.copytree(full_run["out"], out)
+    state = json.loads((out / "spin_state.json").read_text())
+    assert state["config"]["world_size"] == 1
+    state["config"]["world_size"] = 2  # as written by a 2-process torchrun run
+    state["fingerprint"] = Fingerprint.of(state["config"]).digest
+    (out / "spin_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"config differs in world_size\)"):
+        spin.train(dict(full_run["cfg"], output_dir=str(out)))
+
+
+def test_qlora_iterations_end_to_end(tiny_model_dir, tmp_path):
+    """load_in_4bit: each iteration's adapter is merged into its full-precision base (theta_t read from disk), so
+    iteration 1 generates and scores with theta_1."""
+    data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(6))
+    cfg = spin_config(tiny_model_dir, data, tmp_path / "run", load_in_4bit=True, use_peft=True, lora_r=4,
+                      lora_alpha=8, lora_dropout=0.0, learning_rate=1e-2, mix_previous_iteration=False,
+                      max_new_tokens=6)
+    final = spin.train(cfg)
+    out = tmp_path / "run"
+    assert final == str(out / "iteration-1" / "model")
+    for t, base in ((0, tiny_model_dir), (1, str(out / "iteration-0" / "model"))):
+        model_dir = out / f"iteration-{t}" / "model"
+        assert (model_dir / "model.safetensors").exists() and not (model_dir / "adapter_config.json").exists()
+        adapter = json.loads((out / f"iteration-{t}" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == base  # merged into theta_t, not theta_0
+    w0, w1 = weights(tiny_model_dir), weights(out / "iteration-0" / "model")
+    linear = [k for k in w0 if "layers" in k and k.endswith("proj.weight")]  # where LoRA sits (all-linear)
+    assert linear and max((w1[k] - w0[k]).abs().max().item() for k in linear) > 1e-4  # the adapter was folded in
+    state = json.loads((out / "spin_state.json").read_text())
+    assert state["iterations"]["1"]["reference"]["ref_real"] != state["iterations"]["0"]["reference"]["ref_real"]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -224,6 +329,13 @@ def test_two_iterations_end_to_end(full_run, tiny_model_dir, tiny_tokenizer):
         assert tr["policy_real"] - tr["ref_real"] > tr["policy_generated"] - tr["ref_generated"]
         gen = state["iterations"][str(t)]["generate"]
         rows = shard_rows(out / f"iteration-{t}" / "generations")
+        same = [r["ids"] == p.real_ids for r, p in zip(rows, run.prompts)]
+        assert gen["identical"] == pytest.approx(sum(same) / 12)
+        pairs_t = run.pairs(t, with_reference=False)
+        n_same = sum(p["real"]["input_ids"] == p["generated"]["input_ids"] for p in pairs_t)
+        assert tr["identical_pairs"] == pytest.approx(n_same / len(pairs_t))
+        assert tr["reward_accuracy_distinct"] == pytest.approx(tr["reward_accuracy"] * len(pairs_t)
+                                                               / (len(pairs_t) - n_same))
         assert [r["index"] for r in rows] == list(range(12))  # each prompt exactly once
         assert gen["truncated"] == sum(r["truncated"] for r in rows)
         assert all(len(r["ids"]) == 10 for r in rows if r["truncated"])
@@ -258,10 +370,14 @@ def test_generation_prompt_is_token_identical_to_training_prefix(full_run, data_
 
 
 def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_path):
-    """With do_sample, a shard lost to a crash is regenerated identically (each shard has its own seed)."""
+    """Sampling is the default, with the authors' settings; a shard lost to a crash is regenerated identically
+    (each shard has its own seed)."""
     run = full_run["run"]
-    cfg = build_config(spin.SPINConfig, dict(full_run["cfg"], output_dir=str(tmp_path / "o"), do_sample=True,
-                                                  temperature=1.5, top_p=0.95, repetition_penalty=1.1))
+    defaults = {k: v for k, v in full_run["cfg"].items() if k not in ("do_sample", "max_new_tokens")}
+    cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o")))
+    assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.max_new_tokens) == (True, 0.8, 0.95, 256)
+    cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o"), max_new_tokens=10,
+                                             temperature=1.5, repetition_penalty=1.1))
     model = run.load_model(0).eval()
     gen = tmp_path / "g"
     gen.mkdir()

@@ -26,10 +26,11 @@ class SPINArgs:
     num_train_epochs: list[float] = _f([2.0], "Epochs per iteration: one value or one per iteration.")
     loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
     mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
-    max_new_tokens: int = _f(256, "Generation budget per answer; answers cut there are counted and reported.")
-    do_sample: bool = _f(False, "Sample the synthetic answers (default greedy).")
-    temperature: float = _f(1.0, "Sampling temperature.")
-    top_p: float = _f(1.0, "Nucleus sampling.")
+    max_new_tokens: int = _f(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
+                                  "and reported.")
+    do_sample: bool = _f(True, "Sample the synthetic answers as the authors' generator does (false: greedy).")
+    temperature: float = _f(0.8, "Sampling temperature (the authors' generator: 0.8).")
+    top_p: float = _f(0.95, "Nucleus sampling (the authors' generator: 0.95).")
     repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
     generation_batch_size: int = _f(32, "Prompts per generation batch.")
     generation_backend: str = _f("hf", "hf (transformers' generate) or vllm (GPU; the same prompt ids, a seed per "
@@ -112,14 +113,15 @@ class SPINConfig(Config):
         return TrainingArguments(**values)
 
 
-# Keys that determine a run's results: a rerun with other values is a different run.
+# Keys that determine a run's results: a rerun with other values is a different run. The world size is one: it sets
+# the global batch (per-device batch x processes) and which rank writes which shard.
 FINGERPRINT_KEYS = (
     "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
     "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
     "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "do_sample", "temperature", "top_p",
     "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
+    "world_size", "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
     "adam_beta2", "adam_epsilon",
 )
 

@@ -34,6 +34,29 @@ class Prompt:
     loc: str
     prompt_ids: list[int]  # what the generator is given: the training rows' prefix
     real_ids: list[int]  # the real answer's tokens as trained (with the template's end-of-answer tokens)
+    end_ids: list[int]  # the template's end-of-answer tokens: every finished generated answer ends with them too
+
+
+def answer_end_ids(tokenizer, template, example, real_ids: list[int]) -> list[int]:
+    """The tokens the template trains after the last answer's text: the EOS of plain templates, a chat template's
+    end-of-turn text (Qwen's "<|im_end|>\n"). A generated answer ends with exactly these, so real and generated rows
+    differ only in the answer itself (a tail trained on real rows only would be a free margin for the loss)."""
+    text, trained = template.segments(example)[-1]
+    answer = example.turns[-1].response
+    if text.rfind(answer) < 0:  # a chat template may trim the answer
+        answer = answer.strip()
+    at = text.rfind(answer)
+    if not trained or at < 0:
+        raise UserError(f"{example.loc}: template {template.spec()!r} does not render the answer text verbatim; it "
+                        "cannot be used for SPIN")
+    tail = text[at + len(answer):]
+    end = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    if template.appends_eos and tokenizer.eos_token_id is not None:
+        end = end + [tokenizer.eos_token_id]
+    if end and real_ids[-len(end):] != end:
+        raise UserError(f"{example.loc}: the answer's end-of-turn text {tail!r} tokenizes "
+                        "differently next to the answer; it cannot be used for SPIN")
+    return end
 
 
 def build_prompts(examples, tokenizer, template, max_length: int, source: str) -> tuple[list[Prompt], list[str]]:
@@ -54,7 +77,8 @@ def build_prompts(examples, tokenizer, template, max_length: int, source: str) -
         if len(prompt) >= max_length:
             dropped.append(ex.loc)
             continue
-        prompts.append(Prompt(len(prompts), ex.loc, prompt, full["input_ids"][len(prompt):]))
+        real = full["input_ids"][len(prompt):]
+        prompts.append(Prompt(len(prompts), ex.loc, prompt, real, answer_end_ids(tokenizer, template, ex, real)))
     if not prompts:
         raise UserError(f"{source}: no prompt fits in max_length={max_length} with room for an answer")
     return prompts, dropped
@@ -98,7 +122,6 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
     from tunesmith.generate import generate, generate_vllm, request_seed
 
     n_shards = -(-len(prompts) // cfg.shard_size)
-    eos = tokenizer.eos_token_id
     todo = [k for k in range(cfg.process_index, n_shards, cfg.world_size) if not shard_path(directory, k).exists()]
     settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
                     top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
@@ -122,7 +145,8 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
                             seed=_shard_seed(cfg.seed, t, k), **settings)
         rows = []
         for p, o in zip(chunk, outs):
-            ids = o["output_ids"] + ([] if o["truncated"] or eos is None else [eos])  # the answer as generated
+            # the answer as generated, ended as the template ends real answers (a cut answer has no end)
+            ids = o["output_ids"] + ([] if o["truncated"] else p.end_ids)
             rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
                          "truncated": o["truncated"]})
         seconds = time.perf_counter() - start + vllm_seconds

@@ -207,7 +207,8 @@ class Run:
             raise UserError(f"{directory}: shards do not hold each prompt exactly once (the run directory was "
                             "modified)")
         lengths = [len(r["ids"]) for r in rows]
-        return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows),
+        same = sum(r["ids"] == p.real_ids for r, p in zip(rows, self.prompts))
+        return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows), "identical": same / len(rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
                 "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
                 "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
@@ -307,15 +308,21 @@ class Run:
         ref_r = torch.tensor([p["ref_real"] for p in mine], dtype=torch.float64)
         ref_g = torch.tensor([p["ref_generated"] for p in mine], dtype=torch.float64)
         losses, t = spin_loss(real, gen, ref_r, ref_g, beta, cfg.loss_type)
+        # a pair whose generated answer is token for token the real one has t = 0 and no gradient whatever the
+        # weights: it counts as a miss in reward_accuracy, so the accuracy over the other pairs is reported too
+        same = torch.tensor([p["real"]["input_ids"] == p["generated"]["input_ids"] for p in mine], dtype=torch.bool)
         sums = torch.stack([real.sum(), gen.sum(), ref_r.sum(), ref_g.sum(), t.sum(), (t > 0).double().sum(),
-                            losses.sum(), torch.tensor(float(len(mine)), dtype=torch.float64)])
+                            losses.sum(), torch.tensor(float(len(mine)), dtype=torch.float64),
+                            same.double().sum()])
         if cfg.world_size > 1:
             sums = sums.to(self.device)
             torch.distributed.all_reduce(sums)
         s = sums.cpu().tolist()
-        n = s[7]
+        n, n_same = s[7], s[8]
         return {"policy_real": s[0] / n, "policy_generated": s[1] / n, "ref_real": s[2] / n,
                 "ref_generated": s[3] / n, "reward_margin": s[4] / n, "reward_accuracy": s[5] / n,
+                "identical_pairs": n_same / n,
+                "reward_accuracy_distinct": s[5] / (n - n_same) if n > n_same else None,
                 "final_pair_loss": s[6] / n}
 
     def eval_loss(self, model) -> float:

@@ -14,7 +14,9 @@ def summary_rows(state: dict, num_iterations: int) -> list[dict]:
         rows.append({"iteration": t, "loss": tr.get("loss"), "policy_real": tr.get("policy_real"),
                      "policy_generated": tr.get("policy_generated"), "ref_real": r.get("ref_real"),
                      "ref_generated": r.get("ref_generated"), "reward_margin": tr.get("reward_margin"),
-                     "reward_accuracy": tr.get("reward_accuracy"), "truncated": g.get("truncated"),
+                     "reward_accuracy": tr.get("reward_accuracy"),
+                     "reward_accuracy_distinct": tr.get("reward_accuracy_distinct"),
+                     "identical": g.get("identical"), "truncated": g.get("truncated"),
                      "prompts": g.get("prompts"), "generate_s": g.get("seconds"),
                      "reference_s": r.get("seconds"), "train_s": tr.get("seconds"),
                      "eval_loss": tr.get("eval_loss")})
@@ -27,10 +29,11 @@ def write_summary(out: Path, state: dict, num_iterations: int) -> None:
     atomic_write_text(out / "summary.md", format_table(rows))
 
 
-COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("policy_real", "logp real (policy)"),
-           ("ref_real", "logp real (ref)"), ("policy_generated", "logp gen (policy)"),
-           ("ref_generated", "logp gen (ref)"), ("reward_margin", "margin"), ("reward_accuracy", "accuracy"),
-           ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
+# theta_t is the iteration's starting model (generator and reference), theta_t+1 the model it trains
+COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("ref_real", "logp real θt"), ("policy_real", "logp real θt+1"),
+           ("ref_generated", "logp gen θt"), ("policy_generated", "logp gen θt+1"), ("reward_margin", "margin"),
+           ("reward_accuracy", "accuracy"), ("reward_accuracy_distinct", "accuracy (distinct pairs)"),
+           ("identical", "generated = real"), ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
            ("train_s", "train s"), ("eval_loss", "eval loss")]
 
 
