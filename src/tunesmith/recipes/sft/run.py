@@ -83,8 +83,8 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import (ensure_pad_token, gathered_state_dict, load_model_and_tokenizer, load_tokenizer,
-                                  model_options, save_model_dir)
+    from tunesmith.models import (check_weights, ensure_pad_token, gathered_state_dict, load_model_and_tokenizer,
+                                  load_tokenizer, model_options, save_model_dir)
     from tunesmith.recipes.training import check_max_length, run_fingerprint
     from tunesmith.rundir import open_run, training_done
 
@@ -99,6 +99,7 @@ def train(config, callbacks: list | None = None) -> str:
         set_seed(cfg.seed)
         tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
                                    cfg.chat_template)
+        check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
         ensure_pad_token(tokenizer)
         template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
         if cfg.process_index == 0:

@@ -68,12 +68,13 @@ class Run:
     """One SPIN run: config, data and the state on disk. :meth:`train` runs or resumes every iteration."""
 
     def __init__(self, cfg: SPINConfig, callbacks=(), on_event=None):
-        from tunesmith.models import ensure_pad_token, load_tokenizer
+        from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer
 
         self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
         self.out = Path(cfg.output_dir)
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
                                         cfg.chat_template)
+        check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is read
         ensure_pad_token(self.tokenizer)
         if cfg.template:
             self.template = get_template(cfg.template, self.tokenizer)
