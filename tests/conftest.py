@@ -7,9 +7,13 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized training data is cached in the datasets cache (tunesmith.data.prepare): keep the tests' out of the user's.
-os.environ["HF_DATASETS_CACHE"] = __import__("tempfile").mkdtemp(prefix="tunesmith-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE = __import__("tempfile").mkdtemp(prefix="tunesmith-tests-datasets-")
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    __import__("shutil").rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

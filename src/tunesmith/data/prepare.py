@@ -236,17 +236,23 @@ def _fingerprint(source: str, split: str, dataset_format: str, tokenizer, templa
 
 @contextlib.contextmanager
 def _node_main_process_first():
-    """Under torch.distributed, the node's main process runs the block first; the others wait, then run it (and
-    find its result in the cache)."""
+    """Under torch.distributed, the node's main process (LOCAL_RANK 0) runs the block first; the others wait at a
+    barrier, then run it (and find its result in the cache). If the main process fails, the others are released and
+    fail on their own. The wait is bounded by the process group's timeout (the Trainer's ``ddp_timeout``)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         yield
         return
-    from accelerate import PartialState
-
-    with PartialState().local_main_process_first():
+    # accelerate's PartialState cannot be used here: under plain torchrun on CPU it reports one process
+    main = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
+    if not main:
+        dist.barrier()
+    try:
         yield
+    finally:
+        if main:
+            dist.barrier()
 
 
 def _load_entry(entry: Path, source: str):
