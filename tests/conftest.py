@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE = __import__("tempfile").mkdtemp(prefix="tunesmith-tests-datasets-")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -111,3 +112,20 @@ def sft_config(model_dir, data, out, **over):
                disable_tqdm=True, dataloader_num_workers=0)
     cfg.update(over)
     return cfg
+
+
+class ScaledLogits(torch.nn.Module):
+    """A model whose logits are not a plain projection of its last hidden state (logit scaling or soft-capping, as
+    some models have): the lean-logits paths must fall back to the model's own logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        out.logits = out.logits * 4.0
+        return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import alpaca_rows, write_jsonl
+from conftest import ScaledLogits, alpaca_rows, write_jsonl
 
 from tunesmith import scoring
 from tunesmith.data.collate import Collator, concat, first_fit_decreasing, pack
@@ -296,22 +296,6 @@ def test_no_batch_by_sequence_by_vocabulary_tensor(tiny_model_dir, small_chunks)
         with _BiggestTensor() as seen:
             run()
         assert seen.largest <= max(body, scoring.CHUNK_LOGITS)
-
-
-class ScaledLogits(torch.nn.Module):
-    """A head that is not a plain projection of the final hidden state (logit scaling, as some models have)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kw):
-        out = self.inner(**kw)
-        out.logits = out.logits * 4.0
-        return out
 
 
 def test_a_head_that_is_not_a_plain_projection_falls_back_to_full_logits(tiny_model_dir, small_chunks):

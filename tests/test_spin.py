@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import alpaca_rows, sft_config, write_jsonl
+from conftest import ScaledLogits, alpaca_rows, sft_config, write_jsonl
 
 from transformers import TrainerCallback, TrainingArguments
 
@@ -149,22 +149,6 @@ def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
         trl_loss = trl._compute_loss(trl.model, batch, False).item()
     assert trl_loss > 0.1 and abs(trl_loss - math.log(2)) > 1e-3  # a real cross-check, not the trivial log 2
     assert ours_loss == pytest.approx(trl_loss, abs=1e-5)
-
-
-class ScaledLogits(torch.nn.Module):
-    """A model whose logits are not a plain projection of its last hidden state (like logit soft-capping)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, **kw):
-        out = self.inner(**kw)
-        out.logits = out.logits * 4.0
-        return out
 
 
 def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_not_plain(tiny_model_dir):
