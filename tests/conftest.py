@@ -114,6 +114,19 @@ def sft_config(model_dir, data, out, **over):
     return cfg
 
 
+@pytest.fixture
+def templated_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with a saved alpaca template, as a tunesmith run leaves its output directory."""
+    import shutil
+
+    from tunesmith.data.templates import get_template, save_template
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    save_template(get_template("alpaca"), d)
+    return str(d)
+
+
 class ScaledLogits(torch.nn.Module):
     """A model whose logits are not a plain projection of its last hidden state (logit scaling or soft-capping, as
     some models have): the lean-logits paths must fall back to the model's own logits."""

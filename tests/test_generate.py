@@ -1,7 +1,6 @@
 """Batched generation: deterministic, batch composition / order does not change outputs, EOS and budget handling."""
 import json
 import random
-import shutil
 
 import pytest
 import torch
@@ -95,17 +94,7 @@ def test_bad_arguments(model_and_tok):
         generate(model, tok, [[5]], batch_size=0)
 
 
-@pytest.fixture
-def trained_like_dir(tiny_model_dir, tmp_path):
-    from tunesmith.data.templates import get_template, save_template
-
-    d = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, d)
-    save_template(get_template("alpaca"), d)
-    return str(d)
-
-
-def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, tmp_path, alpaca_file, capsys):
+def test_cli_writes_alpaca_eval_rows_matching_the_python_api(templated_model_dir, tmp_path, alpaca_file, capsys):
     from tunesmith.data.formats import to_examples
     from tunesmith.data.load import load_records
     from tunesmith.data.templates import get_template
@@ -113,7 +102,7 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, t
     from tunesmith.models import load_model_and_tokenizer
 
     out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--output", str(out),
+    assert main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--output", str(out),
                  "--max_new_tokens", "6", "--limit", "5", "--batch_size", "2", "--repetition_penalty", "1.2",
                  "--generator", "tiny"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -124,7 +113,7 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, t
         assert r["generator"] == "tiny" and r["decoding"]["repetition_penalty"] == 1.2
         assert r["decoding"]["template"] == "alpaca" and isinstance(r["truncated"], bool)
         assert (r.get("input") or "") == s["input"]
-    model, tok = load_model_and_tokenizer(trained_like_dir)
+    model, tok = load_model_and_tokenizer(templated_model_dir)
     exs = to_examples(load_records(alpaca_file)[:5])
     ids = [encode_prompt(tok, get_template("alpaca"), e.for_generation()) for e in exs]
     ref = generate(model, tok, ids, batch_size=1, max_new_tokens=6, repetition_penalty=1.2)
@@ -132,14 +121,14 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, t
     assert "wrote 5 generations" in capsys.readouterr().out
     # the length-control suffix changes the prompt but not the recorded instruction
     out2 = tmp_path / "gen2.jsonl"
-    assert main(["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--output", str(out2),
+    assert main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--output", str(out2),
                  "--max_new_tokens", "6", "--limit", "5", "--prompt_suffix", "Answer at length."]) == 0
     rows2 = [json.loads(x) for x in out2.read_text().splitlines()]
     assert [r["instruction"] for r in rows2] == [r["instruction"] for r in rows]
     assert rows2[0]["decoding"]["prompt_suffix"] == "Answer at length."
     from tunesmith.generate import GenerateConfig, prompt_rows
 
-    cfg = GenerateConfig(model_name_or_path=trained_like_dir, prompts=alpaca_file, output="x", limit=2,
+    cfg = GenerateConfig(model_name_or_path=templated_model_dir, prompts=alpaca_file, output="x", limit=2,
                          prompt_suffix="Answer at length.")
     ids, meta = prompt_rows(cfg, tok, get_template("alpaca"))
     text = tok.decode(ids[1])
@@ -147,13 +136,13 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(trained_like_dir, t
     assert meta[1]["instruction"] == src[1]["instruction"]
 
 
-def test_cli_errors(trained_like_dir, tmp_path, capsys):
+def test_cli_errors(templated_model_dir, tmp_path, capsys):
     text = tmp_path / "text.jsonl"
     text.write_text('{"text": "just text"}\n')
-    assert main(["generate", "--model", trained_like_dir, "--prompts", str(text), "--output",
+    assert main(["generate", "--model", templated_model_dir, "--prompts", str(text), "--output",
                  str(tmp_path / "o.jsonl")]) == 2
     assert "text.jsonl:1" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
-    assert main(["generate", "--model", trained_like_dir, "--prompts", str(text), "--output",
+    assert main(["generate", "--model", templated_model_dir, "--prompts", str(text), "--output",
                  str(tmp_path / "o.jsonl"), "--backend", "vllm"]) == 2
     assert "vllm package is not installed" in capsys.readouterr().err
 
@@ -169,9 +158,9 @@ def test_temperature_zero_is_greedy(model_and_tok):
         generate(model, tok, prompts, do_sample=True, top_p=0)
 
 
-def test_cli_temperature_zero_notes_and_records_greedy(trained_like_dir, tmp_path, alpaca_file, caplog):
+def test_cli_temperature_zero_notes_and_records_greedy(templated_model_dir, tmp_path, alpaca_file, caplog):
     out = tmp_path / "gen.jsonl"
-    base = ["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--max_new_tokens", "5",
+    base = ["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--max_new_tokens", "5",
             "--limit", "3"]
     assert main(base + ["--output", str(out), "--do_sample", "true", "--temperature", "0"]) == 0
     assert "temperature 0 means greedy decoding" in caplog.text
@@ -182,8 +171,8 @@ def test_cli_temperature_zero_notes_and_records_greedy(trained_like_dir, tmp_pat
     assert [r["output"] for r in rows] == greedy
 
 
-def test_cli_output_problems_are_one_line_before_any_work(trained_like_dir, tmp_path, alpaca_file, capsys):
-    base = ["generate", "--model", trained_like_dir, "--prompts", alpaca_file, "--max_new_tokens", "2"]
+def test_cli_output_problems_are_one_line_before_any_work(templated_model_dir, tmp_path, alpaca_file, capsys):
+    base = ["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--max_new_tokens", "2"]
     assert main(base + ["--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path}: 'output' names a directory" in err and len(err.strip().splitlines()) == 1
@@ -198,11 +187,11 @@ def test_cli_output_problems_are_one_line_before_any_work(trained_like_dir, tmp_
     assert not (tmp_path / "g.jsonl").exists()
 
 
-def test_lone_surrogate_in_prompts_is_one_line(trained_like_dir, tmp_path, capsys):
+def test_lone_surrogate_in_prompts_is_one_line(templated_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "fine", "output": "ok"}\n'
                    '{"instruction": "broken \\ud800 text", "output": "ok"}\n', encoding="utf-8")
-    assert main(["generate", "--model", trained_like_dir, "--prompts", str(bad), "--output",
+    assert main(["generate", "--model", templated_model_dir, "--prompts", str(bad), "--output",
                  str(tmp_path / "o.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: field 'instruction': lone surrogate escape \\ud800" in err

@@ -2,7 +2,6 @@
 GPU; this checks the contract: the HF path's prompt ids token for token, one seeded SamplingParams per request, the
 same stop ids, outputs decoded and ordered like the HF path's)."""
 import json
-import shutil
 import sys
 import types
 
@@ -48,16 +47,6 @@ class FakeVLLM:
 
 
 @pytest.fixture
-def model_dir(tiny_model_dir, tmp_path):
-    from tunesmith.data.templates import get_template, save_template
-
-    d = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, d)
-    save_template(get_template("alpaca"), d)
-    return str(d)
-
-
-@pytest.fixture
 def fake_vllm(monkeypatch):
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
@@ -84,13 +73,13 @@ def hf_prompts_seen(argv, pad_id: int) -> list[list[int]]:
     return seen
 
 
-def test_vllm_gets_the_hf_prompt_ids_and_a_seed_per_request(model_dir, alpaca_file, tmp_path, fake_vllm):
-    base = ["generate", "--model", model_dir, "--prompts", alpaca_file, "--limit", "7", "--max_new_tokens", "3",
+def test_vllm_gets_the_hf_prompt_ids_and_a_seed_per_request(templated_model_dir, alpaca_file, tmp_path, fake_vllm):
+    base = ["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--limit", "7", "--max_new_tokens", "3",
             "--batch_size", "3", "--repetition_penalty", "1.2", "--min_new_tokens", "1", "--seed", "5"]
     hf_out, vllm_out = tmp_path / "hf.jsonl", tmp_path / "vllm.jsonl"
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(templated_model_dir)
     ensure_pad_token(tok)  # the pad id tunesmith gives the model (left padding of the HF batches)
     hf_seen = hf_prompts_seen(base + ["--output", str(hf_out)], tok.pad_token_id)
     assert main(base + ["--output", str(vllm_out), "--backend", "vllm"]) == 0
@@ -111,7 +100,7 @@ def test_vllm_gets_the_hf_prompt_ids_and_a_seed_per_request(model_dir, alpaca_fi
     for p in params:
         assert p["temperature"] == 0.0 and p["stop_token_ids"] == [EOS] and p["max_tokens"] == 3
         assert p["min_tokens"] == 1 and p["repetition_penalty"] == 1.2
-    assert fake_vllm.llm_kwargs["model"] == model_dir and fake_vllm.llm_kwargs["load_format"] == "safetensors"
+    assert fake_vllm.llm_kwargs["model"] == templated_model_dir and fake_vllm.llm_kwargs["load_format"] == "safetensors"
     assert fake_vllm.llm_kwargs["trust_remote_code"] is False
 
     # outputs decoded by the model's tokenizer without the EOS; truncated = budget used up without EOS
@@ -124,9 +113,9 @@ def test_vllm_gets_the_hf_prompt_ids_and_a_seed_per_request(model_dir, alpaca_fi
         assert row["decoding"]["backend"] == "vllm"
 
 
-def test_request_seeds_do_not_depend_on_the_other_prompts(model_dir, alpaca_file, tmp_path, fake_vllm):
+def test_request_seeds_do_not_depend_on_the_other_prompts(templated_model_dir, alpaca_file, tmp_path, fake_vllm):
     def seeds(*extra):
-        assert main(["generate", "--model", model_dir, "--prompts", alpaca_file, "--output",
+        assert main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--output",
                      str(tmp_path / "o.jsonl"), "--backend", "vllm", "--do_sample", "true", "--temperature", "0.8",
                      "--top_p", "0.95", *extra]) == 0
         return [p.kwargs["seed"] for p in fake_vllm.params], [p.kwargs for p in fake_vllm.params]
@@ -139,22 +128,22 @@ def test_request_seeds_do_not_depend_on_the_other_prompts(model_dir, alpaca_file
     assert all(p["temperature"] == 0.8 and p["top_p"] == 0.95 and p["top_k"] == -1 for p in params)
 
 
-def test_explicit_request_seeds_and_adapter_refusal(model_dir, tmp_path, fake_vllm):
+def test_explicit_request_seeds_and_adapter_refusal(templated_model_dir, tmp_path, fake_vllm):
     from tunesmith.errors import UserError
     from tunesmith.generate import generate_vllm
 
-    generate_vllm(model_dir, [[5, 6], [7, 8, 9]], request_seeds=[11, 12], do_sample=True)
+    generate_vllm(templated_model_dir, [[5, 6], [7, 8, 9]], request_seeds=[11, 12], do_sample=True)
     assert [p.kwargs["seed"] for p in fake_vllm.params] == [11, 12]
     with pytest.raises(ValueError, match="request_seeds"):
-        generate_vllm(model_dir, [[5, 6]], request_seeds=[1, 2])
+        generate_vllm(templated_model_dir, [[5, 6]], request_seeds=[1, 2])
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="tunesmith merge"):
         generate_vllm(str(tmp_path / "adapter"), [[5, 6]])
 
 
-def test_missing_vllm_is_a_one_line_error(model_dir, alpaca_file, tmp_path, monkeypatch, capsys):
+def test_missing_vllm_is_a_one_line_error(templated_model_dir, alpaca_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    code = main(["generate", "--model", model_dir, "--prompts", alpaca_file, "--output", str(tmp_path / "o.jsonl"),
+    code = main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--output", str(tmp_path / "o.jsonl"),
                  "--backend", "vllm"])
     assert code == 2 and "vllm package is not installed" in capsys.readouterr().err

@@ -27,10 +27,17 @@ OTHER = R.Fingerprint.of({"learning_rate": 0.002, "seed": 0, "max_steps": 4})
 def trained(tmp_path_factory):
     """A tiny Trainer run that saves checkpoint-2 and checkpoint-4, with the fingerprint callback attached."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     out = tmp_path_factory.mktemp("trained")
     torch.manual_seed(0)
+    stamping_trainer(out).train()
+    return out
+
+
+def stamping_trainer(out):
+    """4 steps of a tiny Llama, checkpoints every 2, with the fingerprint callback attached."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     rows = [{"input_ids": [1, 2, 3, 4, i % 7 + 5], "labels": [1, 2, 3, 4, i % 7 + 5]} for i in range(16)]
@@ -38,8 +45,7 @@ def trained(tmp_path_factory):
                              report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.add_callback(R.checkpoint_callback(FP))
-    trainer.train()
-    return out
+    return trainer
 
 
 def copy_checkpoint(trained, dest, step=4, name=None):
@@ -62,17 +68,9 @@ def test_trainer_checkpoints_carry_the_fingerprint(trained):
 def test_resuming_a_stamped_checkpoint_keeps_stamping(trained, tmp_path):
     """The Trainer reloads trainer_state.json on resume; the stamp must survive into later checkpoints."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     copy_checkpoint(trained, tmp_path, 2)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    rows = [{"input_ids": [1, 2, 3, 4, i % 7 + 5], "labels": [1, 2, 3, 4, i % 7 + 5]} for i in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                             report_to="none", use_cpu=True, disable_tqdm=True, logging_steps=100, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
-    trainer.add_callback(R.checkpoint_callback(FP))
-    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    stamping_trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert R.checkpoint_fingerprint(tmp_path / "checkpoint-4")["fingerprint"] == FP.digest
     a = torch.load(tmp_path / "checkpoint-4" / "optimizer.pt", weights_only=True)
     b = torch.load(trained / "checkpoint-4" / "optimizer.pt", weights_only=True)
