@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.neftune import add_noise_to_batch, input_embedding_module, noise_in_forward
-from tunesmith.scoring import answer_logprobs
+from tunesmith.scoring import sequence_logprobs
 
 ALPHA = 5.0
 
@@ -78,13 +78,13 @@ def main(out: Path) -> None:
     # SPIN's policy pass (answer-only log-probs: the LM head applied after the forward) on the sharded model
     labels = mine.clone()
     labels[:, :6] = -100
-    logps = answer_logprobs(model, {"input_ids": mine, "attention_mask": torch.ones_like(mine), "labels": labels})
+    logps = sequence_logprobs(model, {"input_ids": mine, "attention_mask": torch.ones_like(mine), "labels": labels})
     logps.sum().backward()
     gathered = [torch.zeros_like(logps) for _ in range(world)] if world > 1 else [logps.detach()]
     if world > 1:
         dist.all_gather(gathered, logps.detach())
-    result["answer_logprobs"] = sorted(torch.cat(gathered).tolist())
-    result["answer_logprobs_grads"] = sum(p.grad is not None for p in model.parameters())
+    result["sequence_logprobs"] = sorted(torch.cat(gathered).tolist())
+    result["sequence_logprobs_grads"] = sum(p.grad is not None for p in model.parameters())
     optimizer.zero_grad()
     # the other mechanism (embeddings computed outside the forward) cannot run on a sharded model
     try:

@@ -51,8 +51,8 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
         assert n["params_with_grad"] == n["params"]
         assert n["padding_noise"] == 0.0 and 0.9 < n["max_over_bound"] <= 1.0 + 1e-6
     # SPIN's answer-only log-probs (LM head applied after the forward) work on the shards, with every gradient
-    assert two["answer_logprobs"] == pytest.approx(one["answer_logprobs"], rel=1e-5)
-    assert two["answer_logprobs_grads"] == two["neftune"]["params"]
+    assert two["sequence_logprobs"] == pytest.approx(one["sequence_logprobs"], rel=1e-5)
+    assert two["sequence_logprobs_grads"] == two["neftune"]["params"]
     # computing the embeddings outside the forward (inputs_embeds) cannot work on a sharded model
     assert one["inputs_embeds_outside_forward"] == "ran"
     assert "DTensor" in two["inputs_embeds_outside_forward"]

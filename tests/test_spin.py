@@ -24,7 +24,7 @@ from tunesmith.recipes import spin
 from tunesmith.recipes.spin.data import PairCollator, generate_shards, pair_row
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.trainer import SPINTrainer
-from tunesmith.scoring import answer_logprobs, sequence_logprobs
+from tunesmith.scoring import sequence_logprobs
 
 
 def spin_config(model_dir, data, out, **over):
@@ -151,7 +151,15 @@ def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
     assert ours_loss == pytest.approx(trl_loss, abs=1e-5)
 
 
-def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_not_plain(tiny_model_dir):
+def full_logits_answer_logprobs(model, batch):
+    """Summed log p of each row's answer tokens from the model's whole logits tensor (the independent reference)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * (labels != -100)).sum(-1)
+
+
+def test_answer_logprobs_equal_full_logits_and_fall_back_when_the_head_is_not_plain(tiny_model_dir):
     from tunesmith.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
@@ -159,12 +167,12 @@ def test_answer_logprobs_equal_sequence_logprobs_and_fall_back_when_the_head_is_
     pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256)} for p, r, y in _triples(tok)]
     batch = PairCollator(tok.pad_token_id)(pairs)
     with torch.no_grad():
-        full = sequence_logprobs(model, batch)
-        assert torch.allclose(answer_logprobs(model, batch), full, atol=1e-4)
+        full = full_logits_answer_logprobs(model, batch)
+        assert torch.allclose(sequence_logprobs(model, batch), full, atol=1e-4)
         scaled = ScaledLogits(model)
-        expected = sequence_logprobs(scaled, batch)
+        expected = full_logits_answer_logprobs(scaled, batch)
         assert (expected - full).abs().max() > 0.1
-        assert torch.allclose(answer_logprobs(scaled, batch), expected, atol=1e-4)
+        assert torch.allclose(sequence_logprobs(scaled, batch), expected, atol=1e-4)
 
 
 def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
@@ -204,7 +212,7 @@ def test_identical_real_and_generated_answers_give_zero_margin_and_no_gradient(t
                 "ref_real": -5.0, "ref_generated": -5.0 if not moves else -7.0}  # theta_t scores identical rows alike
         batch = PairCollator(tok.pad_token_id)([pair])
         model.zero_grad()
-        r, g = answer_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
+        r, g = sequence_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
         loss, t = spin_loss(r, g, batch["ref_real"], batch["ref_generated"], beta=0.5)
         loss.sum().backward()
         grads[moves] = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)

@@ -22,7 +22,7 @@ from tunesmith.models import unwrap_distributed
 
 CHUNK_LOGITS = 2 ** 25  # logits materialised at once: 128 MiB in float32 (220 tokens at a 152k vocabulary)
 
-_PLAIN_HEAD: "weakref.WeakSet" = weakref.WeakSet()  # models whose head turned out not to be a plain projection
+_FULL_LOGITS: "weakref.WeakSet" = weakref.WeakSet()  # models scored with their own logits (head not plain, or sharded)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -50,18 +50,18 @@ def _final_hidden(model, batch: dict):
     """(final hidden states, head, vocabulary size) from a forward that projects one position per row, or None when
     the head must not be applied outside the model (see the module docstring)."""
     base = unwrap_distributed(model)
-    if base in _PLAIN_HEAD:
+    if base in _FULL_LOGITS:
         return None
     head = base.get_output_embeddings()
     if head is None or _sharded(model):
-        _PLAIN_HEAD.add(base)
+        _FULL_LOGITS.add(base)
         return None
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]
     with torch.no_grad():
         plain = torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4)
     if not plain:
-        _PLAIN_HEAD.add(base)
+        _FULL_LOGITS.add(base)
         return None
     return hidden, head, out.logits.shape[-1]
 
@@ -126,11 +126,6 @@ def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Sum of log-probabilities of the trained (response) tokens of each row: shape (batch,)."""
     logp, _ = token_logprobs(model, batch)
     return logp.sum(dim=1)
-
-
-def answer_logprobs(model, batch: dict) -> torch.Tensor:
-    """SPIN's name for :func:`sequence_logprobs` (summed log-probs of each row's answer tokens)."""
-    return sequence_logprobs(model, batch)
 
 
 def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from tunesmith.models import eval_mode
 from tunesmith.neftune import NEFTuneTrainerMixin
 from tunesmith.recipes.spin.data import PairCollator
 from tunesmith.recipes.spin.loss import spin_loss
-from tunesmith.scoring import answer_logprobs
+from tunesmith.scoring import sequence_logprobs
 
 
 class SPINTrainer(NEFTuneTrainerMixin, Trainer):
@@ -28,7 +28,7 @@ class SPINTrainer(NEFTuneTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = {k: inputs[k] for k in ("input_ids", "attention_mask", "labels")}
         with self.noise(model, rows):
-            real, generated = answer_logprobs(model, rows).chunk(2)
+            real, generated = sequence_logprobs(model, rows).chunk(2)
         losses, t = spin_loss(real, generated, inputs["ref_real"], inputs["ref_generated"], self.beta,
                               self.loss_type)
         if model.training:
@@ -54,7 +54,7 @@ def score_pairs(model, pairs: list[dict], collator: PairCollator, batch_size: in
         for start in range(0, len(pairs), batch_size):
             batch = collator(pairs[start:start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-            r, g = answer_logprobs(model, batch).chunk(2)
+            r, g = sequence_logprobs(model, batch).chunk(2)
             real += r.tolist()
             generated += g.tolist()
     return real, generated
