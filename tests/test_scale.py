@@ -298,6 +298,23 @@ def test_no_batch_by_sequence_by_vocabulary_tensor(tiny_model_dir, small_chunks)
         assert seen.largest <= max(body, scoring.CHUNK_LOGITS)
 
 
+def test_lean_scoring_takes_the_final_hidden_states_without_keeping_every_layer(tiny_model_dir):
+    """output_hidden_states would hold one batch x sequence x width tensor per layer: the decoder's output is taken."""
+    model, batch = lm_and_batch(tiny_model_dir)
+    model.eval()
+    asked = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: asked.append(dict(kw)), with_kwargs=True)
+    with torch.no_grad():
+        lean = scoring.sequence_logprobs(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    full = (torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            * (labels != -100)).sum(-1)
+    assert asked[0].get("logits_to_keep") == 1 and not asked[0].get("output_hidden_states")
+    assert torch.allclose(lean, full, atol=1e-4)
+    assert model not in scoring._FULL_LOGITS
+
+
 def test_a_head_that_is_not_a_plain_projection_falls_back_to_full_logits(tiny_model_dir, small_chunks):
     model, batch = lm_and_batch(tiny_model_dir)
     scaled = ScaledLogits(model.eval())

@@ -1,7 +1,8 @@
 """Scoring tokens under a model: the training loss, per-token and per-sequence log-probs, token-weighted dataset loss.
 
-Lean logits: a batch x sequence x vocabulary float32 tensor is never built. The model runs with
-``output_hidden_states`` and ``logits_to_keep=1`` (its head projects one position per row), and the head is applied
+Lean logits: a batch x sequence x vocabulary float32 tensor is never built. The model runs with ``logits_to_keep=1``
+(its head projects one position per row), its decoder's final hidden states are taken by a forward hook (not
+``output_hidden_states``, which keeps every layer's states), and the head is applied
 here only to the positions that have a label, a chunk of tokens at a time (:data:`CHUNK_LOGITS` logits at most).
 With gradients, each chunk is checkpointed: its logits are dropped after the forward and recomputed in the backward,
 so one chunk's logits exist at a time in both directions. The one projected position checks that the head is a
@@ -56,14 +57,31 @@ def _final_hidden(model, batch: dict):
     if head is None or _sharded(model):
         _FULL_LOGITS.add(base)
         return None
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1]
+    out, hidden = _forward_keeping_final_hidden(model, base, batch)
     with torch.no_grad():
         plain = torch.allclose(head(hidden[:, -1:]).float(), out.logits.float(), rtol=1e-3, atol=1e-4)
     if not plain:
         _FULL_LOGITS.add(base)
         return None
     return hidden, head, out.logits.shape[-1]
+
+
+def _forward_keeping_final_hidden(model, base, batch: dict):
+    """The forward with ``logits_to_keep=1`` and the decoder's final hidden states, taken from the decoder's output
+    by a hook: ``output_hidden_states`` would also keep every layer's states alive (without gradients, that is one
+    batch x sequence x width tensor per layer held until the forward ends)."""
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or decoder is base:
+        out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+        return out, out.hidden_states[-1]
+    seen = []
+    hook = decoder.register_forward_hook(
+        lambda _m, _a, o: seen.append(o[0] if isinstance(o, tuple) else o.last_hidden_state))
+    try:
+        out = model(**model_inputs(batch), logits_to_keep=1)
+    finally:
+        hook.remove()
+    return out, seen[-1]
 
 
 def _chunk_logprobs(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
