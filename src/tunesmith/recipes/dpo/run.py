@@ -1,0 +1,213 @@
+"""DPO and its kin on the user's own preference pairs: pairs -> reference log-probs (once) -> PreferenceTrainer -> model.
+
+:func:`train` reads top to bottom:
+
+1. setup      the tokenizer and template (the model's saved one by default), the pairs tokenized into memory-mapped
+              Arrow and cached (:func:`tunesmith.data.preference.prepare_pairs`: pairs whose chosen answer equals
+              the rejected one are counted and dropped), the run directory opened (lock, fingerprint, resume).
+2. reference  the starting model's summed answer log-probs of every pair (and eval pair), noise-free, scored once
+              into Arrow shards in ``reference/`` (``reference-eval/``) and read beside the pairs: no reference model
+              is held during training. Skipped for the reference-free losses (simpo, orpo). A killed run keeps the
+              shards written.
+3. train      :class:`tunesmith.preference.trainer.PreferenceTrainer` (full, LoRA or QLoRA; padded or padding-free
+              pairs; NEFTune on the policy pass only), resumed from the newest complete checkpoint when asked.
+4. save       the model (or adapter), tokenizer and template, the model card, and ``tunesmith.yaml`` last.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tunesmith.config import build_config, parse_cli, save_yaml
+from tunesmith.recipes.dpo.config import DPOConfig
+
+log = logging.getLogger("tunesmith")
+
+
+# ------------------------------------------------------------------------------------------------ 1. setup
+
+
+def choose_template(cfg: DPOConfig, tokenizer):
+    """``template`` if set; else the one the model was saved with; else chat when the tokenizer has a chat template,
+    else alpaca."""
+    from tunesmith.data.templates import TEMPLATE_FILE, get_template, load_saved_template
+
+    if cfg.data.template:
+        return get_template(cfg.data.template, tokenizer)
+    if (Path(cfg.model.model_name_or_path) / TEMPLATE_FILE).is_file():
+        return load_saved_template(cfg.model.model_name_or_path, tokenizer)
+    return get_template("chat" if getattr(tokenizer, "chat_template", None) else "alpaca", tokenizer)
+
+
+def prepare_data(cfg: DPOConfig, tokenizer, template) -> dict:
+    """The training pairs and eval pairs (memory-mapped) with their summaries, logged by the main process."""
+    from tunesmith.data.preference import prepare_pairs
+
+    data = cfg.data
+    options = dict(dataset_format=data.dataset_format, num_proc=data.dataset_num_proc)
+    out = {}
+    out["train"], out["train_summary"] = prepare_pairs(data.dataset, tokenizer, template, data.max_length,
+                                                       split=data.dataset_split, **options)
+    if data.eval_dataset:
+        out["eval"], out["eval_summary"] = prepare_pairs(data.eval_dataset, tokenizer, template, data.max_length,
+                                                         split="validation", **options)
+    if cfg.training.process_index == 0:
+        for key in ("train_summary", "eval_summary"):
+            for line in out[key].lines() if key in out else []:
+                log.warning(line)
+    return out
+
+
+def fingerprint(cfg: DPOConfig, data: dict):
+    """The config parts, the tokenized pairs (their cache keys) and the world size (it sets the global batch)."""
+    from tunesmith.recipes.training import run_fingerprint
+
+    return run_fingerprint(cfg, data=data["train_summary"].fingerprint,
+                           eval_data=data["eval_summary"].fingerprint if "eval" in data else None,
+                           world_size=cfg.training.world_size)
+
+
+# ------------------------------------------------------------------------------------------------ 2. reference
+
+
+def score_reference_stage(cfg: DPOConfig, run, model, data: dict, collator) -> dict:
+    """Score (or reuse) the reference log-probs of the pairs and eval pairs; returns the pairs with them."""
+    from tunesmith.preference.pairs import score_reference, with_reference
+
+    device = cfg.training.device
+    sets = {"train": "reference", "eval": "reference-eval"}
+    if run.stage("reference") is None:
+        if cfg.training.process_index == 0:
+            log.warning(f"dpo: scoring the reference log-probs of {len(data['train'])} pairs")
+        start = time.perf_counter()
+        for key, folder in sets.items():
+            if key in data:
+                score_reference(model, data[key], run.stage_dir(f"reference:{key}", folder), collator,
+                                shard_size=cfg.dpo.shard_size, batch_size=cfg.training.per_device_eval_batch_size,
+                                device=device, rank=cfg.training.process_index, world_size=cfg.training.world_size)
+        from tunesmith.rundir import barrier
+
+        barrier()  # every rank's shards are written
+        pairs = with_reference(data["train"], run.directory / "reference", cfg.dpo.shard_size)
+        run.finish_stage("reference", {
+            "pairs": len(pairs), "seconds": time.perf_counter() - start,
+            "ref_chosen": float(sum(pairs["ref_chosen"]) / len(pairs)),
+            "ref_rejected": float(sum(pairs["ref_rejected"]) / len(pairs))})
+    return {key: with_reference(data[key], run.directory / folder, cfg.dpo.shard_size)
+            for key, folder in sets.items() if key in data}
+
+
+# ------------------------------------------------------------------------------------------------ 4. save
+
+
+def write_model_card(cfg: DPOConfig, out: Path, metrics: dict, template) -> None:
+    """README.md as a Hugging Face model card (huggingface_hub's ModelCard): metadata, method, final metrics."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from tunesmith.io import atomic_write_text
+
+    method = "QLoRA" if cfg.model.load_in_4bit else "LoRA" if cfg.lora.use_peft else "full fine-tuning"
+    alpha = cfg.neftune.neftune_noise_alpha
+    neft = f"NEFTune alpha {alpha} on the policy pass" if alpha else "no NEFTune"
+    local_base = Path(cfg.model.model_name_or_path).exists()
+    card = ModelCardData(library_name="peft" if cfg.lora.use_peft else "transformers",
+                         base_model=None if local_base else cfg.model.model_name_or_path,
+                         tags=["tunesmith", "dpo", cfg.dpo.loss_type])
+    lines = [f"# {out.name}", "", f"Preference-trained with tunesmith (`tunesmith dpo`, loss `{cfg.dpo.loss_type}`, "
+             f"beta {cfg.dpo.beta}) from `{cfg.model.model_name_or_path}` on `{cfg.data.dataset}` ({method}, {neft}).",
+             "", f"- prompt template: `{template.spec()}` (saved in tunesmith_template.json)",
+             f"- epochs {cfg.training.num_train_epochs}, learning rate {cfg.training.learning_rate}, max length "
+             f"{cfg.data.max_length}, seed {cfg.training.seed}", "", "## Final metrics", ""]
+    lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())]
+    atomic_write_text(out / "README.md", str(ModelCard(f"---\n{card.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")))
+
+
+def save(cfg: DPOConfig, trainer, tokenizer, template, metrics: dict) -> None:
+    """Model (adapter under LoRA), tokenizer, template, model card, then ``tunesmith.yaml`` (the finished mark)."""
+    from tunesmith.data.templates import save_template
+    from tunesmith.models import gathered_state_dict, save_model_dir
+    from tunesmith.rundir import barrier
+
+    out = Path(cfg.training.output_dir)
+    state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
+    if trainer.is_world_process_zero():
+        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d), state_dict=state)
+        write_model_card(cfg, out, metrics, template)
+        save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
+    barrier()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def train(config, callbacks: list | None = None) -> str:
+    """Run DPO from a DPOConfig or a dict of its keys. Returns the output directory.
+
+    ``resume_from_checkpoint``: true / last (the newest complete checkpoint in ``output_dir``) or a checkpoint
+    directory; the reference log-probs of a run with the same settings are reused. ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects.
+    """
+    from transformers import set_seed
+
+    from tunesmith.callbacks import JsonlMetrics
+    from tunesmith.models import check_weights, ensure_pad_token, load_for_training, load_model_and_tokenizer, \
+        load_tokenizer
+    from tunesmith.preference.config import loss_settings
+    from tunesmith.preference.pairs import PairCollator
+    from tunesmith.preference.trainer import PreferenceTrainer
+    from tunesmith.recipes.training import check_max_length
+    from tunesmith.rundir import open_run, training_done
+
+    cfg = config if isinstance(config, DPOConfig) else build_config(DPOConfig, dict(config), "config")
+    out, m = Path(cfg.training.output_dir), cfg.model
+    check_max_length(cfg)
+    tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
+    check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
+    ensure_pad_token(tokenizer)
+    template = choose_template(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, template)
+    main = cfg.training.process_index == 0
+    with open_run(out, "dpo", fingerprint(cfg, data), cfg.training.resume_from_checkpoint, main=main) as run:
+        if run.finished:
+            log.warning(f"{out}: this run has finished already; nothing to resume")
+            return str(out)
+        set_seed(cfg.training.seed)
+        collator = PairCollator(tokenizer.pad_token_id, cfg.data.max_length, cfg.data.padding_free)
+        done = run.checkpoint is not None and training_done(run.checkpoint)
+        if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
+            log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
+            model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                                attn_implementation=m.attn_implementation)
+        else:
+            model = load_for_training(cfg)
+        sets = {key: data[key] for key in ("train", "eval") if key in data}
+        if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
+            if run.stage("reference") is None and not m.load_in_4bit:
+                model = model.to(cfg.training.device)
+            sets = score_reference_stage(cfg, run, model, data, collator)
+        trainer = PreferenceTrainer(model=model, args=cfg.training, train_dataset=sets["train"],
+                                    eval_dataset=sets.get("eval"), data_collator=collator,
+                                    processing_class=tokenizer, neftune=cfg.neftune,
+                                    loss=loss_settings(cfg.dpo, cfg.dpo.beta))
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+            trainer.add_callback(callback)
+        if not done:
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+        metrics = trainer.evaluate() if "eval" in sets else {}
+        save(cfg, trainer, tokenizer, template, metrics)
+    return str(out)
+
+
+def cli(argv: list[str]) -> int:
+    cfg = parse_cli(DPOConfig, argv, "dpo", "Preference training on your own pairs (prompt/chosen/rejected, "
+                    "conversations, UltraFeedback, Anthropic HH): DPO (sigmoid), hinge, IPO, DPO-Positive, SimPO or "
+                    "ORPO; full, LoRA or QLoRA; reference log-probs scored once.")
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = train(cfg)
+    if cfg.training.process_index == 0:
+        print(f"model saved to {out}")
+    return 0
+
