@@ -310,7 +310,7 @@ class DataArgs:
     dataset_format: str = field("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     dataset_split: str = field("train", "Split to read from a hub dataset.")
     template: str | None = field("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
-                                           "and {response}.")
+                                           "once, then {response} once, last.")
     chat_template: str | None = field(None, "A Jinja chat-template file that replaces the tokenizer's (used by "
                                             "template chat, saved with the model).")
     max_length: int = field(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
