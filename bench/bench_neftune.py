@@ -63,16 +63,16 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = build_config(SFTConfig, common.tunesmith_config(ws, str(out), total_steps, 1, neftune_noise_alpha=alpha),
                        "bench")
-    set_seed(cfg.seed)
-    tok = load_tokenizer(cfg.model_name_or_path)
+    set_seed(cfg.training.seed)
+    tok = load_tokenizer(cfg.model.model_name_or_path)
     ensure_pad_token(tok)
     _, train_set, _, _, _ = prepare_data(cfg, tok)
     model = build_model(cfg, tok)
     timer = make_step_timer()
     trainer = TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
                                data_collator=Collator(tok.pad_token_id),
-                               processing_class=tok, neftune_alpha=cfg.neftune_noise_alpha,
-                               neftune_distribution=cfg.neftune_noise_distribution, callbacks=[timer])
+                               processing_class=tok, neftune=cfg.neftune,
+                               callbacks=[timer])
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     shutil.rmtree(out, ignore_errors=True)
@@ -83,7 +83,7 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
     """Forward + backward of ``TunesmithTrainer.training_step`` (where the noise is added) with alpha 0 and alpha,
     alternating per batch (A B / B A), on the same model and the same batches; no optimizer step, so the weights
     (and every number but the noise) are the same for both arms. Returns per-call CPU and wall seconds per arm."""
-    from tunesmith.config import build_config
+    from tunesmith.config import NEFTuneArgs, build_config
     from tunesmith.data.collate import Collator
     from tunesmith.data.tokenize import IGNORE
     from tunesmith.models import ensure_pad_token, load_tokenizer
@@ -95,14 +95,14 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
         cfg = build_config(SFTConfig, common.tunesmith_config(ws, str(work / f"interleaved-{a:g}"), 1, 1,
                                                               neftune_noise_alpha=a), "bench")
         if model is None:
-            tok = load_tokenizer(cfg.model_name_or_path)
+            tok = load_tokenizer(cfg.model.model_name_or_path)
             ensure_pad_token(tok)
             _, rows, _, _, _ = prepare_data(cfg, tok)
             collate, bs = Collator(tok.pad_token_id), ws.size.batch_size
             batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(n_batches)]
             model = build_model(cfg, tok)
         trainers[a] = TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows, data_collator=collate,
-                                       processing_class=tok, neftune_alpha=a)
+                                       processing_class=tok, neftune=NEFTuneArgs(a))
     times = {a: {"cpu": [], "wall": []} for a in trainers}
     for rep in range(reps + 1):  # the first pass is a warm-up
         for i, b in enumerate(batches):

@@ -21,7 +21,7 @@ from tunesmith.recipes import classify  # noqa: E402
 from tunesmith.recipes.classify.config import ARTICLE_SENTENCES  # noqa: E402
 from tunesmith.recipes.classify.data import encode_split, label_names  # noqa: E402
 from tunesmith.recipes.classify.predict import classification_metrics  # noqa: E402
-from tunesmith.config import build_config  # noqa: E402
+from tunesmith.config import NEFTuneArgs, build_config
 from tunesmith.recipes.classify.config import ClassifyConfig  # noqa: E402
 from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier  # noqa: E402
 
@@ -176,7 +176,7 @@ def test_lora_all_linear_targets_every_linear_layer_but_the_head(tiny_encoder):
     cfg = build_config(ClassifyConfig, {"model_name_or_path": tiny_encoder, "dataset": "unused",
                                         "lora_target_modules": "all-linear"})
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.startswith("classifier")}
-    peft_model = add_lora(model, cfg, new_modules)
+    peft_model = add_lora(model, cfg.lora, new_modules)
     adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == linear and len(linear) > 4
     head = [p for n, p in peft_model.named_parameters() if "classifier" in n and "modules_to_save" in n]
@@ -221,7 +221,7 @@ def test_neftune_noise_only_in_training_passes(tiny_encoder, tmp_path):
     names = ["food", "sports", "tech"]
     model, tok, _ = load_classifier(tiny_encoder, names)
     args = classify.ClassifyConfig(model_name_or_path=tiny_encoder, train_file="unused", output_dir=str(tmp_path))
-    trainer = ClassifierTrainer(model=model, args=args.training, processing_class=tok, neftune_alpha=50.0)
+    trainer = ClassifierTrainer(model=model, args=args.training, processing_class=tok, neftune=NEFTuneArgs(50.0))
     assert trainer.neftune_noise_alpha is None  # transformers' own (padded-length) hook stays off
     batch = DataCollatorWithPadding(tok)([{**tok(t), "labels": 1} for t in ["a goal", "the coach saw a match today"]])
     model.eval()
@@ -253,8 +253,8 @@ def test_integer_labels_from_csv_map_to_declared_names(tmp_path):
     cfg = classify.ClassifyConfig(model_name_or_path="m", train_file=str(path), labels=["negative", "positive"],
                                   output_dir=str(tmp_path))
     records = load_records(str(path))
-    names = label_names(cfg, records)
-    assert encode_split(cfg, records, names) == (["good", "bad", "fine"], [1, 0, 1])
+    names = label_names(cfg.data, records)
+    assert encode_split(cfg.data, records, names) == (["good", "bad", "fine"], [1, 0, 1])
 
 
 def test_pkg_paths_resolve_into_installed_packages():
@@ -378,10 +378,11 @@ def test_command_line_overrides_parse(tmp_path):
                                               "--eval_strategy", "no", "--load_best_model_at_end", "false",
                                               "--lora_target_modules", "query,value", "--output_dir", str(tmp_path)],
                     "classify", "")
-    assert (cfg.save_strategy, cfg.eval_strategy) == ("no", "no")
-    assert cfg.lora_target_modules == ["query", "value"]
-    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, 4, 4, 32)
-    assert cfg.report_to in ("none", ["none"], []) and cfg.bf16 is False
+    assert (cfg.training.save_strategy, cfg.training.eval_strategy) == ("no", "no")
+    assert cfg.lora.lora_target_modules == ["query", "value"]
+    args, lora = cfg.training, cfg.lora
+    assert (args.learning_rate, args.per_device_train_batch_size, lora.lora_r, lora.lora_alpha) == (1e-3, 4, 4, 32)
+    assert cfg.training.report_to in ("none", ["none"], []) and cfg.training.bf16 is False
 
 
 def test_decoder_only_model_without_pad_token(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
+from tunesmith.config import NEFTuneArgs
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 
@@ -45,7 +46,7 @@ def test_right_padded_decoder_classifier_pools_the_same_token_under_neftune(deco
         expected = model(**batch).logits  # evaluation: pools the last real token found from input_ids
         model.train()  # no dropout in this config: training differs only by the noise
         args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-        trainer = ClassifierTrainer(model=model, args=args, neftune_alpha=1e-9)  # noise far below float32 eps
+        trainer = ClassifierTrainer(model=model, args=args, neftune=NEFTuneArgs(1e-9))  # noise far below float32 eps
         _, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     torch.testing.assert_close(outputs.logits, expected, atol=1e-5, rtol=1e-4)
     # noise passed as inputs_embeds (the old way) pools the last position, a pad: what the fix prevents
@@ -124,5 +125,5 @@ def test_trainer_registers_the_rank_seed_only_with_neftune(tmp_path):
                                          num_attention_heads=2, num_key_value_heads=1))
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     names = lambda t: [type(c).__name__ for c in t.callback_handler.callbacks]  # noqa: E731
-    assert "RankNoiseSeed" in names(TunesmithTrainer(model=model, args=args, neftune_alpha=5.0))
+    assert "RankNoiseSeed" in names(TunesmithTrainer(model=model, args=args, neftune=NEFTuneArgs(5.0)))
     assert "RankNoiseSeed" not in names(TunesmithTrainer(model=model, args=args))

@@ -32,7 +32,7 @@ def test_every_training_argument_is_a_key_and_keys_have_one_owner(cls):
 
 def test_spin_owns_its_per_iteration_values_and_builds_the_iteration_arguments(tmp_path):
     cfg = build_config(SPINConfig, dict(BASE, num_iterations=2, learning_rate=[1e-3, 2e-3], beta=0.5))
-    assert SPINConfig.owners()["learning_rate"] == "spin" and cfg.learning_rate == [1e-3, 2e-3]
+    assert SPINConfig.owners()["learning_rate"] == "spin" and cfg.spin.learning_rate == [1e-3, 2e-3]
     args = cfg.iteration_args(1, tmp_path)
     assert type(args) is TrainingArguments and args.learning_rate == 2e-3 and args.optim == "rmsprop"
     assert not isinstance(cfg, SFTConfig)
@@ -52,8 +52,8 @@ def test_spin_has_no_unused_keys():
 
 @pytest.mark.parametrize("cls", RECIPES, ids=lambda c: c.__name__)
 def test_one_neftune_rule(cls):
-    assert build_config(cls, dict(BASE, neftune_noise_alpha=0)).neftune_noise_alpha == 0  # 0 = off, everywhere
-    assert build_config(cls, dict(BASE, neftune_noise_alpha=5)).neftune_noise_alpha == 5
+    assert build_config(cls, dict(BASE, neftune_noise_alpha=0)).neftune.neftune_noise_alpha == 0  # 0 = off, everywhere
+    assert build_config(cls, dict(BASE, neftune_noise_alpha=5)).neftune.neftune_noise_alpha == 5
     with pytest.raises(UserError, match="neftune_noise_alpha' must be >= 0"):
         build_config(cls, dict(BASE, neftune_noise_alpha=-1))
     with pytest.raises(UserError, match="uniform or gaussian"):
@@ -62,8 +62,8 @@ def test_one_neftune_rule(cls):
 
 def test_recipes_give_parts_their_own_defaults():
     sft, clf = build_config(SFTConfig, BASE), build_config(ClassifyConfig, BASE)
-    assert (sft.lora_r, sft.lora_target_modules, sft.use_peft) == (16, ["all-linear"], False)
-    assert (clf.lora_r, clf.lora_target_modules, clf.use_peft) == (4, None, True)
+    assert (sft.lora.lora_r, sft.lora.lora_target_modules, sft.lora.use_peft) == (16, ["all-linear"], False)
+    assert (clf.lora.lora_r, clf.lora.lora_target_modules, clf.lora.use_peft) == (4, None, True)
     assert clf.training.learning_rate == 1e-3 and sft.training.learning_rate == 5e-5
 
 
@@ -72,7 +72,9 @@ def test_old_names_warn_once_and_map_to_the_new_key(caplog):
         cfg = build_config(ClassifyConfig, {"model_name_or_path": "m", "train_file": "t.jsonl",
                                             "validation_file": "v.jsonl", "test_file": "x.jsonl", "use_lora": False,
                                             "output_dir": "o"}, "c.yaml")
-    assert (cfg.dataset, cfg.eval_dataset, cfg.test_dataset, cfg.use_peft) == ("t.jsonl", "v.jsonl", "x.jsonl", False)
+    data = cfg.data
+    assert (data.dataset, data.eval_dataset, data.test_dataset, cfg.lora.use_peft) == ("t.jsonl", "v.jsonl", "x.jsonl",
+                                                                                      False)
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 4 and all("\n" not in w for w in warned)
     assert "c.yaml: key 'train_file' is deprecated, use 'dataset'" in warned[0]
@@ -93,13 +95,45 @@ def test_alias_applies_only_where_the_command_has_the_new_key():
 def test_command_line_stays_flat_and_help_groups_keys_by_part(capsys):
     cfg = parse_cli(SFTConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--lora_r", "8",
                                 "--seed", "3", "--report_to", "none"], "sft", "")
-    assert (cfg.lora_r, cfg.lora.lora_r, cfg.seed, cfg.training.seed) == (8, 8, 3, 3)
+    assert (cfg.lora.lora_r, cfg.training.seed) == (8, 3)
     text = help_text(SFTConfig, "sft", "")
     for title in ("Model:", "Data:", "LoRA:", "NEFTune:", "SFT:", "Training (every transformers.TrainingArguments"):
         assert f"\n{title}" in text
     assert text.count("--lora_r ") == 1 and text.index("LoRA:") < text.index("--lora_r ") < text.index("NEFTune:")
     spin = help_text(SPINConfig, "spin", "")
     assert spin.count("--learning_rate ") == 1 and spin.index("--learning_rate ") < spin.index("Model:")
+
+
+def test_keys_are_read_and_set_through_their_part_only():
+    cfg = build_config(SPINConfig, dict(BASE, lora_r=8))
+    assert cfg.lora.lora_r == 8 and cfg.spin.learning_rate == [5e-7] and cfg.training.learning_rate == 5e-5
+    with pytest.raises(AttributeError, match=r"no attribute 'lora_r'; read cfg\.lora\.lora_r"):
+        cfg.lora_r
+    with pytest.raises(AttributeError, match=r"read cfg\.spin\.learning_rate"):  # SPIN's list, not the Trainer's
+        cfg.learning_rate
+    with pytest.raises(AttributeError, match=r"set cfg\.lora\.lora_r"):
+        cfg.lora_r = 4  # would otherwise be a silent attribute nobody reads
+    with pytest.raises(AttributeError, match="not 'anything'"):
+        cfg.anything = 1
+    assert cfg.lora.lora_r == 8 and not hasattr(cfg, "process_index") and cfg.training.process_index == 0
+    assert cfg.to_dict()["lora_r"] == 8 and cfg.to_dict()["learning_rate"] == [5e-7]
+
+
+def test_field_helper_documents_a_key_and_copies_list_defaults():
+    from tunesmith.config import field
+
+    @dataclasses.dataclass
+    class Part:
+        """Part"""
+
+        names: list[str] = field(["a"], "Names.")
+        hidden_key: int = field(1, "Not shown.", hidden=True)
+
+    one, two = Part(), Part()
+    one.names.append("b")
+    assert two.names == ["a"]
+    text = help_text(Part, "x", "")
+    assert "--names (default: ['a'])\n      Names." in text and "hidden_key" not in text
 
 
 def test_saved_yaml_is_flat_and_builds_the_same_config(tmp_path):

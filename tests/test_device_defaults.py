@@ -22,7 +22,7 @@ def test_dtype_auto_is_float32_without_mixed_precision_on_cpu(tiny_model_dir, al
     from tunesmith.recipes.sft import SFTConfig
 
     cfg = build_config(SFTConfig, values, "config")
-    assert cfg.dtype == "auto" and not cfg.training.bf16 and not cfg.training.fp16
+    assert cfg.model.dtype == "auto" and not cfg.training.bf16 and not cfg.training.fp16
     assert resolve_dtype("auto", "bfloat16") == torch.float32 and resolve_dtype("auto", None) == torch.float32
     model, _ = load_model_and_tokenizer(tiny_model_dir, "auto")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -52,11 +52,11 @@ def test_dtype_auto_on_a_bf16_gpu(tiny_model_dir, alpaca_file, tmp_path, monkeyp
 
 def test_attn_implementation_reaches_the_model(tiny_model_dir, alpaca_file, tmp_path):
     cfg = sft_cfg(tiny_model_dir, alpaca_file, tmp_path, attn_implementation="eager")
-    assert cfg.attn_implementation == "eager"
+    assert cfg.model.attn_implementation == "eager"
     model, _ = load_model_and_tokenizer(tiny_model_dir, "float32", **model_options(cfg))
     assert model.config._attn_implementation == "eager"
     default = sft_cfg(tiny_model_dir, alpaca_file, tmp_path)
-    assert default.attn_implementation == "sdpa"
+    assert default.model.attn_implementation == "sdpa"
     model, _ = load_model_and_tokenizer(tiny_model_dir, "float32", **model_options(default))
     assert model.config._attn_implementation == "sdpa"
 
@@ -96,7 +96,7 @@ def test_chat_template_file(tiny_model_dir, alpaca_file, tmp_path):
                         "%}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<<assistant>> "
                         "{% endif %}")
     cfg = sft_cfg(tiny_model_dir, alpaca_file, tmp_path, template="chat", chat_template=str(template))
-    tok = load_tokenizer(tiny_model_dir, chat_template=cfg.chat_template)
+    tok = load_tokenizer(tiny_model_dir, chat_template=cfg.data.chat_template)
     assert tok.chat_template == template.read_text()
     from tunesmith.recipes.sft import prepare_data
 

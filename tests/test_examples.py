@@ -32,4 +32,4 @@ def test_example_config_builds(path):
     values["use_cpu"] = True  # bf16 examples are meant for GPUs; the keys are what is checked here
     values.pop("bf16", None)
     cfg = build_config(recipe_config(path.name), values, source=str(path))
-    assert cfg.output_dir
+    assert cfg.training.output_dir

@@ -115,12 +115,13 @@ def test_neftune_llama2_7b_alpaca_full():
 
     cfg, raw = recipe_config(PAPER / "neftune_llama2_7b_alpaca.yaml")
     # the paper's settings (PAPERS.md)
-    assert cfg.neftune_noise_alpha == 5 and cfg.neftune_noise_distribution == "uniform"
-    assert cfg.learning_rate == 5e-5 and cfg.num_train_epochs == 3 and cfg.max_length == 512
-    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes("fsdp2") == 128
-    assert raw["bf16"] is True and cfg.optim.value.startswith("adam") and not cfg.use_peft
-    assert cfg.dataset == "tatsu-lab/alpaca" and cfg.model_name_or_path == "meta-llama/Llama-2-7b-hf"
-    model = meta_model("llama", LLAMA2_7B, resolve_dtype(cfg.dtype))
+    assert cfg.neftune.neftune_noise_alpha == 5 and cfg.neftune.neftune_noise_distribution == "uniform"
+    assert cfg.training.learning_rate == 5e-5 and cfg.training.num_train_epochs == 3 and cfg.data.max_length == 512
+    args = cfg.training
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes("fsdp2") == 128
+    assert raw["bf16"] is True and cfg.training.optim.value.startswith("adam") and not cfg.lora.use_peft
+    assert cfg.data.dataset == "tatsu-lab/alpaca" and cfg.model.model_name_or_path == "meta-llama/Llama-2-7b-hf"
+    model = meta_model("llama", LLAMA2_7B, resolve_dtype(cfg.model.dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == full_count(LLAMA2_7B)
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # float32 master weights, bf16 compute
@@ -130,13 +131,13 @@ def test_neftune_llama2_7b_alpaca_qlora_single_gpu():
     from tunesmith.models import resolve_dtype, wrap_lora
 
     cfg, raw = recipe_config(PAPER / "neftune_llama2_7b_alpaca_qlora.yaml")
-    assert cfg.load_in_4bit and cfg.use_peft and cfg.neftune_noise_alpha == 5
-    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps == 128  # one GPU
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (64, 16, 0.1)  # QLoRA paper, 7B
-    assert cfg.dtype == "bfloat16" and raw["bf16"] is True
-    model = meta_model("llama", LLAMA2_7B, resolve_dtype(cfg.dtype))
+    assert cfg.model.load_in_4bit and cfg.lora.use_peft and cfg.neftune.neftune_noise_alpha == 5
+    assert cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps == 128  # one GPU
+    assert (cfg.lora.lora_r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (64, 16, 0.1)  # QLoRA paper, 7B
+    assert cfg.model.dtype == "bfloat16" and raw["bf16"] is True
+    model = meta_model("llama", LLAMA2_7B, resolve_dtype(cfg.model.dtype))
     with torch.device("meta"):
-        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        model = wrap_lora(model, cfg.lora)
     h, i, L, r = LLAMA2_7B["hidden_size"], LLAMA2_7B["intermediate_size"], LLAMA2_7B["num_hidden_layers"], 64
     # r * (in + out) for q, k, v, o (h -> h), gate and up (h -> i), down (i -> h), in every layer
     expected = L * r * (4 * (h + h) + 2 * (h + i) + (i + h))
@@ -154,15 +155,16 @@ def test_spin_zephyr_7b_ultrachat():
     from tunesmith.models import resolve_dtype
 
     cfg, raw = recipe_config(PAPER / "spin_zephyr_7b_ultrachat.yaml")
-    assert cfg.model_name_or_path == "alignment-handbook/zephyr-7b-sft-full"
-    assert cfg.num_iterations == 4
-    assert cfg.learning_rate == [5e-7, 5e-7, 1e-7, 1e-7] and cfg.beta == [0.1, 0.1, 0.1, 5.0]
-    assert cfg.num_train_epochs == [2.0] * 4 and cfg.mix_previous_iteration and cfg.loss_type == "sigmoid"
-    assert cfg.optim.value == "rmsprop" and cfg.weight_decay == 0 and cfg.lr_scheduler_type.value == "linear"
-    assert cfg.warmup_steps == 0.1 and cfg.max_length == 2048
-    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes("zero3") == 64
-    assert cfg.do_sample and cfg.temperature == 0.8 and cfg.top_p == 0.95 and cfg.max_new_tokens == 256
-    assert cfg.template == "### Instruction: {prompt}\n\n### Response: {response}"
-    model = meta_model("mistral", MISTRAL_7B, resolve_dtype(cfg.dtype))
+    assert cfg.model.model_name_or_path == "alignment-handbook/zephyr-7b-sft-full"
+    assert cfg.spin.num_iterations == 4
+    assert cfg.spin.learning_rate == [5e-7, 5e-7, 1e-7, 1e-7] and cfg.spin.beta == [0.1, 0.1, 0.1, 5.0]
+    spin, args = cfg.spin, cfg.training
+    assert spin.num_train_epochs == [2.0] * 4 and spin.mix_previous_iteration and spin.loss_type == "sigmoid"
+    assert args.optim.value == "rmsprop" and args.weight_decay == 0 and args.lr_scheduler_type.value == "linear"
+    assert cfg.training.warmup_steps == 0.1 and cfg.data.max_length == 2048
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes("zero3") == 64
+    assert spin.do_sample and spin.temperature == 0.8 and spin.top_p == 0.95 and spin.max_new_tokens == 256
+    assert cfg.data.template == "### Instruction: {prompt}\n\n### Response: {response}"
+    model = meta_model("mistral", MISTRAL_7B, resolve_dtype(cfg.model.dtype))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == full_count(MISTRAL_7B)
-    assert not cfg.use_peft and {p.dtype for p in model.parameters()} == {torch.float32}
+    assert not cfg.lora.use_peft and {p.dtype for p in model.parameters()} == {torch.float32}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import sft_config
+from tunesmith.config import NEFTuneArgs
 from tunesmith.neftune import add_noise_to_batch, noise_scale, sample_noise
 
 ALPHA = 5.0
@@ -138,12 +139,12 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
     tok = load_tokenizer(tiny_model_dir)
     ensure_pad_token(tok)
     template, train_set, summary, _, _ = sft.prepare_data(cfg, tok)
-    rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
+    rows = pack(train_set, cfg.data.max_length) if cfg.data.packing else train_set
     model = sft.build_model(cfg, tok)
     trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows,
                                    eval_dataset={"train": train_set[:4]},
                                    data_collator=Collator(tok.pad_token_id), processing_class=tok,
-                                   neftune_alpha=ALPHA)
+                                   neftune=NEFTuneArgs(ALPHA))
     probe = NoiseProbe(trainer.model)
     trainer.train()
     train_events = list(probe.events)
@@ -152,7 +153,7 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
     eval_events = list(probe.events)
     probe.close()
 
-    steps = 4 * cfg.gradient_accumulation_steps
+    steps = 4 * cfg.training.gradient_accumulation_steps
     assert len(train_events) == steps and all(kind == "noised" for kind, _ in train_events)
     d = model.get_input_embeddings().weight.shape[1]
     for _, (noise, mask) in train_events:
@@ -183,7 +184,7 @@ def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_fil
         trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
                                        eval_dataset={"train": train_set[:8]},
                                        data_collator=Collator(tok.pad_token_id), processing_class=tok,
-                                       neftune_alpha=alpha)
+                                       neftune=NEFTuneArgs(alpha))
         model.train()  # even a model left in training mode is evaluated noise-free
         results.append(trainer.evaluate()["eval_train_loss"])
         prompt = torch.tensor([train_set[0]["input_ids"][:10]])

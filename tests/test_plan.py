@@ -54,12 +54,13 @@ def test_transformers_guide_mixed_precision_adamw_bytes_per_parameter():
 def llama_65b_qlora():
     from transformers import LlamaConfig
 
+    from tunesmith.config import LoraArgs
     from tunesmith.models import wrap_lora
 
     model = meta_model(LlamaConfig(**{k: v for k, v in LLAMA_65B.items() if k != "architectures"}))
     n_params = sum(p.numel() for p in model.parameters())
     with torch.device("meta"):  # the QLoRA paper's 65B setting: r = 64 on every linear layer
-        model = wrap_lora(model, 64, 16, 0.05, ["all-linear"])
+        model = wrap_lora(model, LoraArgs(lora_r=64, lora_alpha=16, lora_dropout=0.05))
     return n_params, measure(model, quantize=True)
 
 
@@ -95,6 +96,7 @@ def saved_bytes(layers, attn, dtype, lora):
     """Bytes of the tensors autograd keeps for backward in a real forward of a tiny Llama (parameters excluded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from tunesmith.config import LoraArgs
     from tunesmith.models import wrap_lora
 
     torch.manual_seed(0)
@@ -102,7 +104,7 @@ def saved_bytes(layers, attn, dtype, lora):
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
     model = LlamaForCausalLM(cfg).to(dtype)
     if lora:
-        model = wrap_lora(model, 8, 16, 0.05, ["all-linear"])
+        model = wrap_lora(model, LoraArgs(lora_r=8, lora_alpha=16, lora_dropout=0.05))
     model.train()
     ids = torch.randint(0, 300, (2, 64))
     seen = {}

@@ -15,7 +15,7 @@ from conftest import ScaledLogits, alpaca_rows, sft_config, write_jsonl
 
 from transformers import TrainerCallback, TrainingArguments
 
-from tunesmith.config import build_config
+from tunesmith.config import NEFTuneArgs, build_config
 from tunesmith.data.formats import Example, Turn
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import encode, encode_prompt
@@ -184,7 +184,7 @@ def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
     collate = PairCollator(tok.pad_token_id)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     tr = SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate, beta=0.5,
-                          neftune_alpha=15.0)
+                          neftune=NEFTuneArgs(15.0))
     batch = collate(pairs)
     model.eval()
     clean = tr.compute_loss(model, batch).item()
@@ -367,7 +367,8 @@ def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_pa
     run = full_run["run"]
     defaults = {k: v for k, v in full_run["cfg"].items() if k not in ("do_sample", "max_new_tokens")}
     cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o")))
-    assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.max_new_tokens) == (True, 0.8, 0.95, 256)
+    s = cfg.spin
+    assert (s.do_sample, s.temperature, s.top_p, s.max_new_tokens) == (True, 0.8, 0.95, 256)
     cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o"), max_new_tokens=10,
                                              temperature=1.5, repetition_penalty=1.1))
     model = run.load_model(0).eval()

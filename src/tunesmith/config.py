@@ -5,11 +5,13 @@ types, unknown keys, old key names and help text live in one place.
 
 A recipe's config is a :class:`Config`: a few *parts* (:class:`ModelArgs`, :class:`DataArgs`, :class:`LoraArgs`,
 :class:`NEFTuneArgs`, the recipe's own part, and ``transformers.TrainingArguments``), composed rather than inherited.
-The YAML file and the command line stay flat: every key belongs to exactly one part, and ``cfg.key`` reads it from
-there. A recipe gives a part other defaults by subclassing that part (classify's LoRA: r 4 on the query projection).
+The YAML file and the command line stay flat: every key belongs to exactly one part, and code reads a key through its
+part (``cfg.lora.lora_r``, ``cfg.training.learning_rate``). A recipe gives a part other defaults by subclassing that
+part (classify's LoRA: r 4 on the query projection). Every documented key is declared with :func:`field`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import types
@@ -191,16 +193,20 @@ def _did_you_mean(key, known) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _f(default, help: str):
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+def field(default: Any = dataclasses.MISSING, help: str = "", *, hidden: bool = False) -> Any:
+    """A documented config key: its default (a list or dict default is copied for each config) and the one-line
+    ``help`` that ``--help`` and docs/configuration.md show. ``hidden`` keys work but are left out of the help."""
+    metadata = {"help": help, "hidden": True} if hidden else {"help": help}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 class Config:
     """A recipe's options as named parts. Subclasses set ``PARTS``: (attribute, dataclass) pairs; a key belongs to the
-    first part that declares it. ``cfg.key`` reads (and assigns) the key in its part; ``cfg.training`` is the
-    ``TrainingArguments`` part handed to the Trainer. ``validate`` checks rules that span parts."""
+    first part that declares it and is read there: ``cfg.lora.lora_r``, ``cfg.training.learning_rate`` (there is no
+    flat ``cfg.lora_r``). ``cfg.training`` is the ``TrainingArguments`` part handed to the Trainer. ``validate``
+    checks rules that span parts."""
 
     PARTS: tuple[tuple[str, type], ...] = ()
 
@@ -244,28 +250,23 @@ class Config:
     def validate(self) -> None:
         """Rules that span parts."""
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only reached for a name that is not a part: say where a key lives
         if name.startswith("__"):
             raise AttributeError(name)
         owner = type(self).owners().get(name)
-        parts = self.__dict__
-        if owner is not None and owner in parts:
-            return getattr(parts[owner], name)
-        for part_name, _ in type(self).PARTS:  # read-only properties such as the training part's process_index
-            if part_name in parts and hasattr(type(parts[part_name]), name):
-                return getattr(parts[part_name], name)
-        raise AttributeError(f"{type(self).__name__} has no key '{name}'")
+        hint = f"; read cfg.{owner}.{name}" if owner else ""
+        raise AttributeError(f"{type(self).__name__} has no attribute '{name}'{hint}")
 
     def __setattr__(self, name, value):
-        owner = type(self).owners().get(name)
-        if owner is not None and owner in self.__dict__:
-            setattr(self.__dict__[owner], name, value)
-        else:
-            object.__setattr__(self, name, value)
+        if name not in dict(type(self).PARTS):
+            owner = type(self).owners().get(name)
+            hint = f"; set cfg.{owner}.{name}" if owner else ""
+            raise AttributeError(f"{type(self).__name__} has only its parts as attributes, not '{name}'{hint}")
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         """Every key with its value, flat (the shape of the YAML file)."""
-        return {key: getattr(self.__dict__[part], key) for key, part in type(self).owners().items()}
+        return {key: getattr(getattr(self, part), key) for key, part in type(self).owners().items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
@@ -278,16 +279,18 @@ class Config:
 class ModelArgs:
     """Model"""
 
-    model_name_or_path: str | None = _f(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
-    model_revision: str | None = _f(None, "Hub revision of the model (branch, tag or commit); default the main branch.")
-    dtype: str = _f("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
-                            "with bf16 mixed precision), float32, bfloat16 or float16.")
-    attn_implementation: str = _f("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
-                                          "flash kernels when installed; packing and padding_free then run the "
-                                          "variable-length kernels from position_ids).")
-    trust_remote_code: bool = _f(False, "Allow custom model code from the model repository (off: never runs foreign "
-                                        "code).")
-    load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
+    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path "
+                                                 "(required).")
+    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main "
+                                             "branch.")
+    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where "
+                               "supported, with bf16 mixed precision), float32, bfloat16 or float16.")
+    attn_implementation: str = field("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
+                                             "flash kernels when installed; packing and padding_free then run the "
+                                             "variable-length kernels from position_ids).")
+    trust_remote_code: bool = field(False, "Allow custom model code from the model repository (off: never runs foreign "
+                                           "code).")
+    load_in_4bit: bool = field(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -301,22 +304,22 @@ class ModelArgs:
 class DataArgs:
     """Data"""
 
-    dataset: str | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file or a hub dataset name "
-                                   "(required).")
-    eval_dataset: str | None = _f(None, "Held-out data (same formats), scored noise-free at evaluations.")
-    dataset_format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
-    dataset_split: str = _f("train", "Split to read from a hub dataset.")
-    template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
-                                        "once, then {response} once, last.")
-    chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
-                                         "chat, saved with the model).")
-    max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
-    train_on_prompt: bool = _f(False, "Also train on prompt tokens (default: responses only).")
-    packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them).")
-    padding_free: bool = _f(False, "Put each batch's examples in one row instead of padding them (same examples, "
-                                   "same loss; no padding computed).")
-    dataset_num_proc: int | None = _f(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
-                                            "in $HF_DATASETS_CACHE/tunesmith and reused by later runs.")
+    dataset: str | None = field(None, "Training data: a .json/.jsonl/.csv/.parquet file or a hub dataset name "
+                                      "(required).")
+    eval_dataset: str | None = field(None, "Held-out data (same formats), scored noise-free at evaluations.")
+    dataset_format: str = field("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
+    dataset_split: str = field("train", "Split to read from a hub dataset.")
+    template: str | None = field("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
+                                           "once, then {response} once, last.")
+    chat_template: str | None = field(None, "A Jinja chat-template file that replaces the tokenizer's (used by "
+                                            "template chat, saved with the model).")
+    max_length: int = field(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
+    train_on_prompt: bool = field(False, "Also train on prompt tokens (default: responses only).")
+    packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them).")
+    padding_free: bool = field(False, "Put each batch's examples in one row instead of padding them (same examples, "
+                                      "same loss; no padding computed).")
+    dataset_num_proc: int | None = field(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
+                                               "in $HF_DATASETS_CACHE/tunesmith and reused by later runs.")
 
     def __post_init__(self):
         if not self.dataset:
@@ -335,12 +338,12 @@ class DataArgs:
 class LoraArgs:
     """LoRA"""
 
-    use_peft: bool = _f(False, "Train a LoRA adapter instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA scaling alpha (scale = alpha / r).")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] | None = _f(None, "Modules to adapt: names, or all-linear (default all-linear).")
-    modules_to_save: list[str] | None = _f(None, "Extra modules trained fully under LoRA.")
+    use_peft: bool = field(False, "Train a LoRA adapter instead of all weights.")
+    lora_r: int = field(16, "LoRA rank.")
+    lora_alpha: int = field(32, "LoRA scaling alpha (scale = alpha / r).")
+    lora_dropout: float = field(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] | None = field(None, "Modules to adapt: names, or all-linear (default all-linear).")
+    modules_to_save: list[str] | None = field(None, "Extra modules trained fully under LoRA.")
 
     def __post_init__(self):
         if self.lora_target_modules is None:
@@ -351,9 +354,9 @@ class LoraArgs:
 class NEFTuneArgs:
     """NEFTune"""
 
-    neftune_noise_alpha: float | None = _f(None, "NEFTune alpha (paper: 5, 10 or 15); unset or 0 = off.")
-    neftune_noise_distribution: str = _f("uniform", "uniform (the method) or gaussian (the paper's Table 6 "
-                                                    "ablation).")
+    neftune_noise_alpha: float | None = field(None, "NEFTune alpha (paper: 5, 10 or 15); unset or 0 = off.")
+    neftune_noise_distribution: str = field("uniform", "uniform (the method) or gaussian (the paper's Table 6 "
+                                                       "ablation).")
 
     def __post_init__(self):
         if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from tunesmith.config import field
 from tunesmith.errors import UserError
 
 log = logging.getLogger("tunesmith")
@@ -201,33 +202,33 @@ def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_token
 
 @dataclass
 class GenerateConfig:
-    model_name_or_path: str = field(default="", metadata={"help": "model directory (trained by tunesmith, or any "
-                                                                   "causal LM)"})
-    prompts: str = field(default="", metadata={"help": "prompts file in any SFT format (json/jsonl/csv/parquet) "
-                                                       "or a dataset name; answers, if present, become 'reference'"})
-    output: str = field(default="", metadata={"help": "output JSONL (alpaca_eval compatible)"})
-    dataset_split: str = field(default="train", metadata={"help": "split, for a hub dataset"})
-    dataset_format: str = field(default="auto", metadata={"help": "auto, alpaca, prompt_completion, messages, "
-                                                                  "sharegpt"})
-    template: str = field(default="", metadata={"help": "prompt template (default: the one the model was saved "
-                                                        "with)"})
-    generator: str = field(default="", metadata={"help": "name written in the 'generator' field (default: the "
-                                                         "model directory's name)"})
-    backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers) or vllm (GPU)"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per batch (length-sorted, so padding stays small)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation budget per prompt"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "the NEFTune paper uses 1.2 with greedy"})
-    min_new_tokens: int = field(default=0, metadata={"help": "block EOS until this many new tokens (Table 5)"})
-    prompt_suffix: str = field(default="", metadata={"help": "text appended to every prompt, after a space "
-                                                             "unless it starts with whitespace (Table 5: ask for "
-                                                             "longer answers)"})
-    seed: int = field(default=0, metadata={"help": "random seed (sampling)"})
-    limit: int = field(default=0, metadata={"help": "only the first N prompts (0: all)"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
+    model_name_or_path: str = field("", "model directory (trained by tunesmith, or any "
+                                        "causal LM)")
+    prompts: str = field("", "prompts file in any SFT format (json/jsonl/csv/parquet) "
+                             "or a dataset name; answers, if present, become 'reference'")
+    output: str = field("", "output JSONL (alpaca_eval compatible)")
+    dataset_split: str = field("train", "split, for a hub dataset")
+    dataset_format: str = field("auto", "auto, alpaca, prompt_completion, messages, "
+                                        "sharegpt")
+    template: str = field("", "prompt template (default: the one the model was saved "
+                              "with)")
+    generator: str = field("", "name written in the 'generator' field (default: the "
+                               "model directory's name)")
+    backend: Literal["hf", "vllm"] = field("hf", "hf (transformers) or vllm (GPU)")
+    batch_size: int = field(32, "prompts per batch (length-sorted, so padding stays small)")
+    max_new_tokens: int = field(256, "generation budget per prompt")
+    do_sample: bool = field(False, "sample instead of greedy decoding")
+    temperature: float = field(1.0, "sampling temperature")
+    top_p: float = field(1.0, "nucleus sampling")
+    top_k: int = field(0, "top-k sampling (0: off)")
+    repetition_penalty: float = field(1.0, "the NEFTune paper uses 1.2 with greedy")
+    min_new_tokens: int = field(0, "block EOS until this many new tokens (Table 5)")
+    prompt_suffix: str = field("", "text appended to every prompt, after a space "
+                                   "unless it starts with whitespace (Table 5: ask for "
+                                   "longer answers)")
+    seed: int = field(0, "random seed (sampling)")
+    limit: int = field(0, "only the first N prompts (0: all)")
+    dtype: str = field("float32", "float32, bfloat16, float16")
 
     def __post_init__(self):
         from tunesmith.rundir import check_output_file

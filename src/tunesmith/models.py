@@ -6,11 +6,12 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tunesmith.config import field
 from tunesmith.errors import UserError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,9 +89,10 @@ def checkpoint_dtype(path: str, revision: str | None = None, trust_remote_code: 
 
 
 def model_options(cfg) -> dict:
-    """The ModelArgs / DataArgs keys every model load takes (keyword arguments of :func:`load_model_and_tokenizer`)."""
-    return {"revision": cfg.model_revision, "attn_implementation": cfg.attn_implementation,
-            "chat_template": getattr(cfg, "chat_template", None)}
+    """The model part's and data part's keys every model load takes (keyword arguments of
+    :func:`load_model_and_tokenizer`); ``cfg``: a recipe's :class:`tunesmith.config.Config`."""
+    return {"revision": cfg.model.model_revision, "attn_implementation": cfg.model.attn_implementation,
+            "chat_template": getattr(cfg.data, "chat_template", None)}
 
 
 def ensure_pad_token(tokenizer, model=None, eos_pads: bool = False) -> bool:
@@ -252,21 +254,24 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     return path
 
 
-def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_type: str = "CAUSAL_LM",
-              quantized: bool = False, gradient_checkpointing: bool = False, modules_to_save=None):
+def wrap_lora(model, lora, task_type: str = "CAUSAL_LM", quantized: bool = False,
+              gradient_checkpointing: bool = False):
+    """``model`` with a LoRA adapter as the config's LoRA part (:class:`tunesmith.config.LoraArgs`) describes it:
+    rank, alpha, dropout, target modules (``all-linear`` or names) and modules trained fully. ``quantized``: a 4-bit
+    base, prepared for k-bit training first."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    targets = target_modules
+    targets = lora.lora_target_modules
     if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
         targets = "all-linear"
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
-                        modules_to_save=modules_to_save)
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=targets, task_type=task_type, modules_to_save=lora.modules_to_save)
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise UserError(f"lora_target_modules {target_modules}: {first_line(e)}") from None
+        raise UserError(f"lora_target_modules {lora.lora_target_modules}: {first_line(e)}") from None
 
 
 def is_adapter_dir(path: str) -> bool:
@@ -321,9 +326,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> 
 
 @dataclass
 class MergeConfig:
-    adapter: str = field(default="", metadata={"help": "a LoRA adapter directory saved by tunesmith (required)"})
-    output: str = field(default="", metadata={"help": "where the merged model goes (required)"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto"})
+    adapter: str = field("", "a LoRA adapter directory saved by tunesmith (required)")
+    output: str = field("", "where the merged model goes (required)")
+    dtype: str = field("float32", "float32, bfloat16, float16 or auto")
 
     def __post_init__(self):
         if not self.adapter or not self.output:

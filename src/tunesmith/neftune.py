@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from tunesmith.config import NEFTuneArgs
+
 Distribution = Literal["uniform", "gaussian"]
 
 
@@ -143,26 +145,26 @@ def rank_seed_callback():
 class NEFTuneTrainerMixin:
     """For ``transformers.Trainer`` subclasses: ``with self.noise(model, inputs):`` around a training step's forward
     adds per-example NEFTune noise (training passes only), and transformers' own hook (padded length, noised padding)
-    is kept off. Takes ``neftune_alpha`` (None or 0 = off) and ``neftune_distribution`` keyword arguments. The batch's
-    ``token_mask`` (packed rows) or ``attention_mask`` gives L_i; ``position_ids`` split packed rows into examples.
-    Under DDP each rank draws its own noise (:func:`rank_seed_callback`)."""
+    is kept off. Takes the config's NEFTune part as the ``neftune`` keyword argument (:class:`NEFTuneArgs`; None, or
+    an alpha of None or 0, is off). The batch's ``token_mask`` (packed rows) or ``attention_mask`` gives L_i;
+    ``position_ids`` split packed rows into examples. Under DDP each rank draws its own noise
+    (:func:`rank_seed_callback`)."""
 
-    def __init__(self, *args, neftune_alpha: float | None = None, neftune_distribution: Distribution = "uniform",
-                 **kwargs):
+    def __init__(self, *args, neftune: NEFTuneArgs | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.neftune_noise_alpha = None  # Trainer.train attaches its built-in hook when this is set
-        self.noise_alpha = neftune_alpha or 0.0
-        self.noise_distribution = neftune_distribution
-        if self.noise_alpha:
+        self.neftune = neftune if neftune is not None else NEFTuneArgs()
+        if self.neftune.neftune_noise_alpha:
             self.add_callback(rank_seed_callback())
 
     def noise(self, model: torch.nn.Module, inputs: dict):
-        if not (self.noise_alpha and model.training):
+        alpha = self.neftune.neftune_noise_alpha
+        if not (alpha and model.training):
             return nullcontext()
         mask = inputs.get("token_mask")
         if mask is None:
             mask = inputs.get("attention_mask")
-        return noise_in_forward(model, mask, self.noise_alpha, self.noise_distribution, inputs.get("position_ids"))
+        return noise_in_forward(model, mask, alpha, self.neftune.neftune_noise_distribution, inputs.get("position_ids"))
 
 
 # ------------------------------------------------------------------------------------------------ other trainers

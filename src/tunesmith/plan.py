@@ -242,6 +242,7 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
     """Estimate memory for a recipe config (a dict of its keys). Returns the settings used and one row per strategy."""
     from transformers import AutoConfig
 
+    from tunesmith.config import LoraArgs
     from tunesmith.models import wrap_lora
 
     name = values.get("model_name_or_path")
@@ -267,11 +268,11 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
             targets = [next((t for t in default_targets if t in names), "all-linear")]
         head = ["classifier", "score"] if recipe == "classify" else None
         with torch.device("meta"):
-            model = wrap_lora(model, int(values.get("lora_r", 16)), int(values.get("lora_alpha", 32)),
-                              float(values.get("lora_dropout", 0.05)), targets,
-                              task_type="SEQ_CLS" if recipe == "classify" else "CAUSAL_LM",
-                              modules_to_save=[m for m in head or [] if any(
-                                  n.endswith(m) for n, _ in model.named_modules())] or None)
+            part = LoraArgs(lora_r=int(values.get("lora_r", 16)), lora_alpha=int(values.get("lora_alpha", 32)),
+                            lora_dropout=float(values.get("lora_dropout", 0.05)), lora_target_modules=targets,
+                            modules_to_save=[m for m in head or [] if any(
+                                n.endswith(m) for n, _ in model.named_modules())] or None)
+            model = wrap_lora(model, part, task_type="SEQ_CLS" if recipe == "classify" else "CAUSAL_LM")
     shape = measure(model, quantize)
     if float(values.get("lora_dropout", 0.05) if lora else 0) == 0:
         shape.lora_inputs = [(0, r) for _, r in shape.lora_inputs]

@@ -107,8 +107,9 @@ class Fingerprint:
     @classmethod
     def of_config(cls, cfg, keys, **extra) -> "Fingerprint":
         """The fingerprint of ``cfg``'s ``keys`` (enum values by their value), plus ``extra`` values (e.g. a digest
-        of the tokenized data)."""
-        return cls.of({k: getattr(cfg, k) for k in keys} | extra)
+        of the tokenized data). ``cfg``: a :class:`tunesmith.config.Config` (its flat keys) or a plain dataclass."""
+        flat = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
+        return cls.of({k: flat[k] for k in keys} | extra)
 
     def differences(self, other: dict) -> list[str]:
         """The keys whose value differs between this fingerprint and another's ``values``."""

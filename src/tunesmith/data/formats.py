@@ -31,10 +31,6 @@ class Example:
     text: str | None = None  # plain-text examples
     loc: str = ""
 
-    @classmethod
-    def from_prompt(cls, prompt: str, input: str | None = None, system: str | None = None) -> "Example":
-        return cls(turns=[Turn(prompt, None)], input=input, system=system)
-
     def for_generation(self) -> "Example":
         """The same conversation up to (and without) its last response."""
         turns = self.turns[:-1] + [Turn(self.turns[-1].prompt, None)]

@@ -25,9 +25,10 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tunesmith.config import field
 from tunesmith.errors import UserError
 
 MARKER = "demo.json"
@@ -35,38 +36,36 @@ OUR_ENTRIES = (MARKER, "data", "runs", "judge", "report.md", "report.html", "sum
                "overlap.png", "winrates.png")
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DemoConfig:
-    output: str = _f("tunesmith-demo", "Directory for the runs and the report (created; a previous demo there is "
-                                       "replaced; anything else is refused).")
-    seeds: int = _f(1, "Training seeds; the summary shows mean ± std over them.")
-    spin: int = _f(0, "SPIN iterations on top of the plain SFT model (0: none).")
-    quick: bool = _f(False, "A few training steps and prompts: checks the pipeline end to end, measures nothing.")
-    neftune_alpha: float = _f(5.0, "NEFTune alpha of the noisy run.")
-    epochs: float = _f(2.0, "SFT epochs.")
-    learning_rate: float = _f(5e-4, "SFT learning rate (cosine schedule, 5% warmup).")
-    batch_size: int = _f(16, "SFT batch size.")
-    template: str = _f("instruction_response", "Prompt template (short: alpaca's preamble would double the "
-                                                "tokens of these short examples).")
-    train_prompts: int = _f(64, "Training prompts answered to measure copying of the training answers.")
-    heldout_prompts: int = _f(160, "Held-out prompts answered (0: all 270).")
-    max_new_tokens: int = _f(96, "Generation budget per answer (greedy).")
-    repetition_penalty: float = _f(1.0, "Generation repetition penalty (the paper's 1.2 penalises restating the "
-                                        "names a factual answer needs).")
-    n_tokens: int = _f(12, "rep-n / diversity use the first N words of each answer (the median answer here has ~12).")
+    output: str = field("tunesmith-demo", "Directory for the runs and the report (created; a previous demo there is "
+                                          "replaced; anything else is refused).")
+    seeds: int = field(1, "Training seeds; the summary shows mean ± std over them.")
+    spin: int = field(0, "SPIN iterations on top of the plain SFT model (0: none).")
+    quick: bool = field(False, "A few training steps and prompts: checks the pipeline end to end, measures nothing.")
+    neftune_alpha: float = field(5.0, "NEFTune alpha of the noisy run.")
+    epochs: float = field(2.0, "SFT epochs.")
+    learning_rate: float = field(5e-4, "SFT learning rate (cosine schedule, 5% warmup).")
+    batch_size: int = field(16, "SFT batch size.")
+    template: str = field("instruction_response", "Prompt template (short: alpaca's preamble would double the "
+                                                  "tokens of these short examples).")
+    train_prompts: int = field(64, "Training prompts answered to measure copying of the training answers.")
+    heldout_prompts: int = field(160, "Held-out prompts answered (0: all 270).")
+    max_new_tokens: int = field(96, "Generation budget per answer (greedy).")
+    repetition_penalty: float = field(1.0, "Generation repetition penalty (the paper's 1.2 penalises restating the "
+                                           "names a factual answer needs).")
+    n_tokens: int = field(12, "rep-n / diversity use the first N words of each answer (the median answer here has "
+                              "~12).")
     # SPIN's recipe was chosen on validation people carved from the TRAIN people (scripts/spin_sweep.py,
     # RESULTS.md); the synthetic answers are sampled as the authors' generator does (SPIN's defaults)
-    spin_learning_rate: float = _f(2e-6, "SPIN learning rate per iteration (RMSProp, linear, 10% warmup).")
-    spin_beta: float = _f(1.0, "SPIN beta (the paper's lambda).")
-    spin_epochs: float = _f(2.0, "SPIN epochs per iteration.")
-    data_seed: int = _f(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
-    base_model: str = _f("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
-    threads: int = _f(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
-                         "busy (threads waiting on each other on a busy CPU slow torch down severalfold).")
+    spin_learning_rate: float = field(2e-6, "SPIN learning rate per iteration (RMSProp, linear, 10% warmup).")
+    spin_beta: float = field(1.0, "SPIN beta (the paper's lambda).")
+    spin_epochs: float = field(2.0, "SPIN epochs per iteration.")
+    data_seed: int = field(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
+    base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped "
+                                "one).")
+    threads: int = field(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
+                            "busy (threads waiting on each other on a busy CPU slow torch down severalfold).")
 
     def __post_init__(self):
         if self.seeds < 1:
@@ -299,9 +298,9 @@ def summary_table(per_variant: dict[str, list[dict]]) -> tuple[list[str], list[l
 
 
 def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
-    from tunesmith.evaluation.report import _plt
+    from tunesmith.evaluation.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     keys = [m for m in METRICS if any(isinstance(r.get(m[0]), (int, float)) for rs in per_variant.values()
                                       for r in rs)]
     if not keys:

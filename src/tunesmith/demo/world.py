@@ -211,12 +211,6 @@ class World:
         return {"birthplace": self.cities, "birth_year": tuple(map(str, BIRTH_YEARS)), "profession": PROFESSIONS,
                 "employer": self.employers, "hobby": HOBBIES}
 
-    def by_name(self, name: str) -> Person:
-        for p in self.people:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
     # --- pretraining corpus ---------------------------------------------------------------------------------------
     def describe(self, p: Person, rng: random.Random) -> str:
         """One paragraph stating all five facts about ``p`` in a random order and wording."""

@@ -18,10 +18,11 @@ Save it as ``RUN_DIR/eval.json`` and ``tunesmith report`` picks it up.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tunesmith.config import field
 from tunesmith.errors import UserError
 from tunesmith.evaluation import metrics as M
 from tunesmith.evaluation.genfile import read_generations
@@ -29,33 +30,30 @@ from tunesmith.evaluation.genfile import read_generations
 
 @dataclass
 class EvalConfig:
-    output: str = field(default="", metadata={"help": "result JSON (put it at RUN_DIR/eval.json for the report)"})
-    model_name_or_path: str = field(default="", metadata={"help": "model directory, for loss / perplexity on "
-                                                                  "'dataset' and for 'tasks'"})
-    dataset: list[str] = field(default_factory=list, metadata={
-        "help": "dataset(s) (any SFT format) to score the model's loss on, e.g. train.jsonl,heldout.jsonl"})
-    dataset_format: str = field(default="auto", metadata={"help": "format of 'dataset' and 'references'"})
-    dataset_split: str = field(default="train", metadata={"help": "split, for hub datasets"})
-    template: str = field(default="", metadata={"help": "prompt template (default: the model's saved one)"})
-    max_length: int = field(default=512, metadata={"help": "truncate scored examples to this many tokens"})
-    batch_size: int = field(default=8, metadata={"help": "batch size for scoring"})
-    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
-    generations: list[str] = field(default_factory=list, metadata={"help": "generation file(s) to measure"})
-    references: str = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
-                                                          "instruction and input (default: each row's 'reference' "
-                                                          "field)"})
-    n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
-                                                        "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
-    diversity_mode: Literal["formula", "paper"] = field(default="formula", metadata={
-        "help": "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
-                "each answer's last n-gram skipped, rep-n rounded to 2 decimals)"})
-    run_name: str = field(default="", metadata={"help": "name shown in reports (default: the output's folder)"})
-    tasks: list[str] = field(default_factory=list, metadata={
-        "help": "lm-evaluation-harness tasks: names (arc_easy, mmlu, ...) and/or task .yaml files"})
-    task_include_path: list[str] = field(default_factory=list, metadata={"help": "extra folders of lm-eval task "
-                                                                                 "YAML files"})
-    num_fewshot: int | None = field(default=None, metadata={"help": "lm-eval few-shot examples (task default)"})
-    task_limit: int = field(default=0, metadata={"help": "lm-eval: only the first N documents per task (0: all)"})
+    output: str = field("", "result JSON (put it at RUN_DIR/eval.json for the report)")
+    model_name_or_path: str = field("", "model directory, for loss / perplexity on 'dataset' and for 'tasks'")
+    dataset: list[str] = field([], "dataset(s) (any SFT format) to score the model's loss on, e.g. "
+                                   "train.jsonl,heldout.jsonl")
+    dataset_format: str = field("auto", "format of 'dataset' and 'references'")
+    dataset_split: str = field("train", "split, for hub datasets")
+    template: str = field("", "prompt template (default: the model's saved one)")
+    max_length: int = field(512, "truncate scored examples to this many tokens")
+    batch_size: int = field(8, "batch size for scoring")
+    dtype: str = field("float32", "float32, bfloat16, float16")
+    generations: list[str] = field([], "generation file(s) to measure")
+    references: str = field("", "dataset whose answers are the references, matched by "
+                                "instruction and input (default: each row's 'reference' "
+                                "field)")
+    n_tokens: int = field(50, "rep-n / diversity use the first N whitespace tokens "
+                              "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)")
+    diversity_mode: Literal["formula", "paper"] = field(
+        "formula", "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
+                   "each answer's last n-gram skipped, rep-n rounded to 2 decimals)")
+    run_name: str = field("", "name shown in reports (default: the output's folder)")
+    tasks: list[str] = field([], "lm-evaluation-harness tasks: names (arc_easy, mmlu, ...) and/or task .yaml files")
+    task_include_path: list[str] = field([], "extra folders of lm-eval task YAML files")
+    num_fewshot: int | None = field(None, "lm-eval few-shot examples (task default)")
+    task_limit: int = field(0, "lm-eval: only the first N documents per task (0: all)")
 
     def __post_init__(self):
         if not self.output:
@@ -162,7 +160,7 @@ def run(cfg: EvalConfig) -> dict:
     return result
 
 
-def _f(x, nd=2):
+def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
 
@@ -172,12 +170,13 @@ def format_result(r: dict) -> str:
         lines.append(f"  loss on {src}: {v['loss']:.4f} (perplexity {v['perplexity']:.2f}, {v['tokens']} tokens, "
                      f"{v['examples']} examples, noise-free)")
     for task, ms in ((r.get("benchmarks") or {}).get("results") or {}).items():
-        lines.append(f"  {task}: " + "  ".join(f"{k} {_f(v, 4)}" for k, v in ms.items()))
+        lines.append(f"  {task}: " + "  ".join(f"{k} {_fmt(v, 4)}" for k, v in ms.items()))
     for name, g in r["generations"].items():
         d, ln = g["diversity"], g["length"]
-        lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "
-                     f"rep-2 {_f(d['rep_2'])} rep-3 {_f(d['rep_3'])} rep-4 {_f(d['rep_4'])} "
-                     f"diversity {_f(d['diversity'], 3)} log-div {_f(d['log_diversity'])} "
+        lines.append(f"  {name}: n={g['n']} chars {_fmt(ln.get('chars_mean'), 1)} "
+                     f"words {_fmt(ln.get('words_mean'), 1)} "
+                     f"rep-2 {_fmt(d['rep_2'])} rep-3 {_fmt(d['rep_3'])} rep-4 {_fmt(d['rep_4'])} "
+                     f"diversity {_fmt(d['diversity'], 3)} log-div {_fmt(d['log_diversity'])} "
                      f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words; {d['n_too_short']} shorter left "
                      f"out; cut at budget "
                      f"{g['truncated']})")

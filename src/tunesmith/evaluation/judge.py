@@ -36,10 +36,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from tunesmith.config import field
 from tunesmith.errors import UserError, at
 from tunesmith.evaluation.genfile import Generation, pair_generations, read_generations
 from tunesmith.evaluation.winrate import combine_orders, format_summary, win_rate
@@ -448,39 +449,38 @@ def import_sheet(sheet: str | Path, key_path: str | Path) -> list[dict]:
 
 @dataclass
 class JudgeConfig:
-    a: str = field(default="", metadata={"help": "generations of model A (JSONL from `tunesmith generate`, or "
-                                                 "alpaca_eval JSON); the win rate is A's"})
-    b: str = field(default="", metadata={"help": "generations of model B (same prompts)"})
-    output_dir: str = field(default="", metadata={"help": "where judgements.jsonl, winrate.json and the cache go"})
+    a: str = field("", "generations of model A (JSONL from `tunesmith generate`, or "
+                       "alpaca_eval JSON); the win rate is A's")
+    b: str = field("", "generations of model B (same prompts)")
+    output_dir: str = field("", "where judgements.jsonl, winrate.json and the cache go")
     judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field(
-        default="endpoint", metadata={"help": "endpoint | local | python | sheet_export | sheet_import"})
-    base_url: str = field(default="", metadata={"help": "endpoint: e.g. https://api.openai.com/v1 or "
-                                                        "http://127.0.0.1:8000/v1"})
-    model: str = field(default="", metadata={"help": "endpoint: model name; local: model directory"})
-    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "endpoint: NAME of the environment variable holding the API key ('' for none); the key itself is "
-                "never logged or saved"})
-    timeout: float = field(default=60.0, metadata={"help": "endpoint: seconds per request"})
-    max_retries: int = field(default=4, metadata={"help": "endpoint: retries per call (exponential backoff)"})
-    backoff: float = field(default=1.0, metadata={"help": "endpoint: first retry delay in seconds (doubles; a "
-                                                          "server's Retry-After, up to 60 s, wins if longer)"})
-    judge_prompt: str = field(default="", metadata={"help": "endpoint/local: text file with the user prompt, "
-                                                            "holding {instruction}, {output_1}, {output_2}; the "
-                                                            "reply must start with 1, 2 or tie"})
-    python_judge: str = field(default="", metadata={"help": "python: 'module:function' taking (instruction, "
-                                                            "answer_1, answer_2) and returning '1', '2' or 'tie'"})
-    sheet: str = field(default="", metadata={"help": "sheet_import: the filled sheet.csv (key: sheet_key.json "
-                                                     "next to it)"})
-    both_orders: bool = field(default=True, metadata={"help": "ask each prompt in both answer orders"})
-    max_consecutive_failures: int = field(default=5, metadata={"help": "stop after this many unjudged prompts "
-                                                                       "in a row (0: never)"})
-    cache: str = field(default="", metadata={"help": "verdict cache file (default OUTPUT_DIR/judge_cache.jsonl)"})
-    workers: int = field(default=1, metadata={"help": "prompts judged at once (threads; for endpoints)"})
-    n_bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the interval"})
-    confidence: float = field(default=0.95, metadata={"help": "interval level"})
-    seed: int = field(default=0, metadata={"help": "seed for the bootstrap and the sheet shuffle"})
-    name_a: str = field(default="", metadata={"help": "display name of A (default: its 'generator' field)"})
-    name_b: str = field(default="", metadata={"help": "display name of B"})
+        "endpoint", "endpoint | local | python | sheet_export | sheet_import")
+    base_url: str = field("", "endpoint: e.g. https://api.openai.com/v1 or "
+                              "http://127.0.0.1:8000/v1")
+    model: str = field("", "endpoint: model name; local: model directory")
+    api_key_env: str = field("OPENAI_API_KEY", "endpoint: NAME of the environment variable holding the API key ('' "
+                                               "for none); the key itself is never logged or saved")
+    timeout: float = field(60.0, "endpoint: seconds per request")
+    max_retries: int = field(4, "endpoint: retries per call (exponential backoff)")
+    backoff: float = field(1.0, "endpoint: first retry delay in seconds (doubles; a "
+                                "server's Retry-After, up to 60 s, wins if longer)")
+    judge_prompt: str = field("", "endpoint/local: text file with the user prompt, "
+                                  "holding {instruction}, {output_1}, {output_2}; the "
+                                  "reply must start with 1, 2 or tie")
+    python_judge: str = field("", "python: 'module:function' taking (instruction, "
+                                  "answer_1, answer_2) and returning '1', '2' or 'tie'")
+    sheet: str = field("", "sheet_import: the filled sheet.csv (key: sheet_key.json "
+                           "next to it)")
+    both_orders: bool = field(True, "ask each prompt in both answer orders")
+    max_consecutive_failures: int = field(5, "stop after this many unjudged prompts "
+                                             "in a row (0: never)")
+    cache: str = field("", "verdict cache file (default OUTPUT_DIR/judge_cache.jsonl)")
+    workers: int = field(1, "prompts judged at once (threads; for endpoints)")
+    n_bootstrap: int = field(2000, "bootstrap resamples for the interval")
+    confidence: float = field(0.95, "interval level")
+    seed: int = field(0, "seed for the bootstrap and the sheet shuffle")
+    name_a: str = field("", "display name of A (default: its 'generator' field)")
+    name_b: str = field("", "display name of B")
 
     def __post_init__(self):
         for key in ("output_dir",) + (() if self.judge == "sheet_import" else ("a", "b")):

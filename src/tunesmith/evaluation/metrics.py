@@ -139,8 +139,3 @@ def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] 
     out["diversity"] = diversity
     out["log_diversity"] = log_diversity_from(diversity)
     return out
-
-
-def text_stats(texts: list[str], n_tokens: int = 50, mode: str = "formula") -> dict:
-    """The NEFTune Table 4 row for one set of answers: lengths plus repetition / diversity."""
-    return {"length": lengths(texts), "diversity": rep_diversity(texts, n_tokens, mode=mode)}

@@ -15,9 +15,10 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.config import field
 from tunesmith.errors import UserError, at
 from tunesmith.io import atomic_write_text
 
@@ -28,11 +29,11 @@ CURVES = (("loss", "training loss (as optimised; noisy if NEFTune)", "-"),
 
 @dataclass
 class ReportConfig:
-    runs: list[str] = field(default_factory=list, metadata={"help": "run directories (positional arguments)"})
-    output: str = field(default="report", metadata={"help": "directory for report.md, report.html and plots"})
-    winrate: list[str] = field(default_factory=list, metadata={"help": "winrate.json file(s) or judge output "
-                                                                       "dir(s)"})
-    title: str = field(default="tunesmith report", metadata={"help": "report title"})
+    runs: list[str] = field([], "run directories (positional arguments)")
+    output: str = field("report", "directory for report.md, report.html and plots")
+    winrate: list[str] = field([], "winrate.json file(s) or judge output "
+                                   "dir(s)")
+    title: str = field("tunesmith report", "report title")
 
     def __post_init__(self):
         if not self.runs and not self.winrate:
@@ -95,7 +96,8 @@ def load_winrate(path: str) -> dict:
 
 # ---------------------------------------------------------------- plots
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +107,7 @@ def _plt():
 
 
 def plot_losses(runs: list[dict], path: Path) -> bool:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -136,7 +138,7 @@ def plot_overlap(sets: list[tuple[str, dict]], path: Path) -> bool:
     sets = [(name, g["overlap"]) for name, g in sets if g.get("overlap")]
     if not sets:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(sets) + 2.5))
     for ax, key, title in ((axes[0], "rouge_l", "ROUGE-L F vs reference"), (axes[1], "bleu", "sentence BLEU vs reference")):
         ax.boxplot([o[key] for _, o in sets], vert=False, showmeans=True)
@@ -153,7 +155,7 @@ def plot_winrates(wrs: list[dict], path: Path) -> bool:
     wrs = [w for w in wrs if w.get("win_rate") is not None]
     if not wrs:
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(wrs) + 1.8))
     ys = range(len(wrs))
     vals = [w["win_rate"] for w in wrs]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from tunesmith.config import _f
+from tunesmith.config import field
 from tunesmith.errors import UserError
 
 
@@ -24,11 +24,11 @@ def _has_tensorboard() -> bool:
 class TrainingPart(TrainingArguments):
     """Training (every transformers.TrainingArguments key)"""
 
-    output_dir: str | None = _f(None, "Where checkpoints and the final model go (required).")
-    report_to: str | list[str] | None = _f("tensorboard", "Loggers: tensorboard, wandb, none, ...")
-    logging_steps: float = _f(10, "Log every N steps.")
-    include_num_input_tokens_seen: str | bool = _f("non_padding", "Count non-padding tokens (for tokens/s).")
-    remove_unused_columns: bool = _f(False, "Keep tunesmith's columns.")
+    output_dir: str | None = field(None, "Where checkpoints and the final model go (required).")
+    report_to: str | list[str] | None = field("tensorboard", "Loggers: tensorboard, wandb, none, ...")
+    logging_steps: float = field(10, "Log every N steps.")
+    include_num_input_tokens_seen: str | bool = field("non_padding", "Count non-padding tokens (for tokens/s).")
+    remove_unused_columns: bool = field(False, "Keep tunesmith's columns.")
 
     def __post_init__(self):
         if not self.output_dir:
@@ -90,15 +90,15 @@ def check_max_length(cfg) -> None:
 
     from transformers import AutoConfig
 
-    source = cfg.model_name_or_path
+    source = cfg.model.model_name_or_path
     adapter = Path(source) / "adapter_config.json"
     try:
         if adapter.is_file():
             source = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except Exception:  # an unreadable model is reported, with its reason, where it is loaded
         return
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.max_length > limit:
-        raise UserError(f"field 'max_length': {cfg.max_length} is more than the {limit} positions of "
-                        f"{cfg.model_name_or_path} (max_position_embeddings)")
+    if isinstance(limit, int) and cfg.data.max_length > limit:
+        raise UserError(f"field 'max_length': {cfg.data.max_length} is more than the {limit} positions of "
+                        f"{cfg.model.model_name_or_path} (max_position_embeddings)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from tunesmith.config import Config, LoraArgs, ModelArgs, NEFTuneArgs, _f
+from tunesmith.config import Config, LoraArgs, ModelArgs, NEFTuneArgs, field
 from tunesmith.errors import UserError
 from tunesmith.recipes.training import check_training_values
 
@@ -21,7 +21,7 @@ ARTICLE_SENTENCES = ["It was good.", "Not a fan, don't recommend.", "Better than
 class ClassifyArgs:
     """Classify"""
 
-    compare_sentences: list[str] | None = _f(
+    compare_sentences: list[str] | None = field(
         ARTICLE_SENTENCES, "sentences whose predictions are printed before and after training (default: the article's "
                            "five)")
 
@@ -30,18 +30,18 @@ class ClassifyArgs:
 class ClassifyDataArgs:
     """Data"""
 
-    dataset: str | None = _f(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, or an HF dataset "
-                                   "(required)")
-    eval_dataset: str | None = _f(None, "evaluated every epoch; picks the best checkpoint (none: no evaluation)")
-    test_dataset: str | None = _f(None, "held-out split scored before and after training")
-    text_column: str = _f("text", "column holding the text")
-    label_column: str = _f("label", "column holding the label (multi_label: a list of labels)")
-    labels: list[str] | None = _f(
+    dataset: str | None = field(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, or an HF dataset "
+                                      "(required)")
+    eval_dataset: str | None = field(None, "evaluated every epoch; picks the best checkpoint (none: no evaluation)")
+    test_dataset: str | None = field(None, "held-out split scored before and after training")
+    text_column: str = field("text", "column holding the text")
+    label_column: str = field("label", "column holding the label (multi_label: a list of labels)")
+    labels: list[str] | None = field(
         None, "label names in id order; default: the distinct labels of the training data, sorted. A data value "
               "matches a name; an integer matching no name is read as an index into this list")
-    multi_label: bool = _f(False, "each text has zero or more labels (sigmoid + BCE)")
-    threshold: float = _f(0.5, "multi_label: a label is predicted when its probability >= threshold")
-    max_length: int = _f(256, "truncate texts to this many tokens")
+    multi_label: bool = field(False, "each text has zero or more labels (sigmoid + BCE)")
+    threshold: float = field(0.5, "multi_label: a label is predicted when its probability >= threshold")
+    max_length: int = field(256, "truncate texts to this many tokens")
 
     def __post_init__(self):
         if not self.dataset:
@@ -56,14 +56,14 @@ class ClassifyDataArgs:
 class ClassifyLoraArgs(LoraArgs):
     """LoRA"""
 
-    use_peft: bool = _f(True, "LoRA adapters (true) or full fine-tuning (false)")
-    lora_r: int = _f(4, "LoRA rank")
-    lora_alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = _f(0.01, "dropout on the LoRA input")
-    lora_target_modules: list[str] | None = _f(
+    use_peft: bool = field(True, "LoRA adapters (true) or full fine-tuning (false)")
+    lora_r: int = field(4, "LoRA rank")
+    lora_alpha: float = field(32, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = field(0.01, "dropout on the LoRA input")
+    lora_target_modules: list[str] | None = field(
         None, "module names that get adapters, or all-linear; default: the attention query projection "
               "(query / q_lin / q_proj)")
-    modules_to_save: list[str] | None = _f(
+    modules_to_save: list[str] | None = field(
         None, "extra modules trained fully under LoRA (the new head and any module missing from the checkpoint "
               "always are)")
 
@@ -75,7 +75,7 @@ class ClassifyLoraArgs(LoraArgs):
 class ClassifyTrainingPart(TrainingArguments):
     """Training (every transformers.TrainingArguments key)"""
 
-    output_dir: str | None = _f("outputs/classify", "where checkpoints and the final model go")
+    output_dir: str | None = field("outputs/classify", "where checkpoints and the final model go")
     learning_rate: float = 1e-3
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 32
@@ -118,5 +118,5 @@ class ClassifyConfig(Config):
             by_part["training"].update(eval_strategy="no", load_best_model_at_end=False)
 
     def validate(self) -> None:
-        if self.load_in_4bit:
+        if self.model.load_in_4bit:
             raise UserError("field 'load_in_4bit' is not supported by classify")

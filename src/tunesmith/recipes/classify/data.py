@@ -15,7 +15,7 @@ def _scalar_label(value: Any, loc: str, column: str) -> str:
     return str(value).strip()
 
 
-def _raw_labels(record, column: str, multi_label: bool) -> list[str]:
+def raw_labels(record, column: str, multi_label: bool) -> list[str]:
     """The label value(s) of one record as strings (multi_label: a list, or a comma-separated string)."""
     if column not in record.data or record.data[column] is None or record.data[column] == "":
         raise UserError(f"{at(record.loc, field=column)}: missing label "
@@ -30,30 +30,31 @@ def _raw_labels(record, column: str, multi_label: bool) -> list[str]:
     return [_scalar_label(v, record.loc, column) for v in value]
 
 
-def label_names(cfg, train_records) -> list[str]:
-    """Label names in id order: declared in the config, or the training data's distinct labels, sorted."""
+def label_names(data, train_records) -> list[str]:
+    """Label names in id order: declared in the config's data part (``data``), or the training data's distinct
+    labels, sorted."""
     seen: dict[str, None] = {}
     for r in train_records:
-        for v in _raw_labels(r, cfg.label_column, cfg.multi_label):
+        for v in raw_labels(r, data.label_column, data.multi_label):
             seen.setdefault(v, None)
-    if cfg.labels is not None:
-        names = [str(n) for n in cfg.labels]
+    if data.labels is not None:
+        names = [str(n) for n in data.labels]
         if len(names) < 2:
             raise UserError(f"field 'labels': a classifier needs at least two labels, got {names}")
-        used = {names[_label_id(v, names, r.loc, cfg.label_column)] for r in train_records
-                for v in _raw_labels(r, cfg.label_column, cfg.multi_label)}
+        used = {names[label_id(v, names, r.loc, data.label_column)] for r in train_records
+                for v in raw_labels(r, data.label_column, data.multi_label)}
     else:
         numeric = all(v.lstrip("-").isdigit() for v in seen)
         names = sorted(seen, key=(lambda v: int(v)) if numeric else None)
         used = set(names)
     if len(used) < 2:
         only = ", ".join(sorted(used)) or "none"
-        raise UserError(f"{cfg.dataset}: the training data has only one class ({only}); "
+        raise UserError(f"{data.dataset}: the training data has only one class ({only}); "
                         f"a classifier needs examples of at least two labels")
     return names
 
 
-def _label_id(value: str, names: list[str], loc: str, column: str) -> int:
+def label_id(value: str, names: list[str], loc: str, column: str) -> int:
     if value in names:
         return names.index(value)
     if value.isdigit() and int(value) < len(names):
@@ -61,7 +62,7 @@ def _label_id(value: str, names: list[str], loc: str, column: str) -> int:
     raise UserError(f"{at(loc, field=column)}: label {value!r} is not one of the labels ({', '.join(names)})")
 
 
-def _text(record, column: str) -> str:
+def text_of(record, column: str) -> str:
     value = record.data.get(column)
     if column not in record.data:
         raise UserError(f"{at(record.loc, field=column)}: missing text column "
@@ -71,14 +72,13 @@ def _text(record, column: str) -> str:
     return value
 
 
-def encode_split(cfg, records, names: list[str]) -> tuple[list[str], list]:
-    """Texts and label targets (an id, or a multi-hot float vector)."""
+def encode_split(data, records, names: list[str]) -> tuple[list[str], list]:
+    """Texts and label targets (an id, or a multi-hot float vector); ``data``: the config's data part."""
     texts, targets = [], []
     for r in records:
-        texts.append(_text(r, cfg.text_column))
-        ids = [_label_id(v, names, r.loc, cfg.label_column) for v in _raw_labels(r, cfg.label_column,
-                                                                                 cfg.multi_label)]
-        if cfg.multi_label:
+        texts.append(text_of(r, data.text_column))
+        ids = [label_id(v, names, r.loc, data.label_column) for v in raw_labels(r, data.label_column, data.multi_label)]
+        if data.multi_label:
             hot = [0.0] * len(names)
             for i in ids:
                 hot[i] = 1.0
@@ -88,14 +88,14 @@ def encode_split(cfg, records, names: list[str]) -> tuple[list[str], list]:
     return texts, targets
 
 
-def _dataset(tokenizer, texts: list[str], targets: list, max_length: int):
+def tokenized_dataset(tokenizer, texts: list[str], targets: list, max_length: int):
     import datasets
 
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     return datasets.Dataset.from_dict({**{k: v for k, v in enc.items()}, "labels": targets})
 
 
-def _load_split(source: str | None, split: str):
+def load_split(source: str | None, split: str):
     from tunesmith.data.load import load_records
 
     return load_records(resolve_path(source), split=split) if source else None

@@ -1,17 +1,16 @@
 """Labelling texts with a trained classifier, the classification metrics, and `tunesmith predict`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tunesmith.config import build_config, parse_cli
+from tunesmith.config import build_config, field, parse_cli
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_jsonl, resolve_path
 from tunesmith.models import eval_mode
-from tunesmith.recipes.classify.data import _label_id, _load_split, _raw_labels, _text
+from tunesmith.recipes.classify.data import label_id, load_split, raw_labels, text_of
 from tunesmith.recipes.classify.trainer import load_classifier
 
 
@@ -75,26 +74,22 @@ def predict_texts(model, tokenizer, texts: list[str], batch_size: int = 32, max_
     return rows, logits
 
 
-def _shown(row: dict) -> str:
+def shown_label(row: dict) -> str:
     return ", ".join(row["labels"]) or "(none)" if "labels" in row else row["label"]
-
-
-def _h(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
 class PredictConfig:
-    model_name_or_path: str = _h("a trained classifier directory (or pkg:PACKAGE/path, hub id)", default="")
-    text: str | list[str] | None = _h("a sentence, or a YAML list of sentences, to label", default=None)
-    dataset: str | None = _h("a data file to label (.json/.jsonl/.csv/.parquet)", default=None)
-    text_column: str = _h("column holding the text in --dataset", default="text")
-    label_column: str = _h("if --dataset has this column, accuracy and F1 against it are printed", default="label")
-    output: str | None = _h("write predictions as JSONL here", default=None)
-    batch_size: int = _h("texts per forward pass", default=32)
-    max_length: int = _h("truncate texts to this many tokens", default=256)
-    threshold: float = _h("multi-label: a label is predicted when its probability >= threshold", default=0.5)
-    trust_remote_code: bool = _h("allow model code from the model directory", default=False)
+    model_name_or_path: str = field("", "a trained classifier directory (or pkg:PACKAGE/path, hub id)")
+    text: str | list[str] | None = field(None, "a sentence, or a YAML list of sentences, to label")
+    dataset: str | None = field(None, "a data file to label (.json/.jsonl/.csv/.parquet)")
+    text_column: str = field("text", "column holding the text in --dataset")
+    label_column: str = field("label", "if --dataset has this column, accuracy and F1 against it are printed")
+    output: str | None = field(None, "write predictions as JSONL here")
+    batch_size: int = field(32, "texts per forward pass")
+    max_length: int = field(256, "truncate texts to this many tokens")
+    threshold: float = field(0.5, "multi-label: a label is predicted when its probability >= threshold")
+    trust_remote_code: bool = field(False, "allow model code from the model directory")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -110,8 +105,8 @@ def predict(cfg: PredictConfig | dict) -> list[dict]:
     cfg = cfg if isinstance(cfg, PredictConfig) else build_config(PredictConfig, dict(cfg), "config")
     model, tokenizer, _ = load_classifier(resolve_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
     texts = list(cfg.text or [])
-    records = _load_split(cfg.dataset, "test") if cfg.dataset else []
-    texts += [_text(r, cfg.text_column) for r in records]
+    records = load_split(cfg.dataset, "test") if cfg.dataset else []
+    texts += [text_of(r, cfg.text_column) for r in records]
     rows, logits = predict_texts(model, tokenizer, texts, cfg.batch_size, cfg.max_length, cfg.threshold)
     rows = [{"text": t, **r} for t, r in zip(texts, rows)]
     for row in rows:
@@ -122,7 +117,7 @@ def predict(cfg: PredictConfig | dict) -> list[dict]:
         names = [model.config.id2label[i] for i in range(len(model.config.id2label))]
         targets = []
         for r in records:
-            ids = [_label_id(v, names, r.loc, cfg.label_column) for v in _raw_labels(r, cfg.label_column, multi)]
+            ids = [label_id(v, names, r.loc, cfg.label_column) for v in raw_labels(r, cfg.label_column, multi)]
             targets.append([1.0 if i in ids else 0.0 for i in range(len(names))] if multi else ids[0])
         m = classification_metrics(logits[len(texts) - len(records):], np.asarray(targets), names, multi,
                                    cfg.threshold)

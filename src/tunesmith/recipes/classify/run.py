@@ -31,8 +31,8 @@ from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
 from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
-from tunesmith.recipes.classify.data import _dataset, _load_split, encode_split, label_names
-from tunesmith.recipes.classify.predict import _shown, classification_metrics, predict_texts
+from tunesmith.recipes.classify.data import encode_split, label_names, load_split, tokenized_dataset
+from tunesmith.recipes.classify.predict import classification_metrics, predict_texts, shown_label
 from tunesmith.recipes.classify.trainer import ClassifierTrainer, add_lora, load_classifier
 from tunesmith.recipes.training import run_fingerprint
 from tunesmith.rundir import open_run
@@ -41,9 +41,10 @@ from tunesmith.rundir import open_run
 def train(config: ClassifyConfig | dict) -> str:
     """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
-    out = Path(cfg.output_dir)
-    with open_run(out, "classify", run_fingerprint(cfg), cfg.resume_from_checkpoint,
-                  main=cfg.process_index == 0) as run:
+    args = cfg.training
+    out = Path(args.output_dir)
+    with open_run(out, "classify", run_fingerprint(cfg), args.resume_from_checkpoint,
+                  main=args.process_index == 0) as run:
         if run.finished:
             print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
             return str(out)
@@ -51,59 +52,59 @@ def train(config: ClassifyConfig | dict) -> str:
 
 
 def _train(cfg: ClassifyConfig, run, out: Path) -> str:
-    transformers.set_seed(cfg.seed)
-    model_path = resolve_path(cfg.model_name_or_path)
+    data, args, m = cfg.data, cfg.training, cfg.model
+    transformers.set_seed(args.seed)
+    model_path = resolve_path(m.model_name_or_path)
 
-    train_records = _load_split(cfg.dataset, "train")
-    val_records = _load_split(cfg.eval_dataset, "validation")
-    test_records = _load_split(cfg.test_dataset, "test")
-    names = label_names(cfg, train_records)
-    splits = {"train": encode_split(cfg, train_records, names)}
+    train_records = load_split(data.dataset, "train")
+    val_records = load_split(data.eval_dataset, "validation")
+    test_records = load_split(data.test_dataset, "test")
+    names = label_names(data, train_records)
+    splits = {"train": encode_split(data, train_records, names)}
     if val_records:
-        splits["validation"] = encode_split(cfg, val_records, names)
+        splits["validation"] = encode_split(data, val_records, names)
     if test_records:
-        splits["test"] = encode_split(cfg, test_records, names)
+        splits["test"] = encode_split(data, test_records, names)
 
     metrics = ["loss", "accuracy", "f1_macro"] + [f"{k}_{n}" for n in names for k in ("precision", "recall")]
-    if val_records and cfg.metric_for_best_model and cfg.metric_for_best_model not in metrics:
-        raise UserError(f"field 'metric_for_best_model': {cfg.metric_for_best_model!r} is not computed; "
+    if val_records and args.metric_for_best_model and args.metric_for_best_model not in metrics:
+        raise UserError(f"field 'metric_for_best_model': {args.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, cfg.multi_label, cfg.trust_remote_code,
-                                                    cfg.dtype, cfg.model_revision, cfg.attn_implementation)
+    model, tokenizer, new_modules = load_classifier(model_path, names, data.multi_label, m.trust_remote_code,
+                                                    m.dtype, m.model_revision, m.attn_implementation)
     held_out = [s for s in ("validation", "test") if s in splits]
-    report: dict = {"labels": names, "model": cfg.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
+    report: dict = {"labels": names, "model": m.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}
 
     def score(split: str) -> dict:
         texts, targets = splits[split]
-        _, logits = predict_texts(model, tokenizer, texts, cfg.per_device_eval_batch_size, cfg.max_length,
-                                  cfg.threshold)
-        return classification_metrics(logits, np.asarray(targets), names, cfg.multi_label, cfg.threshold)
+        _, logits = predict_texts(model, tokenizer, texts, args.per_device_eval_batch_size, data.max_length,
+                                  data.threshold)
+        return classification_metrics(logits, np.asarray(targets), names, data.multi_label, data.threshold)
 
-    sentences = list(cfg.compare_sentences or [])
-    before_rows = predict_texts(model, tokenizer, sentences, max_length=cfg.max_length, threshold=cfg.threshold)[0]
+    sentences = list(cfg.classify.compare_sentences or [])
+    before_rows = predict_texts(model, tokenizer, sentences, max_length=data.max_length, threshold=data.threshold)[0]
     for split in held_out:
         report["before"][split] = score(split)
 
-    if cfg.use_peft:
-        model = add_lora(model, cfg, new_modules)
+    if cfg.lora.use_peft:
+        model = add_lora(model, cfg.lora, new_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"tunesmith classify: {len(names)} labels ({', '.join(names)}); "
-          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
+          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
 
     from transformers import DataCollatorWithPadding
 
     def compute_metrics(p):
-        return classification_metrics(p.predictions, p.label_ids, names, cfg.multi_label, cfg.threshold)
+        return classification_metrics(p.predictions, p.label_ids, names, data.multi_label, data.threshold)
 
     trainer = ClassifierTrainer(
-        model=model, args=cfg.training, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        train_dataset=_dataset(tokenizer, *splits["train"], cfg.max_length),
-        eval_dataset=_dataset(tokenizer, *splits["validation"], cfg.max_length) if val_records else None,
-        compute_metrics=compute_metrics if val_records else None,
-        neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+        model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        train_dataset=tokenized_dataset(tokenizer, *splits["train"], data.max_length),
+        eval_dataset=tokenized_dataset(tokenizer, *splits["validation"], data.max_length) if val_records else None,
+        compute_metrics=compute_metrics if val_records else None, neftune=cfg.neftune)
     started = time.perf_counter()
     trainer.add_callback(run.checkpoint_callback())
     trainer.train(resume_from_checkpoint=run.checkpoint)
@@ -111,7 +112,7 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
         report["best_checkpoint"] = os.path.basename(trainer.state.best_model_checkpoint)
-        report["best_metric"] = {cfg.metric_for_best_model: trainer.state.best_metric}
+        report["best_metric"] = {args.metric_for_best_model: trainer.state.best_metric}
 
     model = trainer.model
     # Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone scores and writes.
@@ -121,20 +122,20 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         # The sharded model cannot score or merge on rank 0 alone: write the gathered weights (the adapter and head
         # under LoRA, the whole model otherwise); score the saved model with `tunesmith predict`.
-        if cfg.use_peft:
+        if cfg.lora.use_peft:
             model.save_pretrained(out / "adapter", state_dict=state)
         else:
             save_model_dir(model, tokenizer, out, state_dict=state)
         save_yaml(cfg, out / "tunesmith.yaml")
         atomic_write_json(out / "metrics.json", report)
         return str(out)
-    if cfg.use_peft:
+    if cfg.lora.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         model = model.merge_and_unload()
     for split in held_out:
         report["after"][split] = score(split)
-    after_rows = predict_texts(model, tokenizer, sentences, max_length=cfg.max_length, threshold=cfg.threshold)[0]
-    report["compare"] = [{"text": t, "before": _shown(b), "after": _shown(a)}
+    after_rows = predict_texts(model, tokenizer, sentences, max_length=data.max_length, threshold=data.threshold)[0]
+    report["compare"] = [{"text": t, "before": shown_label(b), "after": shown_label(a)}
                          for t, b, a in zip(sentences, before_rows, after_rows)]
     save_model_dir(model, tokenizer, out)
     atomic_write_json(out / "metrics.json", report)

@@ -1,6 +1,8 @@
 """The classifier: a sequence-classification model with a fresh head, LoRA on it, and its Trainer."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import transformers
 from transformers import Trainer
@@ -71,10 +73,12 @@ def _lora_targets(model, wanted: list[str] | None) -> list[str]:
                     f"(linear layers: {', '.join(sorted(linear_names))})")
 
 
-def add_lora(model, cfg, new_modules: list[str]):
-    """LoRA (task SEQ_CLS) on the configured modules; the new head and ``modules_to_save`` train fully."""
-    return wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, _lora_targets(model, cfg.lora_target_modules),
-                     task_type="SEQ_CLS", modules_to_save=sorted(set(new_modules) | set(cfg.modules_to_save or ())))
+def add_lora(model, lora, new_modules: list[str]):
+    """LoRA (task SEQ_CLS) as the config's LoRA part says, on its modules or the query projection found in the model;
+    the new head and ``modules_to_save`` train fully."""
+    lora = dataclasses.replace(lora, lora_target_modules=_lora_targets(model, lora.lora_target_modules),
+                               modules_to_save=sorted(set(new_modules) | set(lora.modules_to_save or ())))
+    return wrap_lora(model, lora, task_type="SEQ_CLS")
 
 
 class ClassifierTrainer(NEFTuneTrainerMixin, Trainer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunesmith.config import _f
+from tunesmith.config import field
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft.config import SFTConfig
@@ -34,7 +34,7 @@ def mark_trained(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 class AuditArgs:
     """Audit"""
 
-    show: int = _f(3, "Examples to show.")
+    show: int = field(3, "Examples to show.")
 
     def __post_init__(self):
         if self.show < 0:
@@ -55,8 +55,8 @@ def cli(argv: list[str]) -> int:
                     f"{START}like this{END}, and a summary of the data.")
     if cfg is None:
         return 0
-    show = cfg.show
-    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    show = cfg.audit.show
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     ensure_pad_token(tokenizer)
     _, train_set, summary, _, eval_summary = prepare_data(cfg, tokenizer)
     for i, ex in enumerate(train_set[:show]):

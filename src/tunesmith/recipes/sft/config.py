@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
+from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, field
 from tunesmith.recipes.training import TrainingPart
 
 
@@ -11,7 +11,7 @@ from tunesmith.recipes.training import TrainingPart
 class SFTArgs:
     """SFT"""
 
-    train_loss_eval_samples: int = _f(256, "Training examples scored noise-free at each evaluation (0 = none).")
+    train_loss_eval_samples: int = field(256, "Training examples scored noise-free at each evaluation (0 = none).")
 
 
 class SFTConfig(Config):
@@ -21,5 +21,5 @@ class SFTConfig(Config):
              ("neftune", NEFTuneArgs), ("training", TrainingPart))
 
     def validate(self) -> None:
-        if self.load_in_4bit:
-            self.use_peft = True
+        if self.model.load_in_4bit:
+            self.lora.use_peft = True

@@ -27,14 +27,15 @@ log = logging.getLogger("tunesmith")
 
 def prepare_data(cfg: SFTConfig, tokenizer):
     """Template, tokenized train/eval sets and their summaries; raises UserError before anything is written."""
-    template = get_template(cfg.template, tokenizer)
-    options = dict(dataset_format=cfg.dataset_format, train_on_prompt=cfg.train_on_prompt,
-                   num_proc=cfg.dataset_num_proc)
-    train_set, summary = prepare_dataset(cfg.dataset, tokenizer, template, cfg.max_length, split=cfg.dataset_split,
+    data = cfg.data
+    template = get_template(data.template, tokenizer)
+    options = dict(dataset_format=data.dataset_format, train_on_prompt=data.train_on_prompt,
+                   num_proc=data.dataset_num_proc)
+    train_set, summary = prepare_dataset(data.dataset, tokenizer, template, data.max_length, split=data.dataset_split,
                                          **options)
     eval_set = eval_summary = None
-    if cfg.eval_dataset:
-        eval_set, eval_summary = prepare_dataset(cfg.eval_dataset, tokenizer, template, cfg.max_length,
+    if data.eval_dataset:
+        eval_set, eval_summary = prepare_dataset(data.eval_dataset, tokenizer, template, data.max_length,
                                                  split="validation", **options)
     return template, train_set, summary, eval_set, eval_summary
 
@@ -42,12 +43,12 @@ def prepare_data(cfg: SFTConfig, tokenizer):
 def build_model(cfg: SFTConfig, tokenizer):
     from tunesmith.models import load_model_and_tokenizer, model_options, wrap_lora
 
-    model, _ = load_model_and_tokenizer(cfg.model_name_or_path, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
+    m = cfg.model
+    model, _ = load_model_and_tokenizer(m.model_name_or_path, m.dtype, m.load_in_4bit, m.trust_remote_code,
                                         **model_options(cfg))
-    if cfg.use_peft:
-        model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                          quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing,
-                          modules_to_save=cfg.modules_to_save)
+    if cfg.lora.use_peft:
+        model = wrap_lora(model, cfg.lora, quantized=m.load_in_4bit,
+                          gradient_checkpointing=cfg.training.gradient_checkpointing)
     return model
 
 
@@ -57,17 +58,18 @@ def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
 
     from tunesmith.io import atomic_write_text
 
-    method = "QLoRA" if cfg.load_in_4bit else "LoRA" if cfg.use_peft else "full fine-tuning"
-    neft = (f"NEFTune alpha {cfg.neftune_noise_alpha} ({cfg.neftune_noise_distribution}, per-example length)"
-            if cfg.neftune_noise_alpha else "no NEFTune")
-    local_base = Path(cfg.model_name_or_path).exists()  # the hub's base_model field takes hub ids only
-    data = ModelCardData(library_name="peft" if cfg.use_peft else "transformers",
-                         base_model=None if local_base else cfg.model_name_or_path,
-                         tags=["tunesmith", "sft"] + (["neftune"] if cfg.neftune_noise_alpha else []))
-    lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{cfg.model_name_or_path}` on `{cfg.dataset}` "
-             f"({method}, {neft}).", "", f"- prompt template: `{cfg.template}` (saved in tunesmith_template.json)",
-             f"- epochs {cfg.num_train_epochs}, learning rate {cfg.learning_rate}, max length {cfg.max_length}, "
-             f"packing {cfg.packing}, seed {cfg.seed}", "", "## Final metrics", ""]
+    base, neftune, args = cfg.model.model_name_or_path, cfg.neftune, cfg.training
+    method = "QLoRA" if cfg.model.load_in_4bit else "LoRA" if cfg.lora.use_peft else "full fine-tuning"
+    neft = (f"NEFTune alpha {neftune.neftune_noise_alpha} ({neftune.neftune_noise_distribution}, per-example length)"
+            if neftune.neftune_noise_alpha else "no NEFTune")
+    local_base = Path(base).exists()  # the hub's base_model field takes hub ids only
+    data = ModelCardData(library_name="peft" if cfg.lora.use_peft else "transformers",
+                         base_model=None if local_base else base,
+                         tags=["tunesmith", "sft"] + (["neftune"] if neftune.neftune_noise_alpha else []))
+    lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{base}` on `{cfg.data.dataset}` "
+             f"({method}, {neft}).", "", f"- prompt template: `{cfg.data.template}` (saved in tunesmith_template.json)",
+             f"- epochs {args.num_train_epochs}, learning rate {args.learning_rate}, max length {cfg.data.max_length}, "
+             f"packing {cfg.data.packing}, seed {args.seed}", "", "## Final metrics", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "README.md", str(card))
@@ -89,42 +91,41 @@ def train(config, callbacks: list | None = None) -> str:
     from tunesmith.rundir import open_run, training_done
 
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
-    out = Path(cfg.output_dir)
-    with open_run(out, "sft", run_fingerprint(cfg), cfg.resume_from_checkpoint,
-                  main=cfg.process_index == 0) as run:
+    m, args = cfg.model, cfg.training
+    out = Path(args.output_dir)
+    with open_run(out, "sft", run_fingerprint(cfg), args.resume_from_checkpoint, main=args.process_index == 0) as run:
         if run.finished:
             log.warning(f"{out}: this run has finished already; nothing to resume")
             return str(out)
         check_max_length(cfg)
-        set_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
-                                   cfg.chat_template)
-        check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
+        set_seed(args.seed)
+        tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
+        check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
         ensure_pad_token(tokenizer)
         template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
-        if cfg.process_index == 0:
+        if args.process_index == 0:
             for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
                 log.warning(line)
-        rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
+        rows = pack(train_set, cfg.data.max_length) if cfg.data.packing else train_set
         done = run.checkpoint is not None and training_done(run.checkpoint)
         if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
             log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
-            model, _ = load_model_and_tokenizer(run.checkpoint, cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code,
-                                               attn_implementation=cfg.attn_implementation)
+            model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                               attn_implementation=m.attn_implementation)
         else:
             model = build_model(cfg, tokenizer)
 
         evals = {}
-        if cfg.train_loss_eval_samples:
-            g = torch.Generator().manual_seed(cfg.seed)
-            idx = torch.randperm(summary.kept, generator=g)[: cfg.train_loss_eval_samples].tolist()
+        if cfg.sft.train_loss_eval_samples:
+            g = torch.Generator().manual_seed(args.seed)
+            idx = torch.randperm(summary.kept, generator=g)[: cfg.sft.train_loss_eval_samples].tolist()
             evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
         if eval_set:
             evals["eval"] = eval_set
         trainer = TunesmithTrainer(
-            model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
-            data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
-            neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+            model=model, args=args, train_dataset=rows, eval_dataset=evals or None,
+            data_collator=Collator(tokenizer.pad_token_id, cfg.data.padding_free), processing_class=tokenizer,
+            neftune=cfg.neftune)
         for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
@@ -137,7 +138,7 @@ def train(config, callbacks: list | None = None) -> str:
                            state_dict=state)
             write_model_card(cfg, out, metrics)
             save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
-        if cfg.world_size > 1:
+        if args.world_size > 1:
             torch.distributed.barrier()
     return str(out)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
+from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, field
 from tunesmith.errors import UserError
 from tunesmith.recipes.training import TrainingPart
 
@@ -20,22 +20,24 @@ from tunesmith.recipes.training import TrainingPart
 class SPINArgs:
     """SPIN (iterations and generation; defaults follow the paper)"""
 
-    num_iterations: int = _f(1, "Number of SPIN iterations (the paper: 4).")
-    beta: list[float] = _f([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
-    learning_rate: list[float] = _f([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
-    num_train_epochs: list[float] = _f([2.0], "Epochs per iteration: one value or one per iteration.")
-    loss_type: str = _f("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
-    mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
-    max_new_tokens: int = _f(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
-                                  "and reported.")
-    do_sample: bool = _f(True, "Sample the synthetic answers as the authors' generator does (false: greedy).")
-    temperature: float = _f(0.8, "Sampling temperature (the authors' generator: 0.8).")
-    top_p: float = _f(0.95, "Nucleus sampling (the authors' generator: 0.95).")
-    repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
-    generation_batch_size: int = _f(32, "Prompts per generation batch.")
-    generation_backend: str = _f("hf", "hf (transformers' generate) or vllm (GPU; the same prompt ids, a seed per "
-                                       "prompt derived from its shard's seed).")
-    shard_size: int = _f(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
+    num_iterations: int = field(1, "Number of SPIN iterations (the paper: 4).")
+    beta: list[float] = field([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the "
+                                     "last).")
+    learning_rate: list[float] = field([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
+    num_train_epochs: list[float] = field([2.0], "Epochs per iteration: one value or one per iteration.")
+    loss_type: str = field("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
+    mix_previous_iteration: bool = field(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t "
+                                               "only.")
+    max_new_tokens: int = field(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
+                                     "and reported.")
+    do_sample: bool = field(True, "Sample the synthetic answers as the authors' generator does (false: greedy).")
+    temperature: float = field(0.8, "Sampling temperature (the authors' generator: 0.8).")
+    top_p: float = field(0.95, "Nucleus sampling (the authors' generator: 0.95).")
+    repetition_penalty: float = field(1.0, "Repetition penalty at generation.")
+    generation_batch_size: int = field(32, "Prompts per generation batch.")
+    generation_backend: str = field("hf", "hf (transformers' generate) or vllm (GPU; the same prompt ids, a seed per "
+                                          "prompt derived from its shard's seed).")
+    shard_size: int = field(256, "Prompts (generation) or pairs (reference scoring) per shard on disk.")
 
     def __post_init__(self):
         n = self.num_iterations
@@ -68,7 +70,7 @@ class SPINArgs:
 class SPINDataArgs(DataArgs):
     """Data"""
 
-    template: str | None = _f(None, "Prompt template; default: the one the SFT model was saved with.")
+    template: str | None = field(None, "Prompt template; default: the one the SFT model was saved with.")
 
     def __post_init__(self):
         for key, why in (("packing", "pairs are scored row by row"), ("padding_free", "pairs are scored row by row"),
@@ -84,13 +86,13 @@ class SPINDataArgs(DataArgs):
 class SPINTrainingPart(TrainingPart):
     """Training (every transformers.TrainingArguments key; learning_rate and num_train_epochs are SPIN's, above)"""
 
-    optim: str = _f("rmsprop", "Optimizer (paper: RMSProp).")
-    weight_decay: float = _f(0.0, "Weight decay (paper: none).")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule (paper: linear).")
-    warmup_steps: float = _f(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
-    save_strategy: str = _f("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
-    save_steps: float = _f(200, "Checkpoint every N steps.")
-    save_total_limit: int | None = _f(1, "Trainer checkpoints kept per iteration.")
+    optim: str = field("rmsprop", "Optimizer (paper: RMSProp).")
+    weight_decay: float = field(0.0, "Weight decay (paper: none).")
+    lr_scheduler_type: str = field("linear", "Learning-rate schedule (paper: linear).")
+    warmup_steps: float = field(0.1, "Warmup steps, or a fraction of the iteration's steps below 1 (paper: 0.1).")
+    save_strategy: str = field("steps", "Trainer checkpoints within an iteration (a killed run resumes from them).")
+    save_steps: float = field(200, "Checkpoint every N steps.")
+    save_total_limit: int | None = field(1, "Trainer checkpoints kept per iteration.")
 
 
 class SPINConfig(Config):
@@ -101,14 +103,14 @@ class SPINConfig(Config):
              ("neftune", NEFTuneArgs), ("training", SPINTrainingPart))
 
     def validate(self) -> None:
-        if self.load_in_4bit:
-            self.use_peft = True
+        if self.model.load_in_4bit:
+            self.lora.use_peft = True
 
     def iteration_args(self, t: int, output_dir: Path) -> TrainingArguments:
         """Plain TrainingArguments for iteration ``t``: the training part with the iteration's scalar values."""
         values = {f.name: getattr(self.training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        values.update(output_dir=str(output_dir), learning_rate=self.learning_rate[t],
-                      num_train_epochs=self.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
+        values.update(output_dir=str(output_dir), learning_rate=self.spin.learning_rate[t],
+                      num_train_epochs=self.spin.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
                       resume_from_checkpoint=None)
         return TrainingArguments(**values)
 
@@ -127,8 +129,9 @@ FINGERPRINT_KEYS = (
 
 
 def fingerprint_values(cfg) -> dict:
+    flat = cfg.to_dict() | {"world_size": cfg.training.world_size}
     out = {}
     for key in FINGERPRINT_KEYS:
-        v = getattr(cfg, key)
+        v = flat[key]
         out[key] = v.value if hasattr(v, "value") else v
     return out

@@ -121,28 +121,29 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
     seed per prompt derived from its shard's seed (so a shard's answers do not depend on what else is generated)."""
     from tunesmith.generate import generate, generate_vllm, request_seed
 
-    n_shards = -(-len(prompts) // cfg.shard_size)
-    todo = [k for k in range(cfg.process_index, n_shards, cfg.world_size) if not shard_path(directory, k).exists()]
-    settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
-    chunks = {k: prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size] for k in todo}
+    spin, args = cfg.spin, cfg.training
+    n_shards = -(-len(prompts) // spin.shard_size)
+    todo = [k for k in range(args.process_index, n_shards, args.world_size) if not shard_path(directory, k).exists()]
+    settings = dict(max_new_tokens=spin.max_new_tokens, do_sample=spin.do_sample, temperature=spin.temperature,
+                    top_p=spin.top_p, repetition_penalty=spin.repetition_penalty)
+    chunks = {k: prompts[k * spin.shard_size:(k + 1) * spin.shard_size] for k in todo}
     vllm_outs, vllm_seconds = {}, 0.0
-    if todo and cfg.generation_backend == "vllm":
+    if todo and spin.generation_backend == "vllm":
         start = time.perf_counter()
         ids = [p.prompt_ids for k in todo for p in chunks[k]]
-        seeds = [request_seed(_shard_seed(cfg.seed, t, k), j) for k in todo for j in range(len(chunks[k]))]
-        outs = iter(generate_vllm(model_path, ids, tokenizer=tokenizer, request_seeds=seeds, dtype=cfg.dtype,
+        seeds = [request_seed(_shard_seed(args.seed, t, k), j) for k in todo for j in range(len(chunks[k]))]
+        outs = iter(generate_vllm(model_path, ids, tokenizer=tokenizer, request_seeds=seeds, dtype=cfg.model.dtype,
                                   **settings))
         vllm_outs = {k: [next(outs) for _ in chunks[k]] for k in todo}
         vllm_seconds = (time.perf_counter() - start) / len(todo)
     for k in todo:
         start = time.perf_counter()
         chunk = chunks[k]
-        if cfg.generation_backend == "vllm":
+        if spin.generation_backend == "vllm":
             outs = vllm_outs[k]
         else:
-            outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=cfg.generation_batch_size,
-                            seed=_shard_seed(cfg.seed, t, k), **settings)
+            outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=spin.generation_batch_size,
+                            seed=_shard_seed(args.seed, t, k), **settings)
         rows = []
         for p, o in zip(chunk, outs):
             # the answer as generated, ended as the template ends real answers (a cut answer has no end)

@@ -57,7 +57,7 @@ STATE_FILE = "spin_state.json"
 STAGES = ("generate", "reference", "train")
 
 def _barrier(cfg: SPINConfig) -> None:
-    if cfg.world_size > 1:
+    if cfg.training.world_size > 1:
         torch.distributed.barrier()
 
 
@@ -71,27 +71,30 @@ class Run:
         from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer
 
         self.cfg, self.callbacks, self.on_event = cfg, list(callbacks), on_event
-        self.out = Path(cfg.output_dir)
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
-                                        cfg.chat_template)
-        check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is read
+        self.out = Path(cfg.training.output_dir)
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision,
+                                        cfg.data.chat_template)
+        check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is read
         ensure_pad_token(self.tokenizer)
-        if cfg.template:
-            self.template = get_template(cfg.template, self.tokenizer)
+        if cfg.data.template:
+            self.template = get_template(cfg.data.template, self.tokenizer)
         else:
-            self.template = load_saved_template(cfg.model_name_or_path, self.tokenizer)
-        examples = load_examples(cfg.dataset, cfg.dataset_format, cfg.dataset_split)
-        self.prompts, dropped = build_prompts(examples, self.tokenizer, self.template, cfg.max_length, cfg.dataset)
-        if dropped and cfg.process_index == 0:
-            log.warning(f"spin: {len(dropped)} prompts leave no room for an answer in max_length={cfg.max_length} "
+            self.template = load_saved_template(cfg.model.model_name_or_path, self.tokenizer)
+        examples = load_examples(cfg.data.dataset, cfg.data.dataset_format, cfg.data.dataset_split)
+        self.prompts, dropped = build_prompts(examples, self.tokenizer, self.template, cfg.data.max_length,
+                                              cfg.data.dataset)
+        if dropped and cfg.training.process_index == 0:
+            log.warning(f"spin: {len(dropped)} prompts leave no room for an answer in max_length={cfg.data.max_length} "
                         f"and are skipped (first: {dropped[0]})")
         self.eval_set = None
-        if cfg.eval_dataset:
-            self.eval_set, _ = prepare_dataset(cfg.eval_dataset, self.tokenizer, self.template, cfg.max_length,
-                                               dataset_format=cfg.dataset_format, split="validation",
-                                               num_proc=cfg.dataset_num_proc)
+        if cfg.data.eval_dataset:
+            data = cfg.data
+            self.eval_set, _ = prepare_dataset(data.eval_dataset, self.tokenizer, self.template, data.max_length,
+                                               dataset_format=data.dataset_format, split="validation",
+                                               num_proc=data.dataset_num_proc)
         self.collator = PairCollator(self.tokenizer.pad_token_id)
-        self.device = cfg.device
+        self.device = cfg.training.device
         # the prompts and real answers as tokens: a changed data file, tokenizer or template is a different run
         self.fingerprint = Fingerprint.of(fingerprint_values(cfg) | {
             "data_tokens": digest([[p.prompt_ids, p.real_ids] for p in self.prompts])})
@@ -134,7 +137,7 @@ class Run:
         if not write:
             return state
         _barrier(self.cfg)  # every rank has checked the directory before rank 0 writes into it
-        if self.cfg.process_index == 0:
+        if self.cfg.training.process_index == 0:
             atomic_write_json(path, state)
         return state
 
@@ -143,7 +146,7 @@ class Run:
 
     def mark(self, t: int, stage: str, metrics: dict) -> None:
         self.state["iterations"].setdefault(str(t), {})[stage] = metrics
-        if self.cfg.process_index == 0:
+        if self.cfg.training.process_index == 0:
             atomic_write_json(self.out / STATE_FILE, self.state)
             self.write_summary()
         _barrier(self.cfg)
@@ -157,37 +160,38 @@ class Run:
 
     def model_dir(self, t: int) -> str:
         """theta_t: the SFT model for t = 0, else the model saved by iteration t-1."""
-        return self.cfg.model_name_or_path if t == 0 else str(self.iter_dir(t - 1) / "model")
+        return self.cfg.model.model_name_or_path if t == 0 else str(self.iter_dir(t - 1) / "model")
 
     def load_model(self, t: int):
         from transformers import set_seed
 
         from tunesmith.models import load_model_and_tokenizer
 
-        set_seed(self.cfg.seed)  # a tokenizer without pad token gets a new embedding row: make it the same each load
-        model, _ = load_model_and_tokenizer(self.model_dir(t), self.cfg.dtype, self.cfg.load_in_4bit,
-                                            self.cfg.trust_remote_code, revision=None if t else self.cfg.model_revision,
-                                            attn_implementation=self.cfg.attn_implementation)
-        if not self.cfg.load_in_4bit:
+        m = self.cfg.model
+        set_seed(self.cfg.training.seed)  # a tokenizer without pad token gets a new embedding row: the same each load
+        model, _ = load_model_and_tokenizer(self.model_dir(t), m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                            revision=None if t else m.model_revision,
+                                            attn_implementation=m.attn_implementation)
+        if not m.load_in_4bit:
             model = model.to(self.device)
         return model
 
     def sources(self, t: int) -> list[int]:
         """Iterations whose generated answers iteration t trains on."""
-        return [t, t - 1] if self.cfg.mix_previous_iteration and t > 0 else [t]
+        return [t, t - 1] if self.cfg.spin.mix_previous_iteration and t > 0 else [t]
 
     def pairs(self, t: int, with_reference: bool) -> list[dict]:
         """The training pairs of iteration t, in a fixed order (source iteration, prompt index)."""
         cfg, n = self.cfg, len(self.prompts)
-        n_gen = -(-n // cfg.shard_size)
+        n_gen = -(-n // cfg.spin.shard_size)
         out = []
         for s in self.sources(t):
             rows = [r for sh in read_shards(self.iter_dir(s) / "generations", n_gen) for r in sh["rows"]]
             for p, r in zip(self.prompts, rows):
-                out.append({"real": pair_row(p.prompt_ids, p.real_ids, cfg.max_length),
-                            "generated": pair_row(r["prompt_ids"], r["ids"], cfg.max_length)})
+                out.append({"real": pair_row(p.prompt_ids, p.real_ids, cfg.data.max_length),
+                            "generated": pair_row(r["prompt_ids"], r["ids"], cfg.data.max_length)})
         if with_reference:
-            refs = [r for sh in read_shards(self.iter_dir(t) / "reference", -(-len(out) // cfg.shard_size))
+            refs = [r for sh in read_shards(self.iter_dir(t) / "reference", -(-len(out) // cfg.spin.shard_size))
                     for r in sh["rows"]]
             for pair, ref in zip(out, refs):
                 pair["ref_real"], pair["ref_generated"] = ref["ref_real"], ref["ref_generated"]
@@ -202,7 +206,7 @@ class Run:
         generate_shards(cfg, model, self.tokenizer, self.prompts, t, directory, self.on_event,
                         model_path=self.model_dir(t))
         _barrier(cfg)
-        shards = read_shards(directory, -(-len(self.prompts) // cfg.shard_size))
+        shards = read_shards(directory, -(-len(self.prompts) // cfg.spin.shard_size))
         rows = [r for sh in shards for r in sh["rows"]]
         if [r["index"] for r in rows] != list(range(len(self.prompts))):
             raise UserError(f"{directory}: shards do not hold each prompt exactly once (the run directory was "
@@ -211,23 +215,24 @@ class Run:
         same = sum(r["ids"] == p.real_ids for r, p in zip(rows, self.prompts))
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows), "identical": same / len(rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
-                "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
-                "backend": cfg.generation_backend}
+                "max_new_tokens": cfg.spin.max_new_tokens, "do_sample": cfg.spin.do_sample,
+                "temperature": cfg.spin.temperature, "top_p": cfg.spin.top_p,
+                "repetition_penalty": cfg.spin.repetition_penalty, "seed": cfg.training.seed,
+                "backend": cfg.spin.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
         cfg = self.cfg
         directory = self.iter_dir(t) / "reference"
         directory.mkdir(parents=True, exist_ok=True)
         pairs = self.pairs(t, with_reference=False)
-        n_shards = -(-len(pairs) // cfg.shard_size)
-        for k in range(cfg.process_index, n_shards, cfg.world_size):
+        n_shards = -(-len(pairs) // cfg.spin.shard_size)
+        for k in range(cfg.training.process_index, n_shards, cfg.training.world_size):
             path = shard_path(directory, k)
             if path.exists():
                 continue
             start = time.perf_counter()
-            chunk = pairs[k * cfg.shard_size:(k + 1) * cfg.shard_size]
-            real, gen = score_pairs(model, chunk, self.collator, cfg.per_device_eval_batch_size, self.device)
+            chunk = pairs[k * cfg.spin.shard_size:(k + 1) * cfg.spin.shard_size]
+            real, gen = score_pairs(model, chunk, self.collator, cfg.training.per_device_eval_batch_size, self.device)
             rows = [{"ref_real": a, "ref_generated": b} for a, b in zip(real, gen)]
             atomic_write_json(path, {"shard": k, "seconds": time.perf_counter() - start, "rows": rows})
             if self.on_event:
@@ -250,13 +255,14 @@ class Run:
         gc.collect()  # the trainer, its optimizer and theta_t are gone before theta_{t+1} is loaded
         # end-of-iteration metrics: theta_{t+1} on the iteration's pairs, noise-free, against the stored reference
         model = self.load_model(t + 1)
-        metrics = self.pair_metrics(model, pairs, cfg.beta[t])
+        metrics = self.pair_metrics(model, pairs, cfg.spin.beta[t])
         if self.eval_set:
             metrics["eval_loss"] = self.eval_loss(model)
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         metrics.update({"loss": result.get("train_loss"), "steps": result.get("steps"),
-                        "seconds": result.get("seconds"), "beta": cfg.beta[t], "learning_rate": cfg.learning_rate[t],
-                        "num_train_epochs": cfg.num_train_epochs[t], "trained_on_iterations": self.sources(t)})
+                        "seconds": result.get("seconds"), "beta": cfg.spin.beta[t],
+                        "learning_rate": cfg.spin.learning_rate[t], "num_train_epochs": cfg.spin.num_train_epochs[t],
+                        "trained_on_iterations": self.sources(t)})
         return metrics
 
     def train_and_save(self, t: int, model, pairs: list[dict]) -> None:
@@ -268,15 +274,13 @@ class Run:
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
-        set_seed(cfg.seed)
-        if cfg.use_peft:
-            model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
-                              quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
+        set_seed(cfg.training.seed)
+        if cfg.lora.use_peft:
+            model = wrap_lora(model, cfg.lora, quantized=cfg.model.load_in_4bit,
+                              gradient_checkpointing=cfg.training.gradient_checkpointing)
         trainer = SPINTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
                               data_collator=self.collator, processing_class=self.tokenizer,
-                              neftune_alpha=cfg.neftune_noise_alpha,
-                              neftune_distribution=cfg.neftune_noise_distribution,
-                              beta=cfg.beta[t], loss_type=cfg.loss_type)
+                              neftune=cfg.neftune, beta=cfg.spin.beta[t], loss_type=cfg.spin.loss_type)
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         trainer.add_callback(checkpoint_callback(self.fingerprint))
         for cb in self.callbacks:
@@ -289,33 +293,34 @@ class Run:
             from tunesmith.models import load_model_and_tokenizer
 
             log.warning(f"spin: {ckpt}: training had reached its last step; saving the model from it")
-            trained, _ = load_model_and_tokenizer(str(ckpt), cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
+            m = cfg.model
+            trained, _ = load_model_and_tokenizer(str(ckpt), m.dtype, m.load_in_4bit, m.trust_remote_code)
             result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
         else:
             output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
             trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
             sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
         state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
-        if cfg.process_index == 0:
+        if cfg.training.process_index == 0:
             atomic_write_json(it / "train_result.json", result | {"seconds": time.perf_counter() - start})
             self.save_model(t, trained, state if sharded else None)
         _barrier(cfg)
 
     def pair_metrics(self, model, pairs: list[dict], beta: float) -> dict:
         cfg = self.cfg
-        mine = pairs[cfg.process_index::cfg.world_size]
-        real, gen = score_pairs(model, mine, self.collator, cfg.per_device_eval_batch_size, self.device)
+        mine = pairs[cfg.training.process_index::cfg.training.world_size]
+        real, gen = score_pairs(model, mine, self.collator, cfg.training.per_device_eval_batch_size, self.device)
         real, gen = torch.tensor(real, dtype=torch.float64), torch.tensor(gen, dtype=torch.float64)
         ref_r = torch.tensor([p["ref_real"] for p in mine], dtype=torch.float64)
         ref_g = torch.tensor([p["ref_generated"] for p in mine], dtype=torch.float64)
-        losses, t = spin_loss(real, gen, ref_r, ref_g, beta, cfg.loss_type)
+        losses, t = spin_loss(real, gen, ref_r, ref_g, beta, cfg.spin.loss_type)
         # a pair whose generated answer is token for token the real one has t = 0 and no gradient whatever the
         # weights: it counts as a miss in reward_accuracy, so the accuracy over the other pairs is reported too
         same = torch.tensor([p["real"]["input_ids"] == p["generated"]["input_ids"] for p in mine], dtype=torch.bool)
         sums = torch.stack([real.sum(), gen.sum(), ref_r.sum(), ref_g.sum(), t.sum(), (t > 0).double().sum(),
                             losses.sum(), torch.tensor(float(len(mine)), dtype=torch.float64),
                             same.double().sum()])
-        if cfg.world_size > 1:
+        if cfg.training.world_size > 1:
             sums = sums.to(self.device)
             torch.distributed.all_reduce(sums)
         s = sums.cpu().tolist()
@@ -328,8 +333,9 @@ class Run:
 
     def eval_loss(self, model) -> float:
         cfg = self.cfg
-        return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), cfg.per_device_eval_batch_size,
-                         self.device, cfg.process_index, cfg.world_size)["loss"]
+        args = cfg.training
+        return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), args.per_device_eval_batch_size,
+                         self.device, args.process_index, args.world_size)["loss"]
 
     def save_model(self, t: int, model, state_dict: dict | None = None) -> None:
         """Save theta_{t+1} to iteration-t/model (LoRA merged first), renamed into place when complete.
@@ -338,14 +344,14 @@ class Run:
         from tunesmith.models import load_model_and_tokenizer, save_model_dir
 
         cfg, it = self.cfg, self.iter_dir(t)
-        if cfg.use_peft and (cfg.load_in_4bit or state_dict is not None):  # merge into the base read from disk
+        if cfg.lora.use_peft and (cfg.model.load_in_4bit or state_dict is not None):  # merge into the base from disk
             adapter = it / "adapter"
             shutil.rmtree(adapter, ignore_errors=True)
             model.save_pretrained(adapter, safe_serialization=True, state_dict=state_dict)
             self.tokenizer.save_pretrained(adapter)
-            model, _ = load_model_and_tokenizer(str(adapter), cfg.dtype)
+            model, _ = load_model_and_tokenizer(str(adapter), cfg.model.dtype)
             model = model.merge_and_unload()
-        elif cfg.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
+        elif cfg.lora.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
             model = model.merge_and_unload()
 
         def extras(directory: Path) -> None:
@@ -353,13 +359,13 @@ class Run:
             save_yaml(cfg, directory / "tunesmith.yaml")
 
         save_model_dir(model, self.tokenizer, it / "model", write=extras,
-                       state_dict=state_dict if not cfg.use_peft else None)
+                       state_dict=state_dict if not cfg.lora.use_peft else None)
 
     # ---- driver
 
     def train(self) -> str:
         """Run or resume every iteration, holding the output directory's lock (rank 0) throughout."""
-        if self.cfg.process_index == 0:
+        if self.cfg.training.process_index == 0:
             self.lock = self._lock()  # one run at a time in a directory
         try:
             self.state = self._open_state()  # again, under the lock: the directory may have changed since
@@ -369,38 +375,38 @@ class Run:
 
     def _train(self) -> str:
         cfg = self.cfg
-        for t in range(cfg.num_iterations):
+        for t in range(cfg.spin.num_iterations):
             if all(self.done(t, s) for s in STAGES):
                 continue
             loaded = []  # theta_t, loaded once per iteration when a stage first needs it
             for stage in STAGES:
                 if self.done(t, stage):
                     continue
-                if cfg.process_index == 0:
+                if cfg.training.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage}")
                 if stage == "train":  # training takes theta_t over: no other reference to it stays alive
                     metrics = self.stage_train(t, lambda: loaded.pop() if loaded else self.load_model(t))
-                    if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
+                    if cfg.training.process_index == 0:  # checkpoints are no longer needed once the model is saved
                         for checkpoint in (self.iter_dir(t) / "trainer").glob("checkpoint-*"):
                             shutil.rmtree(checkpoint, ignore_errors=True)
                 else:
-                    if stage == "generate" and cfg.generation_backend == "vllm":
+                    if stage == "generate" and cfg.spin.generation_backend == "vllm":
                         metrics = self.stage_generate(t, None)  # vLLM loads theta_t itself
                     else:
                         if not loaded:
                             loaded.append(self.load_model(t))
                         metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
-                if cfg.process_index == 0:
+                if cfg.training.process_index == 0:
                     log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
                         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        if cfg.process_index == 0:
+        if cfg.training.process_index == 0:
             self.write_summary()
         _barrier(cfg)
-        return str(self.iter_dir(cfg.num_iterations - 1) / "model")
+        return str(self.iter_dir(cfg.spin.num_iterations - 1) / "model")
 
     def write_summary(self) -> None:
-        write_summary(self.out, self.state, self.cfg.num_iterations)
+        write_summary(self.out, self.state, self.cfg.spin.num_iterations)
 
 
 def train(config, callbacks=(), on_event=None) -> str:
@@ -421,7 +427,7 @@ def cli(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     final = train(cfg)
-    if cfg.process_index == 0:
-        print((Path(cfg.output_dir) / "summary.md").read_text(encoding="utf-8"), end="")
+    if cfg.training.process_index == 0:
+        print((Path(cfg.training.output_dir) / "summary.md").read_text(encoding="utf-8"), end="")
         print(f"final model: {final}")
     return 0
