@@ -8,16 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import write_jsonl
-
 from transformers import TrainingArguments
 
 from tunesmith.data.formats import Example, Turn
 from tunesmith.data.load import Record
-from tunesmith.data.preference import (Pair, detect_preference_format, encode_pairs, prepare_pairs, to_pair)
+from tunesmith.data.preference import (
+    Pair,
+    detect_preference_format,
+    encode_pairs,
+    prepare_pairs,
+    to_pair,
+)
 from tunesmith.data.templates import get_template
 from tunesmith.errors import UserError
 from tunesmith.preference.loss import LossSettings, PairLogps, preference_loss
-from tunesmith.preference.pairs import PairCollator, pair_logps, score_pairs
+from tunesmith.preference.pairs import PairCollator, score_pairs
 from tunesmith.preference.trainer import PreferenceTrainer
 
 ANSWERS = [(" the answer is blue blue", " no"), (" it was red", " it was a big green dog that sat on the mat"),

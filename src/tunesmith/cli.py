@@ -14,6 +14,7 @@ COMMANDS = {
     "audit": ("tunesmith.recipes.sft.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
+    "dpo": ("tunesmith.recipes.dpo.run", "preference training on your pairs: DPO, hinge, IPO, DPO-Positive, SimPO, ORPO"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
     "classify": ("tunesmith.recipes.classify.run",
                  "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),

@@ -274,6 +274,17 @@ def wrap_lora(model, lora, task_type: str = "CAUSAL_LM", quantized: bool = False
         raise UserError(f"lora_target_modules {lora.lora_target_modules}: {first_line(e)}") from None
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout of ``model`` off (dropout modules, LoRA's included, and attention dropout rates), as the
+    preference trainers of the SPIN and DPO authors and TRL do: the policy pass is then scored as the reference was."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def is_adapter_dir(path: str) -> bool:
     """Whether ``path`` is a LoRA adapter directory (``tunesmith sft use_peft: true`` saves one) rather than a model."""
     return (Path(path) / "adapter_config.json").is_file()
@@ -302,7 +313,9 @@ def load_for_training(cfg, path: str | None = None, revision: str | None = None)
                 f"{path}: a LoRA adapter; training it further (its own rank and target modules; lora_* keys do not "
                 "apply)")
             return model
-        return model.merge_and_unload()
+        model = model.merge_and_unload()
+        model.requires_grad_(True)  # PEFT froze the base; full fine-tuning trains every weight
+        return model
     model, _ = load_model_and_tokenizer(path, m.dtype, m.load_in_4bit, m.trust_remote_code, **options)
     if lora.use_peft:
         model = wrap_lora(model, lora, quantized=m.load_in_4bit, gradient_checkpointing=checkpointing)

@@ -19,6 +19,8 @@ class DPOArgs:
     label_smoothing: float = field(0.0, LOSS_HELP["label_smoothing"])
     dpop_lambda: float = field(50.0, LOSS_HELP["dpop_lambda"])
     simpo_gamma: float = field(0.5, LOSS_HELP["simpo_gamma"])
+    disable_dropout: bool = field(True, "Turn the model's dropout off (LoRA's too) in training, as TRL's DPO does: the "
+                                        "policy is then scored as its reference was.")
     shard_size: int = field(1024, "Pairs per shard of reference log-probs on disk (a killed run keeps the shards "
                                   "written).")
 

@@ -31,7 +31,11 @@ log = logging.getLogger("tunesmith")
 def choose_template(cfg: DPOConfig, tokenizer):
     """``template`` if set; else the one the model was saved with; else chat when the tokenizer has a chat template,
     else alpaca."""
-    from tunesmith.data.templates import TEMPLATE_FILE, get_template, load_saved_template
+    from tunesmith.data.templates import (
+        TEMPLATE_FILE,
+        get_template,
+        load_saved_template,
+    )
 
     if cfg.data.template:
         return get_template(cfg.data.template, tokenizer)
@@ -151,8 +155,14 @@ def train(config, callbacks: list | None = None) -> str:
     from transformers import set_seed
 
     from tunesmith.callbacks import JsonlMetrics
-    from tunesmith.models import check_weights, ensure_pad_token, load_for_training, load_model_and_tokenizer, \
-        load_tokenizer
+    from tunesmith.models import (
+        check_weights,
+        disable_dropout,
+        ensure_pad_token,
+        load_for_training,
+        load_model_and_tokenizer,
+        load_tokenizer,
+    )
     from tunesmith.preference.config import loss_settings
     from tunesmith.preference.pairs import PairCollator
     from tunesmith.preference.trainer import PreferenceTrainer
@@ -181,6 +191,8 @@ def train(config, callbacks: list | None = None) -> str:
                                                 attn_implementation=m.attn_implementation)
         else:
             model = load_for_training(cfg)
+            if cfg.dpo.disable_dropout:
+                disable_dropout(model)
         sets = {key: data[key] for key in ("train", "eval") if key in data}
         if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
             if run.stage("reference") is None and not m.load_in_4bit:
