@@ -18,6 +18,7 @@ CUSTOM = [
     "{prompt}{response}",
     "<<{prompt}>> it's \"quoted\" \\ back\\slash {{braces}} {% raw %} é ✓\t=> {response}",
     "User said:\n\n{prompt}\n\nAssistant:\n\n{response}",
+    "Task: {prompt}\nContext: {input}\nAnswer: {response}",
 ]
 TEMPLATES = ["alpaca", "instruction_response", "qa", "chat"] + CUSTOM
 

@@ -23,11 +23,7 @@ whitespace options runtimes apply (``trim_blocks``, ``lstrip_blocks``) cannot ch
 """
 from __future__ import annotations
 
-import re
-
 from tunesmith.data.templates import FormatTemplate, Template
-
-_MARKER = re.compile(r"\{(prompt|input)\}")
 
 
 def _literal(text: str) -> str:
@@ -37,49 +33,45 @@ def _literal(text: str) -> str:
     return f"'{escaped}'"
 
 
-def _expr(text: str) -> str:
-    """``text`` (with {prompt} / {input} markers) as a Jinja expression over the variables ``prompt`` and ``input``."""
-    parts, pos = [], 0
-    for m in _MARKER.finditer(text):
-        if m.start() > pos:
-            parts.append(_literal(text[pos:m.start()]))
-        parts.append(m.group(1))
-        pos = m.end()
-    if pos < len(text):
-        parts.append(_literal(text[pos:]))
-    return " ~ ".join(parts) or "''"
+def _concat(*parts: str) -> str:
+    """A Jinja expression joining literal texts and variable names (``("lit", text)`` or ``("var", name)``)."""
+    return " ~ ".join(_literal(value) if kind == "lit" else value for kind, value in parts if kind == "var" or value)
 
 
-def _pieces(fmt: str) -> tuple[str, str, str]:
-    """(user part, answer lead-in, generation prompt) of a format string: the user part ends with its last prompt or
-    input marker; the lead-in runs from there to ``{response}``; the generation prompt is the lead-in without one
-    trailing space (it belongs to the answer)."""
-    end = fmt.index("{response}")
-    last = max(m.end() for m in _MARKER.finditer(fmt[:end]))
-    user, lead = fmt[:last], fmt[last:end]
-    head = FormatTemplate._split(fmt)
-    return user, lead, head[last:]
+CONTENT = "message['content']"
+
+
+def _gen(middle: str) -> str:
+    """The generation prompt's end: the answer's lead-in without the single trailing space the answer owns."""
+    return middle[:-1] if middle.endswith(" ") else middle
 
 
 def jinja_template(template: Template, tokenizer) -> str | None:
-    """The chat template that renders ``template`` (None for ``chat``: the tokenizer's own template is kept)."""
+    """The chat template that renders ``template`` (None for ``chat``: the tokenizer's own template is kept).
+
+    Built from the template's split layout (``prefix``, ``middle``, ``suffix``, ``with_input``): a user turn renders
+    ``prefix + prompt`` (``prefix + prompt + before_input + input`` with an input), an assistant turn
+    ``middle + content + suffix + EOS`` (``after_input`` in place of ``middle`` after an input)."""
     from tunesmith.data.tokenize import adds_bos
 
     if not isinstance(template, FormatTemplate):
         return None
-    user, lead, gen = _pieces(template.fmt)
     eos = " ~ eos_token" if template.appends_eos else ""
-    if template.fmt_with_input:
-        user_in, lead_in, gen_in = _pieces(template.fmt_with_input)
-        with_input = (f"{{%- set ns.lead = {_literal(lead_in)} -%}}{{%- set ns.gen = {_literal(gen_in)} -%}}"
-                      f"{{{{- {_expr(user_in)} -}}}}")
-    else:  # the input goes below the prompt, separated by a blank line
-        with_input = f"{{%- set prompt = prompt ~ '\\n\\n' ~ input -%}}{{{{- {_expr(user)} -}}}}"
+    plain = (f"{{%- set ns.lead = {_literal(template.middle)} -%}}{{%- set ns.gen = {_literal(_gen(template.middle))} "
+             f"-%}}{{{{- {_concat(('lit', template.prefix), ('var', 'prompt'))} -}}}}")
+    if template.with_input is not None:
+        prefix, before_input, after_input, _ = template.with_input
+        with_input = (f"{{%- set ns.lead = {_literal(after_input)} -%}}{{%- set ns.gen = {_literal(_gen(after_input))} "
+                      f"-%}}{{{{- {_concat(('lit', prefix), ('var', 'prompt'), ('lit', before_input), ('var', 'input'))}"
+                      " -}}")
+    else:  # no place for an input: it follows the instruction after a blank line
+        with_input = "{%- set prompt = prompt ~ '\\n\\n' ~ input -%}" + plain
     lines = [
-        f"{{#- tunesmith prompt format: {template.spec()!r} (rendered as in training; see tunesmith docs/serve.md) -#}}",
+        f"{{#- tunesmith prompt format: {template.spec()!r}, rendered as in training (docs/serve.md) -#}}",
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
         "{%- set convo = messages[1:] -%}{%- else -%}{%- set system = '' -%}{%- set convo = messages -%}{%- endif -%}",
-        f"{{%- set ns = namespace(lead={_literal(lead)}, gen={_literal(gen)}, first=true) -%}}",
+        f"{{%- set ns = namespace(lead={_literal(template.middle)}, gen={_literal(_gen(template.middle))}, "
+        "first=true) -%}",
         "{{- bos_token -}}" if adds_bos(tokenizer) else "",
         "{%- for message in convo -%}",
         "{%- if message['role'] == 'user' -%}",
@@ -90,10 +82,10 @@ def jinja_template(template: Template, tokenizer) -> str | None:
         "{%- set ns.first = false -%}",
         "{%- endif -%}",
         f"{{%- if input -%}}{with_input}",
-        f"{{%- else -%}}{{%- set ns.lead = {_literal(lead)} -%}}{{%- set ns.gen = {_literal(gen)} -%}}"
-        f"{{{{- {_expr(user)} -}}}}",
+        f"{{%- else -%}}{plain}",
         "{%- endif -%}",
-        f"{{%- elif message['role'] == 'assistant' -%}}{{{{- ns.lead ~ message['content']{eos} -}}}}",
+        f"{{%- elif message['role'] == 'assistant' -%}}"
+        f"{{{{- {_concat(('var', 'ns.lead'), ('var', CONTENT), ('lit', template.suffix))}{eos} -}}}}",
         "{%- else -%}{{- raise_exception('this prompt format has roles system (first), user and assistant; got ' "
         "~ message['role']) -}}",
         "{%- endif -%}",
