@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, free_port, write_jsonl
 from transformers import TrainerCallback
 
 from tunesmith.errors import UserError
@@ -175,39 +175,6 @@ def test_qlora_run(tiny_model_dir, data_file, tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "tunesmith.yaml").exists()
 
 
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    """A LoRA SFT output: an adapter directory (the natural start for preference training)."""
-    from conftest import alpaca_rows, sft_config
-
-    from tunesmith.recipes.sft.run import train as sft_train
-
-    d = tmp_path_factory.mktemp("sft-lora")
-    data = write_jsonl(d / "sft.jsonl", alpaca_rows(8))
-    out = d / "run"
-    sft_train(sft_config(tiny_model_dir, data, out, use_peft=True, lora_r=4, lora_alpha=8, template="qa",
-                         learning_rate=1e-2, train_loss_eval_samples=0))
-    assert (out / "adapter_config.json").exists()
-    return str(out)
-
-
-@pytest.mark.parametrize("use_peft", [True, False])
-def test_an_adapter_directory_is_a_starting_model(sft_adapter, data_file, tmp_path, use_peft):
-    """Issue 23.2: LoRA training continues the SFT adapter; full training merges it into its base first. Either way
-    the reference is the SFT model (base + adapter), so the first margin is 0."""
-    out = tmp_path / "run"
-    dpo.train(dpo_config(sft_adapter, data_file, out, use_peft=use_peft, template=None, num_train_epochs=1))
-    logs = [e for e in metrics(out) if "rewards/margin" in e]
-    assert logs[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
-    if use_peft:
-        adapter = json.loads((out / "adapter_config.json").read_text())
-        sft = json.loads((Path(sft_adapter) / "adapter_config.json").read_text())
-        assert adapter["r"] == sft["r"] == 4 and adapter["base_model_name_or_path"] == sft["base_model_name_or_path"]
-    else:
-        assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
-    assert json.loads((out / "tunesmith_template.json").read_text())["template"] == "qa"  # the SFT model's
-
-
 @pytest.mark.parametrize("over, message", [
     ({"loss_type": "kto"}, "'loss_type' must be one of"),
     ({"beta": 0}, "'beta' must be a finite number > 0"),
@@ -233,14 +200,6 @@ def test_cli_bad_data_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert f"{data}:3: field 'rejected' is missing" in err
     assert not (tmp_path / "run").exists()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

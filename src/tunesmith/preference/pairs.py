@@ -127,6 +127,18 @@ def read_shards(directory: Path, n_shards: int):
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
+def shard_seconds(directory: Path, n: int) -> float:
+    """The seconds the ``n`` shards of ``directory`` took to write (each shard's ``seconds`` column holds its own)."""
+    import pyarrow as pa
+
+    total = 0.0
+    for k in range(n):
+        with pa.memory_map(str(shard_path(directory, k))) as source:
+            batch = pa.ipc.open_stream(source).read_next_batch()
+            total += float(batch.column("seconds")[0].as_py()) if batch.num_rows else 0.0
+    return total
+
+
 def n_shards(n: int, shard_size: int) -> int:
     return -(-n // shard_size)
 

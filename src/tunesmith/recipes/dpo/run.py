@@ -129,14 +129,13 @@ def write_model_card(cfg: DPOConfig, out: Path, metrics: dict, template) -> None
 
 def save(cfg: DPOConfig, trainer, tokenizer, template, metrics: dict) -> None:
     """Model (adapter under LoRA), tokenizer, template, model card, then ``tunesmith.yaml`` (the finished mark)."""
-    from tunesmith.data.templates import save_template
     from tunesmith.models import gathered_state_dict, save_model_dir
     from tunesmith.rundir import barrier
 
     out = Path(cfg.training.output_dir)
     state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
     if trainer.is_world_process_zero():
-        save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d), state_dict=state)
+        save_model_dir(trainer.model, tokenizer, out, template=template, state_dict=state)
         write_model_card(cfg, out, metrics, template)
         save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
     barrier()
