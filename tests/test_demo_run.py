@@ -25,11 +25,11 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     assert state["complete"] is True
     assert set(state["per_variant"]) == {"sft", "neftune", "spin1"}
     # SPIN ran with the demo's recipe and the authors' sampling, and its diagnostics are in the report
-    spin_state = json.loads((out / "runs/spin-seed0/spin_state.json").read_text())
+    spin_state = json.loads((out / "runs/spin-seed0/tunesmith_run.json").read_text())
     cfg = DemoConfig()
     assert {k: spin_state["config"][k] for k in ("learning_rate", "beta", "num_train_epochs")} == {
         "learning_rate": [cfg.spin_learning_rate], "beta": [cfg.spin_beta], "num_train_epochs": [cfg.spin_epochs]}
-    gen = spin_state["iterations"]["0"]["generate"]
+    gen = spin_state["stages"]["finished"]["iteration-0/generate"]
     assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.8, 0.95)
     summary = json.loads((out / "runs/spin-seed0/summary.json").read_text())[0]
     for name in ("sft-seed0", "neftune-seed0"):

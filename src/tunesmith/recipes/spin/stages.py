@@ -21,7 +21,7 @@ from tunesmith.config import save_yaml
 from tunesmith.io import atomic_write_json
 from tunesmith.preference.loss import PairLogps, preference_loss
 from tunesmith.preference.pairs import n_shards, score_reference, shard_seconds
-from tunesmith.recipes.spin.data import generate_shards, read_generations
+from tunesmith.recipes.spin.data import generate_shards, generation_metrics, read_generations
 
 log = logging.getLogger("tunesmith")
 
@@ -37,11 +37,8 @@ def generate(run, t: int, model) -> dict:
 
     barrier()
     gens = read_generations(directory, len(run.prompts), cfg.spin.shard_size)
-    lengths = np.array([len(x) for x in gens["ids"]])
-    same = sum(int(a == b) for a, b in zip(gens["ids"], run.prompts["real_ids"]))
     spin = cfg.spin
-    return {"prompts": len(gens), "truncated": int(np.sum(gens["truncated"])), "identical": same / len(gens),
-            "mean_generated_tokens": float(lengths.mean()),
+    return {**generation_metrics(run.prompts, gens),
             "seconds": shard_seconds(directory, n_shards(len(gens), spin.shard_size)),
             "max_new_tokens": spin.max_new_tokens, "do_sample": spin.do_sample, "temperature": spin.temperature,
             "top_p": spin.top_p, "repetition_penalty": spin.repetition_penalty, "seed": cfg.training.seed,
@@ -63,8 +60,8 @@ def reference(run, t: int, model) -> dict:
 
     barrier()
     scored = run.pairs(t, with_reference=True)
-    return {"pairs": len(scored), "ref_real": float(np.mean(scored["ref_chosen"])),
-            "ref_generated": float(np.mean(scored["ref_rejected"])),
+    return {"pairs": len(scored), "ref_real": float(np.mean(scored.data.column("ref_chosen"))),
+            "ref_generated": float(np.mean(scored.data.column("ref_rejected"))),
             "seconds": shard_seconds(directory, n_shards(len(scored), cfg.spin.shard_size))}
 
 
