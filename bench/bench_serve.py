@@ -11,7 +11,7 @@ percentiles. The sequential loop is the same requests answered one at a time in-
 Peers: ``transformers serve MODEL`` (transformers' own OpenAI-compatible server, offline on a local directory) with
 its default decoding and with ``--continuous-batching``, where they start.
 
-    python bench/bench_serve.py                 # ~5 min on 2 cores
+    python bench/bench_serve.py                 # ~7 min on 2 busy cores
     python bench/bench_serve.py --quick         # smoke check, < 1 min (figures meaningless)
 
 Targets (issue 21): at 16 clients, >= 4x the sequential loop's tokens/s and >= the peer's.
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--new", type=int, default=64, help="max_tokens per request")
-    ap.add_argument("--per-client", type=int, default=4, help="requests each client sends")
+    ap.add_argument("--per-client", type=int, default=2, help="requests each client sends")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     ap.add_argument("--quick", action="store_true", help="tiny model, few requests: a smoke check")
