@@ -307,7 +307,7 @@ class DataArgs:
     dataset_format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
     template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
-                                        "and {response}.")
+                                        "once, then {response} once, last.")
     chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
                                          "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
