@@ -94,3 +94,18 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["selftest", "--device", "cuda", "--output", str(tmp_path / "o")]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_mfu_inputs():
+    from tunesmith.selftest.measure import flops_per_token, peak_tflops
+    from tunesmith.selftest.workspace import GPU, build_model
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some Future GPU") is None
+    # 6 FLOPs per parameter and token plus attention's 12 * layers * width * sequence (PaLM's count)
+    assert flops_per_token(1_000, 2, 8, 16) == 6_000 + 12 * 2 * 8 * 16
+    # the GPU form's SFT model is Llama 3.2 1B's shape: 1.236B parameters (counted on the meta device)
+    model = build_model(None, GPU.sft, "bfloat16", "meta")
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+    assert model.config.vocab_size == 128256 and model.config.tie_word_embeddings

@@ -167,7 +167,7 @@ def _sft_data(ctx: Context) -> tuple[str, list[dict]]:
     return ctx.once("sft_data", make)
 
 
-def _throughput(r: Record, who: str, timer, steps: int, warmup: int, params: int, arch, seq: int, peak) -> float:
+def _throughput(r: Record, who: str, timer, warmup: int, params: int, arch, seq: int, peak) -> float:
     step = timer.median_step(warmup)
     tokens_per_step = timer.tokens / max(len(timer.seconds), 1)
     tps = tokens_per_step / step
@@ -208,7 +208,7 @@ def sft_vs_trl(ctx: Context, r: Record) -> None:
         train(build_config(SFTConfig, values, "selftest"), callbacks=[timer])
     shutil.rmtree(out, ignore_errors=True)
     ctx.shared["sft_values"], ctx.shared["sft_peak"] = values, mem.bytes
-    ours = _throughput(r, "tunesmith", timer, s.sft_steps, s.sft_warmup, params, s.sft, s.sft_seq, peak)
+    ours = _throughput(r, "tunesmith", timer, s.sft_warmup, params, s.sft, s.sft_seq, peak)
     if mem.bytes:
         f["tunesmith_peak_gib"] = _gib(mem.bytes)
     f["tunesmith_loss"] = f"{timer.losses[0]:.3f} -> {timer.losses[-1]:.3f}" if timer.losses else "none logged"
@@ -255,7 +255,7 @@ def _run_trl(ctx: Context, model_dir: str, rows: list[dict], values: dict, param
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, ctx.dtype))
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[timer])
         trainer.train()
-    step = _throughput(r, "trl", timer, s.sft_steps, s.sft_warmup, params, s.sft, s.sft_seq, peak)
+    step = _throughput(r, "trl", timer, s.sft_warmup, params, s.sft, s.sft_seq, peak)
     del trainer, model
     shutil.rmtree(ctx.work / "trl-out", ignore_errors=True)
     return step, mem.bytes, timer
@@ -289,6 +289,8 @@ def packed_equals_unpacked(ctx: Context, r: Record, attn: str = "sdpa", padding_
     from tunesmith.models import load_model_and_tokenizer
     from tunesmith.scoring import token_logprobs
 
+    if attn.startswith("flash") and ctx.dtype == "float32":
+        r.skip("flash-attn needs 16-bit weights and this GPU has no bfloat16")
     s = ctx.sizes
     model, tok = load_model_and_tokenizer(small_model(ctx), ctx.dtype, attn_implementation=attn)
     model = model.to(ctx.device).eval()
