@@ -115,7 +115,7 @@ def cmd_download(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pip("wheel", "--no-deps", "--wheel-dir", str(dest), str(ROOT))
-        ours = sorted(dest.glob("tunesmith-*.whl"), key=lambda p: p.stat().st_mtime)[-1]
+        ours = max(dest.glob("tunesmith-*.whl"), key=lambda p: p.stat().st_mtime)
         have = read_pins(Path(args.have)) if args.have else None
         pins = read_pins(ROOT / "constraints.txt") if (ROOT / "constraints.txt").exists() else {}
         pins.update(have or {})  # the box's own versions win

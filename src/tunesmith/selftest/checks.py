@@ -610,7 +610,7 @@ def accelerate_launch(ctx: Context, r: Record, config: str = "ddp") -> None:
     f["processes"] = processes
     f["command"] = " ".join(["accelerate", "launch"] + cmd[3:]).replace(str(config_path), "SFT.yaml").replace(
         str(d.parent.parent) + os.sep, "")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300 if ctx.cuda else 180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300 if ctx.cuda else 180, check=False)
     with open(ctx.log_path, "a", encoding="utf-8") as log:
         log.write(f"--- {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
     if proc.returncode != 0:
@@ -660,7 +660,7 @@ def spin_iteration(ctx: Context, r: Record) -> None:
     f = r.figures
     tokens = gen["prompts"] * gen["mean_generated_tokens"]
     spin_tps = tokens / gen["seconds"]
-    f["prompts"], f["generated_tokens"] = gen["prompts"], int(round(tokens))
+    f["prompts"], f["generated_tokens"] = gen["prompts"], round(tokens)
     f["spin_generate_tokens_per_s"] = _round(spin_tps)
     f["reference_s"], f["train_loss"] = _round(ref["seconds"], 3), tr.get("loss")
     f["reward_accuracy"] = tr.get("reward_accuracy")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
 

@@ -11,16 +11,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import logging
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tunesmith.config import _f
 from tunesmith.errors import UserError, first_line
@@ -328,4 +327,4 @@ def cli(argv: list[str]) -> int:
     return run_selftest(args)
 
 
-__all__ = ["Context", "Record", "SelftestArgs", "Spec", "run_selftest", "cli", "PASS", "FAIL", "SKIP"]
+__all__ = ["FAIL", "PASS", "SKIP", "Context", "Record", "SelftestArgs", "Spec", "cli", "run_selftest"]

@@ -8,8 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-_SYLLABLES = ("ba ce di fo gu ha je ki lo mu na pe qui ro su ta ve wi xo yu za bre cla dro fle gri plo "
-              "sta tri vo", "n r s t l m k")
+SYLLABLES = "ba ce di fo gu ha je ki lo mu na pe qui ro su ta ve wi xo yu za bre cla dro fle gri plo sta tri vo".split()
+ENDINGS = "n r s t l m k".split() + [""] * 4
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,9 @@ QUICK = Sizes(sft=Arch(64, 128, 2, 4, 2, 2560, 512), sft_seq=128, sft_batch=2, s
 
 def words(rng: random.Random, n: int) -> str:
     """``n`` made-up words (two or three syllables each), as sentences."""
-    syllables, endings = _SYLLABLES[0].split(), _SYLLABLES[1].split()
     out = []
     for i in range(n):
-        w = "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) + rng.choice(endings + [""] * 4)
+        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) + rng.choice(ENDINGS)
         out.append(w.capitalize() if i % 9 == 0 else w)
     return " ".join(out) + "."
 
