@@ -733,5 +733,7 @@ CHECKS = [
     Spec("8", "accelerate_fsdp2", partial(accelerate_launch, config="fsdp2"), cuda_only=True,
          cpu_reason="accelerate runs FSDP on GPUs only (it refuses FSDP on a CPU)"),
     Spec("8", "accelerate_ddp", partial(accelerate_launch, config="ddp")),
+    Spec("8", "accelerate_zero3", partial(accelerate_launch, config="zero3"), requires=("deepspeed",),
+         cuda_only=True, cpu_reason="DeepSpeed ZeRO-3 runs on GPUs only"),
     Spec("9", "spin_iteration", spin_iteration),
 ]
