@@ -316,7 +316,7 @@ class DataArgs:
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
     template: str | None = _f("auto", "auto (the tokenizer's chat template for chat data when it has one, else "
                                       "alpaca), alpaca, instruction_response, qa, chat, or a format string with "
-                                      "{prompt} and {response}.")
+                                      "{prompt} once, then {response} once, last.")
     chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
                                          "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")

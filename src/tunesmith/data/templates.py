@@ -3,9 +3,11 @@
 Named templates: ``alpaca`` (with and without input), ``instruction_response``
 (``### Instruction: {prompt}\\n\\n### Response: {response}``), ``qa``
 (``Please answer the following question. Q: {prompt} A: {response}``), and ``chat`` (the tokenizer's own chat
-template). A custom format string with ``{prompt}`` and ``{response}`` markers is accepted too. ``auto`` is resolved
-against the data (:func:`resolve_template`): ``chat`` for conversational data when the tokenizer has a chat
-template, ``alpaca`` otherwise; what is saved with a model is the resolved template, never ``auto``.
+template). A custom format string with ``{prompt}`` once, then ``{response}`` once (and optionally ``{input}``
+between them) is accepted too; it is split once at those markers and the user's text is inserted between the pieces,
+never substituted into (a prompt or input holding ``{response}`` is kept as written). Other braces are plain text.
+``auto`` is resolved against the data (:func:`resolve_template`): ``chat`` for conversational data when the tokenizer
+has a chat template, ``alpaca`` otherwise; what is saved with a model is the resolved template, never ``auto``.
 
 The same template renders training examples and generation prompts, and it is saved beside a trained model
 (``tunesmith_template.json``) so generation, evaluation and SPIN use exactly what training used.
@@ -13,6 +15,7 @@ The same template renders training examples and generation prompts, and it is sa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tunesmith.data.formats import Example
@@ -52,24 +55,46 @@ class Template:
         return self.name
 
 
+_MARKER = re.compile(r"\{(prompt|input|response)\}")
+
+
+def split_format(name: str, fmt: str) -> tuple[str, ...]:
+    """Split a format string once at its markers: ``(prefix, middle, suffix)`` around ``{prompt}`` and
+    ``{response}``, or ``(prefix, before_input, after_input, suffix)`` when ``{input}`` sits between them. Any other
+    arrangement is a one-line error. Everything else in the string (literal braces too) is text, kept as written."""
+    pieces = _MARKER.split(fmt)
+    markers, literals = pieces[1::2], tuple(pieces[0::2])
+    if "response" not in markers:
+        raise UserError(f"template {name!r}: the response marker '{{response}}' is absent")
+    if "prompt" not in markers:
+        raise UserError(f"template {name!r}: the prompt marker '{{prompt}}' is absent")
+    if markers not in (["prompt", "response"], ["prompt", "input", "response"]):
+        raise UserError(f"template {name!r}: a template must contain {{prompt}} once, then {{response}} once, in "
+                        f"that order ({{input}} at most once, between them); it has {', '.join(markers)}")
+    if literals[-1].strip():
+        raise UserError(f"template {name!r}: '{{response}}' must come last")
+    return literals[:-1] + ("",)  # whitespace after {response} is dropped: the response ends the text
+
+
 class FormatTemplate(Template):
-    """A format string with {prompt} and {response} (and optionally {input}); multi-turn repeats it per turn."""
+    """A format string with {prompt} and {response} (and optionally {input}); multi-turn repeats it per turn.
+
+    The string is split once (:func:`split_format`) and the user's text is inserted between the pieces, so text that
+    itself contains ``{prompt}`` or ``{response}`` (code, templates) is never rewritten. A turn renders as
+    ``prefix + prompt + middle + response + suffix``; ``with_input`` holds alpaca's ``(prefix, before_input,
+    after_input, suffix)`` used when an example has an input. A single trailing space of ``middle`` belongs to the
+    response ("A: yes" -> prompt "... A:", response " yes"), so a generation prompt ends on a word."""
 
     def __init__(self, name: str, fmt: str, fmt_with_input: str | None = None):
-        if "{response}" not in fmt:
-            raise UserError(f"template {name!r}: the response marker '{{response}}' is absent")
-        if "{prompt}" not in fmt:
-            raise UserError(f"template {name!r}: the prompt marker '{{prompt}}' is absent")
-        if not fmt.rstrip().endswith("{response}"):
-            raise UserError(f"template {name!r}: '{{response}}' must come last")
         self.name, self.fmt, self.fmt_with_input = name, fmt, fmt_with_input
-
-    @staticmethod
-    def _split(fmt: str) -> str:
-        head = fmt[: fmt.index("{response}")]
-        # A single trailing space belongs to the response ("A: yes" -> prompt "A:", response " yes"), so the
-        # generation prompt ends on a word and the model emits the natural " word" tokens.
-        return head[:-1] if head.endswith(" ") else head
+        layout = split_format(name, fmt)
+        self.has_input_marker = len(layout) == 4
+        # Without an input, an {input} marker renders as nothing: its two sides join into one middle.
+        self.prefix, self.middle, self.suffix = layout[0], "".join(layout[1:-1]), layout[-1]
+        self.with_input = split_format(name, fmt_with_input) if fmt_with_input else (layout if len(layout) == 4
+                                                                                     else None)
+        if self.with_input is not None and len(self.with_input) != 4:
+            raise UserError(f"template {name!r}: the with-input format has no {{input}} marker")
 
     def segments(self, example: Example) -> Segments:
         out: Segments = []
@@ -77,15 +102,17 @@ class FormatTemplate(Template):
             prompt = turn.prompt
             if i == 0 and example.system:
                 prompt = f"{example.system}\n\n{prompt}"
-            use_input = i == 0 and example.input
-            if use_input and self.fmt_with_input is None:
-                prompt = f"{prompt}\n\n{example.input}"
-            fmt = self.fmt_with_input if use_input and self.fmt_with_input else self.fmt
-            head = self._split(fmt)
-            spacer = fmt[len(head): fmt.index("{response}")]
-            out.append((head.replace("{input}", example.input or "").replace("{prompt}", prompt), False))
+            if i == 0 and example.input and self.with_input is not None:
+                prefix, before_input, after_input, _ = self.with_input
+                head, middle = prefix + prompt + before_input + example.input, after_input
+            else:
+                if i == 0 and example.input:  # no place for an input: it follows the instruction
+                    prompt = f"{prompt}\n\n{example.input}"
+                head, middle = self.prefix + prompt, self.middle
+            spacer = " " if middle.endswith(" ") else ""
+            out.append((head + middle[: len(middle) - len(spacer)], False))
             if turn.response is not None:
-                out.append((spacer + turn.response, True))
+                out.append((spacer + turn.response + self.suffix, True))
         return out
 
     def spec(self) -> str:
