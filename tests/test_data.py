@@ -6,7 +6,8 @@ import pytest
 from conftest import write_jsonl
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.formats import Example, Turn, to_examples
-from tunesmith.data.load import Record, load_records
+from tunesmith.data.load import Record
+from tunesmith.data.source import read_records
 from tunesmith.data.prepare import tokenize_examples
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
@@ -157,10 +158,10 @@ def test_loaders_agree_across_file_types(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     for suffix in ("jsonl", "json", "csv", "parquet"):
-        recs = load_records(tmp_path / f"d.{suffix}")
+        recs = read_records(tmp_path / f"d.{suffix}")
         assert [r.data for r in recs] == rows, suffix
-    assert load_records(tmp_path / "d.csv")[1].loc.endswith("d.csv:3")
-    assert load_records(tmp_path / "d.jsonl")[1].loc.endswith("d.jsonl:2")
+    assert read_records(tmp_path / "d.csv")[1].loc.endswith("d.csv:3")
+    assert read_records(tmp_path / "d.jsonl")[1].loc.endswith("d.jsonl:2")
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -177,7 +178,7 @@ def test_bad_data_names_file_line_and_field(tmp_path, content, expected):
     p = tmp_path / "d.jsonl"
     p.write_bytes(content)
     with pytest.raises(UserError, match=expected):
-        to_examples(load_records(p))
+        to_examples(read_records(p))
 
 
 def test_bad_template_and_format_names():

@@ -321,6 +321,21 @@ def template_for(name: str, tokenizer, sources: list[DataSource]):
     return template
 
 
+def model_template(name: str, model_dir: str, tokenizer, sources: list[DataSource]):
+    """The template of a command that runs a trained model (generate, eval): ``name`` when given (``auto`` resolved
+    against ``sources``), else the template saved with the model, else ``auto`` (a model not trained by tunesmith)."""
+    from tunesmith.data.templates import TEMPLATE_FILE, load_saved_template
+
+    if name:
+        return template_for(name, tokenizer, sources)
+    if (Path(model_dir) / TEMPLATE_FILE).exists():
+        return load_saved_template(model_dir, tokenizer)
+    template = template_for("auto", tokenizer, sources)
+    log.warning(f"note: {model_dir} has no {TEMPLATE_FILE} (not trained by tunesmith): template auto gives "
+                f"{template.spec()}; set template to choose another")
+    return template
+
+
 # ------------------------------------------------------------------------------------------------ several sources
 
 
