@@ -15,6 +15,8 @@ COMMANDS = {
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
+    "chat": ("tunesmith.serve.chat", "talk to a model in the terminal (streamed, its training prompt template)"),
+    "serve": ("tunesmith.serve.run", "OpenAI-compatible API + web page (chat, blind side-by-side) for trained models"),
     "classify": ("tunesmith.recipes.classify.run",
                  "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
     "predict": ("tunesmith.recipes.classify.predict", "label sentences or a data file with a trained classifier"),
