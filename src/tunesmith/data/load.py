@@ -1,5 +1,6 @@
-"""Load records from local JSON / JSONL / CSV / Parquet files or a Hugging Face dataset, keeping each record's
-location (file:line or file:row) so every later error can name it."""
+"""Reading one source's records: local JSON / JSONL / CSV / Parquet files (streamed where the format allows) and
+the rows of a loaded hub split, each record with its location (file:line or file: row N) so every later error can
+name it. Only :mod:`tunesmith.data.source` (the one data entry) calls these; commands go through it."""
 from __future__ import annotations
 
 import csv
