@@ -176,3 +176,19 @@ def test_sft_with_chat_data_saves_the_chat_template_and_evaluates_each_source(ti
     logged = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     keys = {k for row in logged for k in row}
     assert {"eval_held_loss", "eval_far_loss", "eval_train_loss"} <= keys and "eval_eval_loss" not in keys
+
+
+def test_an_interleaved_mixture_packs_and_batches_like_its_list(tiny_tokenizer, tmp_path):
+    from tunesmith.data.collate import Collator, pack
+
+    a = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(30, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", chat_rows(30))
+    sources = open_sources([{"path": a, "weight": 1}, {"path": b, "weight": 2, "template": "chat"}])
+    rows, summary = tokenize_sources(sources, tiny_tokenizer, get_template("alpaca"), ML, mixture="interleave",
+                                     seed=1, cache_dir=tmp_path / "c")
+    listed = list(rows)
+    assert summary.counts[1] == 30 and 0 < summary.counts[0] < 30  # the chat source ran out first
+    assert "<|im_start|>" in tiny_tokenizer.decode(rows[int(np.flatnonzero(summary.src == 1)[0])]["input_ids"])
+    assert list(pack(rows, 512)) == list(pack(listed, 512))
+    batch = Collator(0)(rows[0:4])
+    assert batch["input_ids"].shape[0] == 4
