@@ -420,3 +420,25 @@ def test_generate_on_token_streams_every_token_and_stops_rows_alone(runs):
         assert hooked[i] == plain[i]
         assert seen[i][:len(plain[i]["output_ids"])] == plain[i]["output_ids"]
     assert hooked[1]["output_ids"] == plain[1]["output_ids"][:3] == seen[1] and not hooked[1]["truncated"]
+
+
+def test_a_client_that_hangs_up_frees_its_rows(server):
+    """A streamed request whose client disconnects stops being decoded at the next step."""
+    engine = server.server.engines["judge"]
+    before = engine.generated
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"model": "judge", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                  "max_tokens": 900}))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = b""
+    while b"tie." not in seen:  # decoding has begun
+        seen += resp.read1(256)
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 60
+    while (engine.busy or engine.waiting or engine.generated == before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert 0 < engine.generated - before < 900

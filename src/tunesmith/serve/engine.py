@@ -296,10 +296,10 @@ class Job:
         """Take one new token; True when the choice is over."""
         if choice.finish_reason is not None:
             return True
+        choice.tokens += 1
         if self.cancelled:
             choice.finish_reason = "cancelled"
             return True
-        choice.tokens += 1
         if token in eos:
             self._finish(choice, "stop")
             return True
@@ -348,6 +348,8 @@ class Engine:
         self.closing = False
         self.batches = 0  # decoded batches (for tests and logs)
         self.largest_batch = 0
+        self.generated = 0  # tokens generated, all requests
+        self.busy = False  # a batch is being decoded
         self.thread = threading.Thread(target=self._loop, name=f"tunesmith-serve-{served.name}", daemon=True)
         self.thread.start()
 
@@ -400,7 +402,11 @@ class Engine:
                        and (left := deadline - time.monotonic()) > 0):
                     self.cond.wait(left)
                 batch = self._take()
-            self._run(batch)
+                self.busy = True
+            try:
+                self._run(batch)
+            finally:
+                self.busy = False
 
     def _run(self, jobs: list[Job]) -> None:
         live = [j for j in jobs if not j.cancelled]
@@ -419,6 +425,7 @@ class Engine:
             error = e
         for job in live:
             job.close(error)
+            self.generated += job.completion_tokens
 
 
 def decode(served: Served, jobs: list[Job], eos: set[int], closing: Callable[[], bool] = lambda: False) -> None:
