@@ -8,8 +8,9 @@ and every other waiting request that can share its decoding settings (greedy wit
 temperature / top_p / top_k / repetition penalty), up to ``max_batch_size`` sequences, and decodes them as one batch;
 each row stops on its own (EOS, its ``max_tokens``, a stop string, a client that went away). A request that arrives
 while a batch runs waits for the next batch; when the worker wakes for a request it waits up to ``batch_wait``
-seconds (default 10 ms) for others of the same burst, unless a full batch is already waiting. A sampled request with a ``seed`` runs in a batch of its own, so the same
-seed and prompt give the same sample (as ``tunesmith generate --do_sample --seed`` does for one prompt).
+seconds (default 10 ms) for others of the same burst, unless a full batch is already waiting. A sampled request
+with a ``seed`` runs in a batch of its own, so the same seed and prompt give the same sample (as ``tunesmith generate
+--do_sample true --seed S`` does for one prompt).
 
 The waiting list is bounded (``max_queue`` requests): beyond it :meth:`Engine.submit` raises :class:`Busy` (the
 server answers 503) instead of queueing without end.
