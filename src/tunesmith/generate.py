@@ -44,14 +44,46 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _TokenHook:
+    """A stopping criterion that hands every new token of a live row to ``on_token(prompt_index, token_id)`` as it is
+    generated (EOS included); a true return stops that row after the token (its later positions are padding)."""
+
+    def __init__(self, idx: list[int], eos: list[int], on_token):
+        self.idx, self.eos, self.on_token = idx, set(eos), on_token
+        self.live = [True] * len(idx)
+        self.kept: list[int | None] = [None] * len(idx)  # tokens kept when the caller stopped the row
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps += 1
+        last = input_ids[:, -1].tolist()
+        for row, i in enumerate(self.idx):
+            if not self.live[row]:
+                continue
+            token = last[row]
+            stop = self.on_token(i, token)
+            if token in self.eos:
+                self.live[row] = False
+            elif stop:
+                self.live[row], self.kept[row] = False, self.steps
+        return torch.tensor([not live for live in self.live], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int = 32, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, min_new_tokens: int = 0, seed: int | None = 0,
-             progress: bool = False) -> list[dict]:
+             progress: bool = False, on_token=None) -> list[dict]:
     """Generate a continuation for every prompt (token-id lists). Returns, in input order, dicts with ``output``
     (decoded text without special tokens), ``output_ids`` (up to, not including, the EOS), ``new_tokens`` and
-    ``truncated`` (no EOS within ``max_new_tokens``)."""
+    ``truncated`` (no EOS within ``max_new_tokens``).
+
+    ``on_token(prompt_index, token_id) -> bool``: called with every new token of a prompt as soon as it is generated
+    (streaming; ``tunesmith chat`` and ``tunesmith serve``); returning True stops that prompt after the token (its
+    output then ends there, ``truncated`` false) while the others of its batch go on."""
     import torch
+    from transformers import StoppingCriteriaList
 
     from tunesmith.models import eval_mode
 
@@ -97,15 +129,21 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
                     p = prompt_ids[i]
                     ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
                     mask[row, width - len(p):] = 1
+                hook = _TokenHook(idx, eos, on_token) if on_token is not None else None
                 with torch.no_grad():
-                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
+                                         **({"stopping_criteria": StoppingCriteriaList([hook])} if hook else {}))
                 new = out[:, width:].tolist()
                 for row, i in enumerate(idx):
                     toks = new[row]
+                    if hook is not None and hook.kept[row] is not None:  # stopped by the caller
+                        toks = toks[:hook.kept[row]]
                     cut = next((k for k, t in enumerate(toks) if t in eos), None)
                     kept = toks if cut is None else toks[:cut]
+                    stopped = hook is not None and hook.kept[row] is not None
                     results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
-                                  "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
+                                  "new_tokens": len(kept) + (cut is not None),
+                                  "truncated": cut is None and not stopped}
                 if bar:
                     bar.update(len(idx))
     finally:
@@ -203,15 +241,17 @@ def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_token
 @dataclass
 class GenerateConfig:
     model_name_or_path: str = field("", "model directory (trained by tunesmith, or any "
-                                        "causal LM)")
-    prompts: str = field("", "prompts file in any SFT format (json/jsonl/csv/parquet) "
-                             "or a dataset name; answers, if present, become 'reference'")
+                                         "causal LM)")
+    prompts: str | list = field("", "prompts in any SFT format: a file (json/jsonl/csv/"
+                                    "parquet), a pipe, pkg:PACKAGE/path, a hub dataset, "
+                                    "or a list of them; answers, if present, become "
+                                    "'reference'")
     output: str = field("", "output JSONL (alpaca_eval compatible)")
     dataset_split: str = field("train", "split, for a hub dataset")
     dataset_format: str = field("auto", "auto, alpaca, prompt_completion, messages, "
                                         "sharegpt")
     template: str = field("", "prompt template (default: the one the model was saved "
-                              "with)")
+                              "with; auto for a model without one)")
     generator: str = field("", "name written in the 'generator' field (default: the "
                                "model directory's name)")
     backend: Literal["hf", "vllm"] = field("hf", "hf (transformers) or vllm (GPU)")
@@ -231,11 +271,15 @@ class GenerateConfig:
     dtype: str = field("float32", "float32, bfloat16, float16")
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+        from tunesmith.io import resolve_path
         from tunesmith.rundir import check_output_file
 
         for key in ("model_name_or_path", "prompts", "output"):
             if not getattr(self, key):
                 raise UserError(f"'{key}' is required")
+        self.model_name_or_path = resolve_path(self.model_name_or_path)
+        check_sources(self.prompts, "prompts", weights=False)
         check_output_file(self.output, "output")
         check_decoding(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
         if self.batch_size < 1:
@@ -253,17 +297,20 @@ class GenerateConfig:
         return {k: d[k] for k in DECODING_KEYS} | {"prompt_suffix": self.prompt_suffix, "backend": self.backend}
 
 
-def prompt_examples(cfg: GenerateConfig) -> list:
-    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded)."""
-    from tunesmith.data.formats import to_examples
-    from tunesmith.data.load import load_records
+def prompt_sources(cfg: GenerateConfig) -> list:
+    """The sources of ``cfg.prompts``, resolved once (the one data entry)."""
+    from tunesmith.data.source import open_sources
 
-    records = load_records(cfg.prompts, cfg.dataset_split)
-    if not records:
-        raise UserError(f"{cfg.prompts}: no prompts")
-    if cfg.limit:
-        records = records[:cfg.limit]
-    return to_examples(records, cfg.dataset_format, require_response=False)
+    return open_sources(cfg.prompts, split=cfg.dataset_split, dataset_format=cfg.dataset_format, key="prompts")
+
+
+def prompt_examples(cfg: GenerateConfig, sources: list | None = None) -> list:
+    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded; with ``limit``, no
+    further than the first N)."""
+    from tunesmith.data.source import read_examples
+
+    return read_examples(cfg.prompts, require_response=False, limit=cfg.limit or None,
+                         sources=sources or prompt_sources(cfg))
 
 
 def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None = None
@@ -295,12 +342,13 @@ def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None 
 
 
 def run(cfg: GenerateConfig) -> str:
-    from tunesmith.data.templates import get_template, load_saved_template
+    from tunesmith.data.source import model_template
     from tunesmith.io import atomic_write_jsonl
     from tunesmith.models import load_model_and_tokenizer, load_tokenizer
 
     settings = {k: getattr(cfg, k) for k in DECODING_KEYS}
-    examples = prompt_examples(cfg)
+    sources = prompt_sources(cfg)
+    examples = prompt_examples(cfg, sources)
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -310,8 +358,7 @@ def run(cfg: GenerateConfig) -> str:
         model, tokenizer = None, load_tokenizer(cfg.model_name_or_path)
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
-    template = (get_template(cfg.template, tokenizer) if cfg.template
-                else load_saved_template(cfg.model_name_or_path, tokenizer))
+    template = model_template(cfg.template, cfg.model_name_or_path, tokenizer, sources)
     ids, meta = prompt_rows(cfg, tokenizer, template, examples)
     if cfg.backend == "vllm":
         outs = generate_vllm(cfg.model_name_or_path, ids, **settings)

@@ -6,6 +6,8 @@ Named templates: ``alpaca`` (with and without input), ``instruction_response``
 template). A custom format string with ``{prompt}`` once, then ``{response}`` once (and optionally ``{input}``
 between them) is accepted too; it is split once at those markers and the user's text is inserted between the pieces,
 never substituted into (a prompt or input holding ``{response}`` is kept as written). Other braces are plain text.
+``auto`` is resolved against the data (:func:`resolve_template`): ``chat`` for conversational data when the tokenizer
+has a chat template, ``alpaca`` otherwise; what is saved with a model is the resolved template, never ``auto``.
 
 The same template renders training examples and generation prompts, and it is saved beside a trained model
 (``tunesmith_template.json``) so generation, evaluation and SPIN use exactly what training used.
@@ -35,6 +37,7 @@ FORMAT_STRINGS = {
     "qa": "Please answer the following question. Q: {prompt} A: {response}",
 }
 NAMES = ("alpaca", "instruction_response", "qa", "chat")
+CHOICES = ("auto",) + NAMES
 
 Segments = list[tuple[str, bool]]  # (text, trained)
 
@@ -44,6 +47,7 @@ class Template:
 
     name: str
     appends_eos = True  # plain templates append the tokenizer's EOS after every response (trained)
+    writes_bos = False  # tunesmith adds BOS where the tokenizer's own encoding starts with it
 
     def segments(self, example: Example) -> Segments:
         raise NotImplementedError
@@ -121,6 +125,8 @@ class ChatTemplate(Template):
 
     name = "chat"
     appends_eos = False
+    writes_bos = True  # a chat template writes BOS itself where the model wants one (``{{ bos_token }}``), as
+    # apply_chat_template assumes: adding it again would train and prompt with two
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
@@ -156,7 +162,17 @@ class ChatTemplate(Template):
         return out
 
 
+def resolve_template(name: str, tokenizer, conversational: bool) -> Template:
+    """:func:`get_template`, with ``auto`` resolved: the tokenizer's chat template for ``conversational`` data when
+    it has one, alpaca otherwise."""
+    if name == "auto":
+        name = "chat" if conversational and getattr(tokenizer, "chat_template", None) else "alpaca"
+    return get_template(name, tokenizer)
+
+
 def get_template(name: str, tokenizer=None) -> Template:
+    if name == "auto":
+        raise UserError("template 'auto' is resolved against the data (tunesmith.data.source.template_for)")
     if name == "alpaca":
         return FormatTemplate("alpaca", ALPACA_NO_INPUT, ALPACA_WITH_INPUT)
     if name in FORMAT_STRINGS:
@@ -165,13 +181,18 @@ def get_template(name: str, tokenizer=None) -> Template:
         return ChatTemplate(tokenizer)
     if "{" in name:
         return FormatTemplate("custom", name)
-    raise UserError(f"unknown template '{name}' (choose {', '.join(NAMES)}, or a format string with "
+    raise UserError(f"unknown template '{name}' (choose {', '.join(CHOICES)}, or a format string with "
                     "{prompt} and {response})")
 
 
-def save_template(template: Template, directory: str | Path) -> None:
+def save_template(template: Template, directory: str | Path, tokenizer=None) -> None:
+    """Write ``tunesmith_template.json`` and make the tokenizer files in ``directory`` carry the template as their
+    ``chat_template`` (:mod:`tunesmith.data.chat_template`), so other runtimes prompt the model as it was trained.
+    ``tokenizer``: the tokenizer to save there (default: the one already saved in ``directory``, if any)."""
+    from tunesmith.data.chat_template import save_with_chat_template
     from tunesmith.io import atomic_write_json
 
+    save_with_chat_template(template, directory, tokenizer)
     atomic_write_json(Path(directory) / TEMPLATE_FILE, {"template": template.spec()})
 
 
