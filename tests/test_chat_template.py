@@ -173,7 +173,7 @@ def test_saved_models_carry_it_sft_lora_and_merge(tiny_model_dir, alpaca_file, t
         model, tok = load_model_and_tokenizer(str(d))
         saved = AutoTokenizer.from_pretrained(d)
         template = get_template(fmt)
-        ex = Example.from_prompt("what is the color of sky", input="tell me")
+        ex = Example(turns=[Turn("what is the color of sky", None)], input="tell me")
         prompt = saved.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
         assert list(prompt) == encode_prompt(tok, template, ex)
         [res] = generate(model, tok, [list(prompt)], max_new_tokens=6)

@@ -26,6 +26,7 @@ COMMANDS = {
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
     "plan": ("tunesmith.plan", "peak GPU memory per device for a config: DDP, FSDP, ZeRO-2/3; full, LoRA, QLoRA"),
     "demo": ("tunesmith.demo.run", "fine-tune the shipped tiny model with and without NEFTune, compare in a report"),
+    "selftest": ("tunesmith.selftest.run", "check training works here (GPU or --quick CPU form): table + selftest.json"),
 }
 
 USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"

@@ -9,28 +9,29 @@ directory (its base is loaded from ``adapter_config.json``) and a merged model.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tunesmith.config import field
 from tunesmith.errors import UserError
 from tunesmith.generate import check_decoding
 
 
 @dataclass
 class ChatConfig:
-    model_name_or_path: str = field(default="", metadata={"help": "a model directory (a tunesmith run, a LoRA "
-                                                                   "adapter, a merged model, any causal LM)"})
-    template: str = field(default="", metadata={"help": "prompt template (default: the one the model was saved "
-                                                        "with)"})
-    system: str = field(default="", metadata={"help": "a system message put before the first prompt"})
-    max_new_tokens: int = field(default=256, metadata={"help": "answer budget in tokens"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "the NEFTune paper uses 1.2 with greedy"})
-    seed: int = field(default=0, metadata={"help": "random seed (sampling), set once for the session"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
+    model_name_or_path: str = field("", "a model directory (a tunesmith run, a LoRA "
+                                         "adapter, a merged model, any causal LM)")
+    template: str = field("", "prompt template (default: the one the model was saved "
+                              "with)")
+    system: str = field("", "a system message put before the first prompt")
+    max_new_tokens: int = field(256, "answer budget in tokens")
+    do_sample: bool = field(False, "sample instead of greedy decoding")
+    temperature: float = field(1.0, "sampling temperature (0: greedy)")
+    top_p: float = field(1.0, "nucleus sampling")
+    top_k: int = field(0, "top-k sampling (0: off)")
+    repetition_penalty: float = field(1.0, "the NEFTune paper uses 1.2 with greedy")
+    seed: int = field(0, "random seed (sampling), set once for the session")
+    dtype: str = field("auto", "auto, float32, bfloat16, float16")
+    device: str = field("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
 
     def __post_init__(self):
         if not self.model_name_or_path:

@@ -15,9 +15,10 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.config import field
 from tunesmith.errors import UserError
 
 log = logging.getLogger("tunesmith.serve")
@@ -25,27 +26,26 @@ log = logging.getLogger("tunesmith.serve")
 
 @dataclass
 class ServeConfig:
-    model_name_or_path: list[str] = field(default_factory=list, metadata={
-        "help": "model directories to serve (a tunesmith run, a LoRA adapter, a merged model, any causal LM); "
-                "also taken as bare arguments"})
-    served_model_name: list[str] | None = field(default=None, metadata={
-        "help": "the names clients ask for, one per model (default: each directory's name)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (default loopback only)"})
-    port: int = field(default=8000, metadata={"help": "port (0: any free port; the address is printed)"})
-    api_key_env: str = field(default="", metadata={"help": "NAME of an environment variable holding the API key "
-                                                           "clients must send as a bearer token ('' : no key)"})
-    template: str = field(default="", metadata={"help": "prompt template for every model (default: the one each "
-                                                        "was saved with)"})
-    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16, float16"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda, cuda:1, ..."})
-    max_new_tokens: int = field(default=256, metadata={"help": "answer budget for a request that sets no "
-                                                               "max_tokens (capped by the context)"})
-    max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together per model"})
-    max_queue: int = field(default=64, metadata={"help": "requests waiting per model; more get 503 + Retry-After"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body (413 beyond)"})
-    preferences_dir: str = field(default="tunesmith-preferences", metadata={
-        "help": "where the web page's blind comparisons go (A_vs_B/judgements.jsonl, the judge's format)"})
-    log_level: str = field(default="info", metadata={"help": "uvicorn log level: debug, info, warning, error"})
+    model_name_or_path: list[str] = field([], "model directories to serve (a tunesmith run, a LoRA adapter, a merged model, any causal LM); "
+                                              "also taken as bare arguments")
+    served_model_name: list[str] | None = field(None, "the names clients ask for, one per model (default: each directory's name)")
+    host: str = field("127.0.0.1", "address to listen on (default loopback only)")
+    port: int = field(8000, "port (0: any free port; the address is printed)")
+    api_key_env: str = field("", "NAME of an environment variable holding the API key "
+                                 "clients must send as a bearer token ('' : no key)")
+    template: str = field("", "prompt template for every model (default: the one each "
+                              "was saved with)")
+    dtype: str = field("auto", "auto, float32, bfloat16, float16")
+    device: str = field("auto", "auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    max_new_tokens: int = field(256, "answer budget for a request that sets no "
+                                     "max_tokens (capped by the context)")
+    max_batch_size: int = field(16, "sequences decoded together per model")
+    max_queue: int = field(64, "requests waiting per model; more get 503 + Retry-After")
+    batch_wait: float = field(0.01, "seconds the worker waits for more requests of a burst "
+                                     "before decoding (0: start at once)")
+    max_body_bytes: int = field(1 << 20, "largest request body (413 beyond)")
+    preferences_dir: str = field("tunesmith-preferences", "where the web page's blind comparisons go (A_vs_B/judgements.jsonl, the judge's format)")
+    log_level: str = field("info", "uvicorn log level: debug, info, warning, error")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -58,6 +58,8 @@ class ServeConfig:
         for key in ("max_new_tokens", "max_batch_size", "max_queue", "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.batch_wait <= 10:
+            raise UserError(f"batch_wait must be in [0, 10] seconds, got {self.batch_wait}")
         if self.log_level not in ("debug", "info", "warning", "error", "critical"):
             raise UserError(f"log_level must be debug, info, warning, error or critical, got {self.log_level!r}")
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -81,7 +83,7 @@ def build_server(cfg: ServeConfig, served=None):
     if served is None:
         served = [load_served(path, name, cfg.dtype, cfg.template, cfg.device)
                   for path, name in zip(cfg.model_name_or_path, cfg.names())]
-    engines = {s.name: Engine(s, cfg.max_batch_size, cfg.max_queue) for s in served}
+    engines = {s.name: Engine(s, cfg.max_batch_size, cfg.max_queue, cfg.batch_wait) for s in served}
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     return Server(engines, api_key=key, max_body_bytes=cfg.max_body_bytes, default_max_tokens=cfg.max_new_tokens,
                   preferences_dir=cfg.preferences_dir or None)

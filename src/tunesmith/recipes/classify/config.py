@@ -30,22 +30,27 @@ class ClassifyArgs:
 class ClassifyDataArgs:
     """Data"""
 
-    dataset: str | None = field(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, or an HF dataset "
-                                      "(required)")
-    eval_dataset: str | None = field(None, "evaluated every epoch; picks the best checkpoint (none: no evaluation)")
-    test_dataset: str | None = field(None, "held-out split scored before and after training")
+    dataset: str | list | None = field(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, a pipe, "
+                                             "pkg:PACKAGE/path or an HF dataset; a list of them is concatenated "
+                                             "(required)")
+    eval_dataset: str | list | None = field(None, "evaluated every epoch; picks the best checkpoint (none: no "
+                                                  "evaluation)")
+    test_dataset: str | list | None = field(None, "held-out split scored before and after training")
     text_column: str = field("text", "column holding the text")
     label_column: str = field("label", "column holding the label (multi_label: a list of labels)")
-    labels: list[str] | None = field(
-        None, "label names in id order; default: the distinct labels of the training data, sorted. A data value "
-              "matches a name; an integer matching no name is read as an index into this list")
+    labels: list[str] | None = field(None, "label names in id order; default: the distinct labels of the training data, sorted. A data value "
+                                           "matches a name; an integer matching no name is read as an index into this list")
     multi_label: bool = field(False, "each text has zero or more labels (sigmoid + BCE)")
     threshold: float = field(0.5, "multi_label: a label is predicted when its probability >= threshold")
     max_length: int = field(256, "truncate texts to this many tokens")
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        for key in ("dataset", "eval_dataset", "test_dataset"):
+            check_sources(getattr(self, key), key, weights=False)
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise UserError(f"field 'labels': names must be distinct, got {self.labels}")
         if not 0 < self.threshold < 1:

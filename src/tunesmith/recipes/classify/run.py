@@ -57,8 +57,8 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     model_path = resolve_path(m.model_name_or_path)
 
     train_records = load_split(data.dataset, "train")
-    val_records = load_split(data.eval_dataset, "validation")
-    test_records = load_split(data.test_dataset, "test")
+    val_records = load_split(data.eval_dataset, "validation", "eval_dataset")
+    test_records = load_split(data.test_dataset, "test", "test_dataset")
     names = label_names(data, train_records)
     splits = {"train": encode_split(data, train_records, names)}
     if val_records:
