@@ -285,10 +285,9 @@ def child_spin_data(a) -> dict:
     (synthetic answers: each real answer's first half, written by the shard writer SPIN uses), the pairs of iteration 1
     (its answers and iteration 0's: 2 x N pairs) assembled, the generation counts, and one pass over every pair through
     the pair collator in batches of 32, as the reference stage reads them."""
-    from types import SimpleNamespace
-
     from transformers import AutoTokenizer
 
+    from tunesmith.data.source import open_sources
     from tunesmith.data.templates import get_template
     from tunesmith.models import ensure_pad_token
     from tunesmith.preference.pairs import PairCollator, n_shards, shard_path, write_shard
@@ -296,10 +295,10 @@ def child_spin_data(a) -> dict:
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     ensure_pad_token(tok)
-    data = SimpleNamespace(dataset=a.data, dataset_split="train", dataset_format="auto", max_length=a.max_length,
-                           dataset_num_proc=a.num_proc)
     t0 = time.perf_counter()
-    prompts, _, _, _ = prepare_prompts(data, tok, get_template("alpaca"), cache_dir=a.cache)
+    sources = open_sources(a.data, cache_dir=a.cache)
+    prompts, _, _, _ = prepare_prompts(sources, tok, get_template("alpaca"), a.max_length, num_proc=a.num_proc,
+                                       cache_dir=a.cache)
     t1 = time.perf_counter()
     size, out = 256, Path(a.out)
     for t in (0, 1):
@@ -307,7 +306,7 @@ def child_spin_data(a) -> dict:
             rows = prompts[k * size:(k + 1) * size]
             ids = [r[:max(1, len(r) // 2)] for r in rows["real_ids"]]
             write_shard(shard_path(out / f"iteration-{t}", k), {
-                "index": rows["index"], "ids": ids, "text": [""] * len(ids), "truncated": [False] * len(ids),
+                "index": list(range(k * size, k * size + len(ids))), "ids": ids, "text": [""] * len(ids), "truncated": [False] * len(ids),
                 "seconds": [0.0] * len(ids)})
     t2 = time.perf_counter()
     gens = [read_generations(out / f"iteration-{t}", len(prompts), size) for t in (1, 0)]

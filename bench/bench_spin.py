@@ -76,7 +76,7 @@ def main() -> None:
 
     from transformers import TrainingArguments
 
-    from tunesmith.data.prepare import load_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.preference.loss import LossSettings
     from tunesmith.preference.pairs import PairCollator, score_pairs
     from tunesmith.preference.trainer import PreferenceTrainer
@@ -93,7 +93,7 @@ def main() -> None:
     template = get_template(TEMPLATE, tok)
     batch = ws.size.batch_size
     n_pairs = max(n_gen, batch * steps)
-    cols = prompt_rows(load_examples(ws.data_file, "prompt_completion"), tok, template, ws.size.max_length)
+    cols = prompt_rows(read_examples(ws.data_file, dataset_format="prompt_completion"), tok, template, ws.size.max_length)
     prompts = [dict(zip(cols, values)) for values in zip(*cols.values()) if values[-1]][:n_pairs]  # room to answer
     print(f"model {ws.n_params / 1e6:.1f}M params, {ws.size.layers} layers; {len(prompts)} pairs, batch {batch} "
           f"pairs, {steps} steps (timed {a.warmup + 1}..{steps}); {threads_note()}")

@@ -19,6 +19,7 @@ from tunesmith.data.preference import (
     prepare_pairs,
     to_pair,
 )
+from tunesmith.data.source import open_sources
 from tunesmith.data.templates import get_template
 from tunesmith.errors import UserError
 from tunesmith.preference.loss import LossSettings, PairLogps, preference_loss
@@ -290,7 +291,7 @@ def test_prepared_pairs_drop_and_count_identical_and_too_long_prompts(tiny_token
             {"prompt": "what is the sky", "chosen": "blue " * 30, "rejected": "green"}]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     template = get_template("qa", tok)
-    ds, summary = prepare_pairs(data, tok, template, 40, cache_dir=tmp_path / "cache")
+    ds, [summary] = prepare_pairs(open_sources(data), tok, template, 40, cache_dir=tmp_path / "cache")
     assert (summary.records, summary.kept, summary.identical, summary.prompt_too_long) == (4, 2, 1, 1)
     assert summary.truncated == 1 and summary.first_dropped == [f"{data}:2", f"{data}:3"]
     assert "1 with chosen = rejected" in summary.lines()[0]
@@ -299,8 +300,8 @@ def test_prepared_pairs_drop_and_count_identical_and_too_long_prompts(tiny_token
     prompt = tok("Please answer the following question. Q: what is the sky A:", add_special_tokens=False)["input_ids"]
     assert ds[0]["prompt_ids"] == prompt
     assert ds[0]["chosen_ids"] == tok(" blue", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    again, _ = prepare_pairs(data, tok, template, 40, cache_dir=tmp_path / "cache")  # the cached entry
+    again, _ = prepare_pairs(open_sources(data), tok, template, 40, cache_dir=tmp_path / "cache")  # cached
     assert again[:] == ds[:]
     with pytest.raises(UserError, match="no pair is left"):
-        prepare_pairs(write_jsonl(tmp_path / "same.jsonl", rows[1:2]), tok, template, 40,
+        prepare_pairs(open_sources(write_jsonl(tmp_path / "same.jsonl", rows[1:2])), tok, template, 40,
                       cache_dir=tmp_path / "cache")

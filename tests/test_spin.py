@@ -434,10 +434,11 @@ def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_m
     assert stage(tmp_path / "run", 1, "train")["reward_margin"] > 0
     # the held-out loss at the end of each iteration is the trained model's, noise-free
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.scoring import dataset_loss
 
-    rows, _ = tokenize_examples(load_examples(held_out), run.tokenizer, get_template("alpaca", run.tokenizer), 256)
+    rows, _ = tokenize_examples(read_examples(held_out), run.tokenizer, get_template("alpaca", run.tokenizer), 256)
     expected = dataset_loss(load(merged), [Collator(run.tokenizer.pad_token_id)(rows)])["loss"]
     assert stage(tmp_path / "run", 0, "train")["eval_loss"] == pytest.approx(expected, rel=1e-4)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())[1]["eval_loss"] is not None

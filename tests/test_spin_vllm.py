@@ -26,7 +26,7 @@ def test_spin_generates_with_vllm(tiny_model_dir, tmp_path, monkeypatch):
     run = spin.SpinRun(build_config(spin.SPINConfig, cfg))
     assert fake.llm_kwargs["model"] == tiny_model_dir  # theta_0, loaded by vLLM itself
     assert [p["prompt_token_ids"] for p in fake.prompts] == run.prompts["prompt_ids"]
-    shards = [run.prompts[k * 5:(k + 1) * 5]["index"] for k in range(3)]
+    shards = [run.prompts[k * 5:(k + 1) * 5]["prompt_ids"] for k in range(3)]
     expected = [request_seed(shard_seed(7, 0, k), j) for k, shard in enumerate(shards) for j in range(len(shard))]
     params = [p.kwargs for p in fake.params]
     assert [p["seed"] for p in params] == expected

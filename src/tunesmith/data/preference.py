@@ -266,39 +266,17 @@ def _pair_row(p: Pair) -> dict:
     return {**_example_row(p.example), "chosen": p.chosen, "rejected": p.rejected}
 
 
-def _write_pairs(source: str, split: str, dataset_format: str, path) -> int:
-    """Stream the records of ``source`` into an Arrow file of normalised pairs; returns how many."""
-    import pyarrow as pa
-
-    from tunesmith.data.load import iter_records
-    from tunesmith.data.prepare import BATCH
-
-    schema = _pair_schema()
-    n, fmt, rows = 0, None, []
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for record in iter_records(source, split):
-            fmt = fmt or preference_format(dataset_format, record)
-            rows.append(_pair_row(to_pair(record, fmt)))
-            n += 1
-            if len(rows) == BATCH:
-                writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-                rows = []
-        if rows:
-            writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-    return n
-
-
 def _tokenize_pairs(batch: dict, tokenizer, template, max_length: int) -> dict:
-    from tunesmith.data.prepare import _row_examples
+    from tunesmith.data.prepare import row_examples
 
-    pairs = [Pair(ex, c, r) for ex, c, r in zip(_row_examples(batch), batch["chosen"], batch["rejected"])]
+    pairs = [Pair(ex, c, r) for ex, c, r in zip(row_examples(batch), batch["chosen"], batch["rejected"])]
     rows = encode_pairs(tokenizer, template, pairs, max_length)
     out = {key: [r[key] for r in rows] for key in PAIR_COLUMNS + ["keep"]}
     out["tokens"], out["truncated"] = [], []
     for r in rows:
         n = len(r["prompt_ids"])
-        out["tokens"].append(n + min(len(r["chosen_ids"]), max(max_length - n, 0))
-                             + min(len(r["rejected_ids"]), max(max_length - n, 0)))
+        room = max(max_length - n, 0)
+        out["tokens"].append(n + min(len(r["chosen_ids"]), room) + min(len(r["rejected_ids"]), room))
         out["truncated"].append(int(n + max(len(r["chosen_ids"]), len(r["rejected_ids"])) > max_length))
     return out
 
@@ -306,85 +284,127 @@ def _tokenize_pairs(batch: dict, tokenizer, template, max_length: int) -> dict:
 def _pair_features():
     from datasets import Features, List, Value
 
-    return Features({"loc": Value("string"), "prompt_ids": List(Value("int32")), "chosen_ids": List(Value("int32")),
-                     "rejected_ids": List(Value("int32")), "keep": Value("int8"), "tokens": Value("int64"),
-                     "truncated": Value("int8")})
+    ids = List(Value("int32"))
+    return Features({"loc": Value("string"), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                     "keep": Value("int8"), "tokens": Value("int64"), "truncated": Value("int8")})
 
 
-def _build_pairs(source, split, dataset_format, tokenizer, template, max_length, num_proc, root, entry) -> None:
+def keep_rows(column: str, kept_value, describe):
+    """A ``finish`` for :meth:`tunesmith.data.source.DataSource.mapped`: writes the rows whose ``column`` equals
+    ``kept_value`` to ``kept.arrow`` in the cache entry (when any row is dropped), so later reads need no index
+    mapping; ``describe(table, kept, dropped)`` returns the manifest's ``summary`` dict (or raises UserError)."""
+
+    def finish(dataset, build) -> dict:
+        import numpy as np
+
+        values = dataset.data.column(column).to_numpy(zero_copy_only=False)
+        kept, dropped = np.flatnonzero(values == kept_value), np.flatnonzero(values != kept_value)
+        summary = describe(dataset, kept, dropped)
+        if len(dropped):
+            dataset.select(kept).flatten_indices(cache_file_name=str(build / "kept.arrow"))
+        return {"summary": summary, "kept_file": "kept.arrow" if len(dropped) else None}
+
+    return finish
+
+
+def kept_table(dataset, manifest: dict):
+    """The kept rows of a table :func:`keep_rows` finished (memory-mapped)."""
+    from pathlib import Path
+
+    from datasets import Dataset
+
+    if manifest.get("kept_file"):
+        return Dataset.from_file(str(Path(manifest["entry"]) / manifest["kept_file"]))
+    return dataset
+
+
+def mix_tables(tables: list, sources: list, mixture: str, seed: int, columns: list[str], cache_dir=None):
+    """The rows of ``tables`` (one per source) mixed as the data entry mixes token rows (``mixture``, ``seed``, each
+    source's ``num_samples`` / ``weight``): one table taken whole is returned as it is; a mixture is written once to
+    the cache (keyed by its tables and plan) and memory-mapped, so it joins the reference columns without a copy."""
+    import hashlib
     import json
     import os
-    import shutil
     import tempfile
-    from dataclasses import asdict
-    from pathlib import Path
 
     import numpy as np
-    from datasets import Dataset
+    from datasets import Dataset, concatenate_datasets
 
-    root.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.building-"))
-    try:
-        n = _write_pairs(source, split, dataset_format, build / "records.arrow")
-        records = Dataset.from_file(str(build / "records.arrow"))
-        tokens = records.map(
-            _tokenize_pairs, batched=True, batch_size=1000, num_proc=num_proc if num_proc and num_proc > 1 else None,
-            fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length},
-            remove_columns=["turns", "system", "input", "text", "chosen", "rejected"], features=_pair_features(),
-            cache_file_name=str(build / "tokens.arrow"), load_from_cache_file=False, new_fingerprint=entry.name,
-            desc=f"tokenizing pairs of {source}")
-        del records
-        (build / "records.arrow").unlink()
-        keep = tokens.data.column("keep").to_numpy()
-        kept = np.flatnonzero(keep == KEPT)
-        dropped = np.flatnonzero(keep != KEPT)[:3].tolist()
-        summary = PairSummary(source=source, records=n, kept=len(kept), identical=int((keep == IDENTICAL).sum()),
-                              prompt_too_long=int((keep == PROMPT_TOO_LONG).sum()),
-                              truncated=int(tokens.data.column("truncated").to_numpy()[kept].sum()),
-                              tokens=int(tokens.data.column("tokens").to_numpy()[kept].sum()),
-                              first_dropped=[tokens[i]["loc"] for i in dropped])
-        if not len(kept):
-            raise UserError(f"{source}: no pair is left to train on ({summary.identical} with chosen = rejected, "
-                            f"{summary.prompt_too_long} whose prompt fills max_length={max_length})")
-        name = "tokens.arrow"
-        if len(kept) < n:  # write the kept rows alone, so later reads need no index mapping
-            tokens.select(kept).flatten_indices(cache_file_name=str(build / "pairs.arrow"))
-            del tokens
-            (build / "tokens.arrow").unlink()
-            name = "pairs.arrow"
-        else:
-            del tokens
-        manifest = {"files": [name], "summary": asdict(summary)}
-        (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    from tunesmith.data.mixture import plan
+    from tunesmith.data.source import cache_root
+
+    src, row = plan([len(t) for t in tables], [s.spec for s in sources], mixture, seed)
+    tables = [t.select_columns(columns) for t in tables]
+    if len(tables) == 1 and len(row) == len(tables[0]) and bool((row == np.arange(len(row))).all()):
+        return tables[0]
+    offsets = np.cumsum([0] + [len(t) for t in tables])[:-1]
+    indices = offsets[src] + row
+    key = hashlib.sha256(json.dumps([[f["filename"] for f in t.cache_files] for t in tables] + [mixture, seed])
+                         .encode() + indices.tobytes()).hexdigest()[:32]
+    root = cache_root(cache_dir)
+    path = root / f"mixture-{key}.arrow"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".partial")
+        os.close(fd)
         try:
-            os.rename(build, entry)  # atomic: the entry appears complete or not at all
-        except OSError:
-            if not (entry / "manifest.json").exists():
-                raise
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
+            concatenate_datasets(tables).select(indices).flatten_indices(cache_file_name=tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return Dataset.from_file(str(path))
 
 
-def prepare_pairs(source: str, tokenizer, template, max_length: int, *, dataset_format: str = "auto",
-                  split: str = "train", num_proc: int | None = None, cache_dir=None):
-    """The kept pairs of ``source`` as a memory-mapped ``datasets.Dataset`` with columns ``prompt_ids``,
-    ``chosen_ids``, ``rejected_ids`` (untruncated; the collator cuts rows at ``max_length``), and their
-    :class:`PairSummary`. Cached in the datasets cache by the data's bytes, tokenizer, template and settings, as SFT's
-    tokenized data is (the node's main process builds, the others wait and read)."""
-    import json
-    from pathlib import Path
+def is_conversational(record: Record) -> bool:
+    """Whether a preference record holds conversations (a chat template then renders it best)."""
+    d = record.data
+    return any(_is_messages(d.get(k)) for k in ("prompt", "chosen", "rejected")) or (
+        isinstance(d.get("chosen"), str) and detect_preference_format(d, record.loc) == "hh")
 
-    import datasets
-    from datasets import Dataset
 
-    from tunesmith.data.prepare import _fingerprint, _node_main_process_first
+def source_pairs(source, tokenizer, template, max_length: int, *, dataset_format: str = "auto",
+                 num_proc: int | None = None, cache_dir=None):
+    """The kept pairs of one :class:`~tunesmith.data.source.DataSource` (memory-mapped) and its
+    :class:`PairSummary`; normalised and tokenized once and cached (by its bytes, the tokenizer, template and
+    settings), through the data entry."""
+    import numpy as np
 
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "tunesmith"
-    with _node_main_process_first():
-        key = _fingerprint(source, split, f"preference:{dataset_format}", tokenizer, template, max_length, False)
-        entry = root / key
-        if not (entry / "manifest.json").exists():
-            _build_pairs(source, split, dataset_format, tokenizer, template, max_length, num_proc, root, entry)
-        manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
-        ds = Dataset.from_file(str(entry / manifest["files"][0])).select_columns(PAIR_COLUMNS)
-        return ds, PairSummary(**{**manifest["summary"], "source": source, "fingerprint": key})
+    fmt = preference_format(dataset_format, source.first_record)
+    tmpl = source.template(template, tokenizer)
+
+    def to_row(record):
+        return _pair_row(to_pair(record, fmt))
+
+    def describe(table, kept, dropped):
+        keep = table.data.column("keep").to_numpy()
+        s = PairSummary(source=source.display, records=len(table), kept=len(kept),
+                        identical=int((keep == IDENTICAL).sum()), prompt_too_long=int((keep == PROMPT_TOO_LONG).sum()),
+                        truncated=int(np.asarray(table.data.column("truncated"))[kept].sum()),
+                        tokens=int(np.asarray(table.data.column("tokens"))[kept].sum()),
+                        first_dropped=[table[int(i)]["loc"] for i in dropped[:3]])
+        if not s.kept:
+            raise UserError(f"{source.display}: no pair is left to train on ({s.identical} with chosen = rejected, "
+                            f"{s.prompt_too_long} whose prompt fills max_length={max_length})")
+        return s.__dict__
+
+    table, manifest = source.mapped(
+        _tokenize_pairs, key={"stage": "preference pairs", "format": fmt, "template": tmpl.spec(),
+                              "max_length": max_length},
+        features=_pair_features(), tokenizer=tokenizer,
+        fn_kwargs={"tokenizer": tokenizer, "template": tmpl, "max_length": max_length},
+        normalise=(to_row, _pair_schema()), num_proc=num_proc, cache_dir=cache_dir,
+        desc=f"tokenizing pairs of {source.display}", finish=keep_rows("keep", KEPT, describe))
+    summary = PairSummary(**{**manifest["summary"], "fingerprint": manifest["entry"].rsplit("/", 1)[-1]})
+    return kept_table(table, manifest).select_columns(PAIR_COLUMNS), summary
+
+
+def prepare_pairs(sources: list, tokenizer, template, max_length: int, *, dataset_format: str = "auto",
+                  mixture: str = "concat", seed: int = 0, num_proc: int | None = None, cache_dir=None):
+    """The kept pairs of ``sources`` (opened by :func:`tunesmith.data.source.open_sources`), mixed as the data entry
+    mixes token rows, as one memory-mapped ``datasets.Dataset`` with columns ``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids`` (untruncated; the collator cuts rows at ``max_length``), and the per-source summaries."""
+    parts = [source_pairs(s, tokenizer, template, max_length, dataset_format=dataset_format, num_proc=num_proc,
+                          cache_dir=cache_dir) for s in sources]
+    table = mix_tables([t for t, _ in parts], sources, mixture, seed, PAIR_COLUMNS, cache_dir)
+    return table, [summary for _, summary in parts]

@@ -19,6 +19,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.recipes.dpo.config import DPOConfig
 
@@ -28,37 +30,39 @@ log = logging.getLogger("tunesmith")
 # ------------------------------------------------------------------------------------------------ 1. setup
 
 
-def choose_template(cfg: DPOConfig, tokenizer):
-    """``template`` if set; else the one the model was saved with; else chat when the tokenizer has a chat template,
-    else alpaca."""
+def choose_template(cfg: DPOConfig, tokenizer, sources):
+    """``template`` if set (``auto``: the chat template for conversational pairs when the tokenizer has one, else
+    alpaca); unset, the template the model was saved with, else ``auto``."""
+    from tunesmith.data.preference import is_conversational
     from tunesmith.data.templates import (
         TEMPLATE_FILE,
-        get_template,
         load_saved_template,
+        resolve_template,
     )
 
-    if cfg.data.template:
-        return get_template(cfg.data.template, tokenizer)
-    if (Path(cfg.model.model_name_or_path) / TEMPLATE_FILE).is_file():
+    if not cfg.data.template and (Path(cfg.model.model_name_or_path) / TEMPLATE_FILE).is_file():
         return load_saved_template(cfg.model.model_name_or_path, tokenizer)
-    return get_template("chat" if getattr(tokenizer, "chat_template", None) else "alpaca", tokenizer)
+    return resolve_template(cfg.data.template or "auto", tokenizer, is_conversational(sources[0].first_record))
 
 
-def prepare_data(cfg: DPOConfig, tokenizer, template) -> dict:
-    """The training pairs and eval pairs (memory-mapped) with their summaries, logged by the main process."""
-    from tunesmith.data.preference import prepare_pairs
+def prepare_data(cfg: DPOConfig, tokenizer, template, sources) -> dict:
+    """The training pairs (every source, mixed by ``mixture``) and the eval pairs (per source, by name), memory-mapped,
+    with their summaries, logged by the main process."""
+    from tunesmith.data.preference import prepare_pairs, source_pairs
+    from tunesmith.data.source import open_sources
 
     data = cfg.data
     options = dict(dataset_format=data.dataset_format, num_proc=data.dataset_num_proc)
-    out = {}
-    out["train"], out["train_summary"] = prepare_pairs(data.dataset, tokenizer, template, data.max_length,
-                                                       split=data.dataset_split, **options)
+    train, summaries = prepare_pairs(sources, tokenizer, template, data.max_length, mixture=data.mixture,
+                                     seed=cfg.training.seed, **options)
+    out = {"train": train, "summaries": summaries, "eval": {}}
     if data.eval_dataset:
-        out["eval"], out["eval_summary"] = prepare_pairs(data.eval_dataset, tokenizer, template, data.max_length,
-                                                         split="validation", **options)
+        for source in open_sources(data.eval_dataset, split="validation", key="eval_dataset"):
+            out["eval"][source.name], summary = source_pairs(source, tokenizer, template, data.max_length, **options)
+            out["summaries"].append(summary)
     if cfg.training.process_index == 0:
-        for key in ("train_summary", "eval_summary"):
-            for line in out[key].lines() if key in out else []:
+        for summary in out["summaries"]:
+            for line in summary.lines():
                 log.warning(line)
     return out
 
@@ -67,39 +71,38 @@ def fingerprint(cfg: DPOConfig, data: dict):
     """The config parts, the tokenized pairs (their cache keys) and the world size (it sets the global batch)."""
     from tunesmith.recipes.training import run_fingerprint
 
-    return run_fingerprint(cfg, data=data["train_summary"].fingerprint,
-                           eval_data=data["eval_summary"].fingerprint if "eval" in data else None,
-                           world_size=cfg.training.world_size)
+    return run_fingerprint(cfg, data=[s.fingerprint for s in data["summaries"]], world_size=cfg.training.world_size)
 
 
 # ------------------------------------------------------------------------------------------------ 2. reference
 
 
 def score_reference_stage(cfg: DPOConfig, run, model, data: dict, collator) -> dict:
-    """Score (or reuse) the reference log-probs of the pairs and eval pairs; returns the pairs with them."""
+    """Score (or reuse) the reference log-probs of the pairs and of every eval set; returns them beside the pairs:
+    ``{"train": pairs, "eval": {name: pairs}}``."""
     from tunesmith.preference.pairs import score_reference, with_reference
+    from tunesmith.rundir import barrier
 
-    device = cfg.training.device
-    sets = {"train": "reference", "eval": "reference-eval"}
+    args = cfg.training
+    folders = {name: "reference-eval" if len(data["eval"]) == 1 else f"reference-eval-{name}" for name in data["eval"]}
+    sets = {"reference": data["train"], **{folders[name]: t for name, t in data["eval"].items()}}
     if run.stage("reference") is None:
-        if cfg.training.process_index == 0:
-            log.warning(f"dpo: scoring the reference log-probs of {len(data['train'])} pairs")
+        if args.process_index == 0:
+            log.warning(f"dpo: scoring the reference log-probs of {sum(map(len, sets.values()))} pairs")
         start = time.perf_counter()
-        for key, folder in sets.items():
-            if key in data:
-                score_reference(model, data[key], run.stage_dir(f"reference:{key}", folder), collator,
-                                shard_size=cfg.dpo.shard_size, batch_size=cfg.training.per_device_eval_batch_size,
-                                device=device, rank=cfg.training.process_index, world_size=cfg.training.world_size)
-        from tunesmith.rundir import barrier
-
+        for folder, pairs in sets.items():
+            score_reference(model, pairs, run.stage_dir(folder), collator, shard_size=cfg.dpo.shard_size,
+                            batch_size=args.per_device_eval_batch_size, device=args.device,
+                            rank=args.process_index, world_size=args.world_size)
         barrier()  # every rank's shards are written
-        pairs = with_reference(data["train"], run.directory / "reference", cfg.dpo.shard_size)
+        scored = with_reference(data["train"], run.directory / "reference", cfg.dpo.shard_size)
         run.finish_stage("reference", {
-            "pairs": len(pairs), "seconds": time.perf_counter() - start,
-            "ref_chosen": float(sum(pairs["ref_chosen"]) / len(pairs)),
-            "ref_rejected": float(sum(pairs["ref_rejected"]) / len(pairs))})
-    return {key: with_reference(data[key], run.directory / folder, cfg.dpo.shard_size)
-            for key, folder in sets.items() if key in data}
+            "pairs": len(scored), "seconds": time.perf_counter() - start,
+            "ref_chosen": float(np.mean(scored.data.column("ref_chosen"))),
+            "ref_rejected": float(np.mean(scored.data.column("ref_rejected")))})
+    beside = {folder: with_reference(pairs, run.directory / folder, cfg.dpo.shard_size)
+              for folder, pairs in sets.items()}
+    return {"train": beside["reference"], "eval": {name: beside[folders[name]] for name in data["eval"]}}
 
 
 # ------------------------------------------------------------------------------------------------ 4. save
@@ -154,6 +157,7 @@ def train(config, callbacks: list | None = None) -> str:
     from transformers import set_seed
 
     from tunesmith.callbacks import JsonlMetrics
+    from tunesmith.data.source import open_sources
     from tunesmith.models import (
         check_weights,
         disable_dropout,
@@ -174,8 +178,9 @@ def train(config, callbacks: list | None = None) -> str:
     tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
     check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
     ensure_pad_token(tokenizer)
-    template = choose_template(cfg, tokenizer)
-    data = prepare_data(cfg, tokenizer, template)
+    sources = open_sources(cfg.data.dataset, split=cfg.data.dataset_split)
+    template = choose_template(cfg, tokenizer, sources)
+    data = prepare_data(cfg, tokenizer, template, sources)
     main = cfg.training.process_index == 0
     with open_run(out, "dpo", fingerprint(cfg, data), cfg.training.resume_from_checkpoint, main=main) as run:
         if run.finished:
@@ -192,20 +197,20 @@ def train(config, callbacks: list | None = None) -> str:
             model = load_for_training(cfg)
             if cfg.dpo.disable_dropout:
                 disable_dropout(model)
-        sets = {key: data[key] for key in ("train", "eval") if key in data}
+        sets = {"train": data["train"], "eval": data["eval"]}
         if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
             if run.stage("reference") is None and not m.load_in_4bit:
                 model = model.to(cfg.training.device)
             sets = score_reference_stage(cfg, run, model, data, collator)
+        evals = sets["eval"] if len(sets["eval"]) > 1 else next(iter(sets["eval"].values()), None)
         trainer = PreferenceTrainer(model=model, args=cfg.training, train_dataset=sets["train"],
-                                    eval_dataset=sets.get("eval"), data_collator=collator,
-                                    processing_class=tokenizer, neftune=cfg.neftune,
-                                    loss=loss_settings(cfg.dpo, cfg.dpo.beta))
+                                    eval_dataset=evals, data_collator=collator, processing_class=tokenizer,
+                                    neftune=cfg.neftune, loss=loss_settings(cfg.dpo, cfg.dpo.beta))
         for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
             trainer.train(resume_from_checkpoint=run.checkpoint)
-        metrics = trainer.evaluate() if "eval" in sets else {}
+        metrics = trainer.evaluate() if evals is not None else {}
         save(cfg, trainer, tokenizer, template, metrics)
     return str(out)
 

@@ -2,11 +2,11 @@
 the training pairs assembled from both — memory-mapped tables, never lists of Python objects (the paper's 50k
 prompts x 2 iterations x up to 2,048 tokens would be many GB per process).
 
-* the prompt table (cached like SFT's tokenized data): ``index``, ``loc``, ``prompt_ids`` (what the generator is
+* the prompt table (cached like SFT's tokenized data): ``loc``, ``prompt_ids`` (what the generator is
   given: the training rows' prefix), ``real_ids`` (the real answer's tokens as trained, with the template's
   end-of-answer tokens) and ``end_ids`` (those end tokens: every finished generated answer ends with them too);
-* generation shards ``iteration-t/generations/shard-K.arrow`` (``index``, ``ids``, ``text``, ``truncated``,
-  ``seconds``), each written atomically;
+* generation shards ``iteration-t/generations/shard-K.arrow`` (``index``: the prompt's row in the prompt table,
+  ``ids``, ``text``, ``truncated``, ``seconds``), each written atomically;
 * pairs: the prompt table's ``prompt_ids`` and ``real_ids`` (chosen) beside a generation table's ``ids``
   (rejected), concatenated column-wise without a copy.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from tunesmith.errors import UserError
 from tunesmith.preference.pairs import n_shards, read_shards, shard_path, write_shard
 
-PROMPT_COLUMNS = ["index", "loc", "prompt_ids", "real_ids", "end_ids"]
+PROMPT_COLUMNS = ["loc", "prompt_ids", "real_ids", "end_ids"]
 
 
 def answer_end_ids(tokenizer, template, example, real_ids: list[int], cache: dict | None = None) -> list[int]:
@@ -79,9 +79,9 @@ def prompt_rows(examples, tokenizer, template, max_length: int) -> dict:
 
 
 def _prompt_map(batch: dict, tokenizer, template, max_length: int) -> dict:
-    from tunesmith.data.prepare import _row_examples
+    from tunesmith.data.prepare import row_examples
 
-    return prompt_rows(_row_examples(batch), tokenizer, template, max_length)
+    return prompt_rows(row_examples(batch), tokenizer, template, max_length)
 
 
 def _prompt_features():
@@ -92,59 +92,33 @@ def _prompt_features():
                      "keep": Value("bool")})
 
 
-def prepare_prompts(data, tokenizer, template, *, cache_dir=None):
-    """The prompt table of the SFT set (memory-mapped, cached by the data's bytes, tokenizer, template and
-    ``max_length``), the locations of the prompts dropped for leaving no room for an answer (the first few) and
-    their count, and the cache key (it identifies the tokenized prompts in the run's fingerprint)."""
-    import json
-    import os
-    import shutil
-    import tempfile
+def prepare_prompts(sources: list, tokenizer, template, max_length: int, *, mixture: str = "concat", seed: int = 0,
+                    num_proc: int | None = None, cache_dir=None):
+    """The prompt table of the SFT data (``sources`` opened by :func:`tunesmith.data.source.open_sources`; each
+    source tokenized once through the data entry and cached, several mixed as the entry mixes token rows), the
+    prompts dropped for leaving no room for an answer (count, first locations), and the cache keys of the sources'
+    tables (they identify the tokenized prompts in the run's fingerprint)."""
+    from tunesmith.data.preference import keep_rows, kept_table, mix_tables
 
-    import datasets
-    import numpy as np
-    from datasets import Dataset
+    tables, dropped, first, keys = [], 0, [], []
+    for source in sources:
+        def describe(table, kept, drop, source=source):
+            if not len(kept):
+                raise UserError(f"{source.display}: no prompt fits in max_length={max_length} with room for an "
+                                "answer")
+            return {"dropped": len(drop), "first_dropped": [table[int(i)]["loc"] for i in drop[:3]]}
 
-    from tunesmith.data.prepare import _fingerprint, _node_main_process_first, _write_examples
-
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "tunesmith"
-    with _node_main_process_first():
-        key = _fingerprint(data.dataset, data.dataset_split, f"spin-prompts:{data.dataset_format}", tokenizer,
-                           template, data.max_length, False)
-        entry = root / key
-        if not (entry / "manifest.json").exists():
-            root.mkdir(parents=True, exist_ok=True)
-            build = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.building-"))
-            try:
-                _write_examples(data.dataset, data.dataset_split, data.dataset_format, build / "examples.arrow")
-                rows = Dataset.from_file(str(build / "examples.arrow")).map(
-                    _prompt_map, batched=True, batch_size=1000, features=_prompt_features(),
-                    fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": data.max_length},
-                    remove_columns=["turns", "system", "input", "text"], cache_file_name=str(build / "rows.arrow"),
-                    load_from_cache_file=False, new_fingerprint=key, desc=f"SPIN prompts of {data.dataset}")
-                keep = rows.data.column("keep").to_numpy(zero_copy_only=False)
-                dropped = np.flatnonzero(~keep)
-                kept = rows.select(np.flatnonzero(keep)).remove_columns("keep")
-                if not len(kept):
-                    raise UserError(f"{data.dataset}: no prompt fits in max_length={data.max_length} with room for "
-                                    "an answer")
-                kept = kept.add_column("index", np.arange(len(kept), dtype=np.int64))
-                kept.flatten_indices(cache_file_name=str(build / "prompts.arrow"))
-                manifest = {"dropped": len(dropped), "first_dropped": [rows[i]["loc"] for i in dropped[:3].tolist()]}
-                del rows, kept
-                for name in ("examples.arrow", "rows.arrow"):
-                    (build / name).unlink()
-                (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
-                try:
-                    os.rename(build, entry)
-                except OSError:
-                    if not (entry / "manifest.json").exists():
-                        raise
-            finally:
-                shutil.rmtree(build, ignore_errors=True)
-        manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
-        prompts = Dataset.from_file(str(entry / "prompts.arrow")).select_columns(PROMPT_COLUMNS)
-    return prompts, manifest["dropped"], manifest["first_dropped"], key
+        tmpl = source.template(template, tokenizer)
+        table, manifest = source.mapped(
+            _prompt_map, key={"stage": "spin prompts", "template": tmpl.spec(), "max_length": max_length},
+            features=_prompt_features(), tokenizer=tokenizer,
+            fn_kwargs={"tokenizer": tokenizer, "template": tmpl, "max_length": max_length}, num_proc=num_proc,
+            cache_dir=cache_dir, desc=f"SPIN prompts of {source.display}", finish=keep_rows("keep", True, describe))
+        tables.append(kept_table(table, manifest))
+        dropped += manifest["summary"]["dropped"]
+        first += manifest["summary"]["first_dropped"]
+        keys.append(manifest["entry"].rsplit("/", 1)[-1])
+    return mix_tables(tables, sources, mixture, seed, PROMPT_COLUMNS, cache_dir), dropped, first[:3], keys
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -179,10 +153,11 @@ def generate_shards(cfg, model, tokenizer, prompts, t: int, directory: Path, on_
         start = time.perf_counter()
         chunks = {k: chunk(k) for k in todo}
         ids = [p for k in todo for p in chunks[k]["prompt_ids"]]
-        seeds = [request_seed(shard_seed(args.seed, t, k), j) for k in todo for j in range(len(chunks[k]["index"]))]
+        seeds = [request_seed(shard_seed(args.seed, t, k), j) for k in todo
+                 for j in range(len(chunks[k]["prompt_ids"]))]
         outs = iter(generate_vllm(model_path, ids, tokenizer=tokenizer, request_seeds=seeds, dtype=cfg.model.dtype,
                                   **settings))
-        vllm_outs = {k: [next(outs) for _ in chunks[k]["index"]] for k in todo}
+        vllm_outs = {k: [next(outs) for _ in chunks[k]["prompt_ids"]] for k in todo}
         vllm_seconds = (time.perf_counter() - start) / len(todo)
     for k in todo:
         start = time.perf_counter()
@@ -195,7 +170,7 @@ def generate_shards(cfg, model, tokenizer, prompts, t: int, directory: Path, on_
         # the answer as generated, ended as the template ends real answers (a cut answer has no end)
         ids = [o["output_ids"] + ([] if o["truncated"] else end) for o, end in zip(outs, rows["end_ids"])]
         seconds = time.perf_counter() - start + vllm_seconds
-        write_shard(shard_path(directory, k), {"index": rows["index"], "ids": ids,
+        write_shard(shard_path(directory, k), {"index": list(range(k * size, k * size + len(ids))), "ids": ids,
                                                "text": [o["output"] for o in outs],
                                                "truncated": [bool(o["truncated"]) for o in outs],
                                                "seconds": [seconds] * len(ids)})

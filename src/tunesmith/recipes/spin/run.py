@@ -48,7 +48,8 @@ class SpinRun:
     run directory. :meth:`train` runs or resumes every iteration."""
 
     def __init__(self, cfg: SPINConfig, callbacks=(), on_event=None):
-        from tunesmith.data.templates import get_template, load_saved_template
+        from tunesmith.data.source import open_sources, template_for
+        from tunesmith.data.templates import load_saved_template
         from tunesmith.models import check_weights, ensure_pad_token, is_adapter_dir, load_tokenizer
         from tunesmith.preference.pairs import PairCollator
         from tunesmith.recipes.spin.data import prepare_prompts
@@ -64,23 +65,25 @@ class SpinRun:
                                         data.chat_template)
         check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is read
         ensure_pad_token(self.tokenizer)
-        self.template = (get_template(data.template, self.tokenizer) if data.template
+        sources = open_sources(data.dataset, split=data.dataset_split, dataset_format=data.dataset_format)
+        self.template = (template_for(data.template, self.tokenizer, sources) if data.template
                          else load_saved_template(m.model_name_or_path, self.tokenizer))
-        self.prompts, dropped, first, prompts_key = prepare_prompts(data, self.tokenizer, self.template)
+        self.prompts, dropped, first, prompts_keys = prepare_prompts(
+            sources, self.tokenizer, self.template, data.max_length, mixture=data.mixture, seed=args.seed,
+            num_proc=data.dataset_num_proc)
         if dropped and args.process_index == 0:
             log.warning(f"spin: {dropped} prompts leave no room for an answer in max_length={data.max_length} and are "
                         f"skipped (first: {first[0]})")
-        self.eval_set = None
-        if data.eval_dataset:
-            from tunesmith.data.prepare import prepare_dataset
-
-            self.eval_set, _ = prepare_dataset(data.eval_dataset, self.tokenizer, self.template, data.max_length,
-                                               dataset_format=data.dataset_format, split="validation",
-                                               num_proc=data.dataset_num_proc)
+        self.eval_sets = {}  # held-out sources by name: noise-free loss at the end of every iteration
+        for source in open_sources(data.eval_dataset, split="validation", dataset_format=data.dataset_format,
+                                   key="eval_dataset") if data.eval_dataset else []:
+            self.eval_sets[source.name], _ = source.tokenized(self.tokenizer, source.template(self.template,
+                                                                                               self.tokenizer),
+                                                              data.max_length, num_proc=data.dataset_num_proc)
         self.collator = PairCollator(self.tokenizer.pad_token_id, data.max_length, data.padding_free)
         # the config parts, the tokenized prompts and real answers (a changed data file, tokenizer or template is a
         # different run) and the world size (it sets the global batch and which rank writes which shard)
-        self.fingerprint = run_fingerprint(cfg, ignore=("eval_dataset", "trust_remote_code"), prompts=prompts_key,
+        self.fingerprint = run_fingerprint(cfg, ignore=("eval_dataset", "trust_remote_code"), prompts=prompts_keys,
                                            world_size=args.world_size)
         self.dirs = None  # the RunDir, while train() holds the directory
 
@@ -144,13 +147,17 @@ class SpinRun:
         pairs = assemble_pairs(self.prompts, gens)
         return beside_reference(pairs, self.iter_dir(t) / "reference", size) if with_reference else pairs
 
-    def eval_loss(self, model) -> float:
+    def eval_losses(self, model) -> dict:
+        """The noise-free loss of every held-out source: ``eval_loss`` for one, ``eval_<name>_loss`` for several."""
         from tunesmith.data.collate import Collator
         from tunesmith.scoring import rows_loss
 
         args = self.cfg.training
-        return rows_loss(model, self.eval_set, Collator(self.tokenizer.pad_token_id), args.per_device_eval_batch_size,
-                         self.device, args.process_index, args.world_size)["loss"]
+        losses = {name: rows_loss(model, rows, Collator(self.tokenizer.pad_token_id), args.per_device_eval_batch_size,
+                                  self.device, args.process_index, args.world_size)["loss"]
+                  for name, rows in self.eval_sets.items()}
+        return {"eval_loss": next(iter(losses.values()))} if len(losses) == 1 else {
+            f"eval_{name}_loss": loss for name, loss in losses.items()}
 
     # ---- the driver
 

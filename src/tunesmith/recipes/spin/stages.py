@@ -78,8 +78,7 @@ def train(run, t: int, take_model) -> dict:
     gc.collect()  # the trainer, its optimizer and theta_t are gone before theta_{t+1} is loaded
     model = run.load_model(t + 1)
     metrics = pair_metrics(run, model, pairs, t)
-    if run.eval_set is not None:
-        metrics["eval_loss"] = run.eval_loss(model)
+    metrics.update(run.eval_losses(model))
     path = it / "train_result.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     spin = cfg.spin
