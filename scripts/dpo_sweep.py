@@ -29,7 +29,7 @@ def dpo_settings(overrides: dict) -> dict:
     from tunesmith.demo.run import dpo_config
 
     c = dpo_config(S.demo_cfg(), Path("SFT"), {"pairs": "P", "heldout_sample": "H"}, Path("OUT"), 0)
-    for k in ("model_name_or_path", "dataset", "eval_dataset", "output_dir", "seed"):
+    for k in ("model_name_or_path", "dataset", "output_dir", "seed"):
         c.pop(k)
     return c | overrides
 
