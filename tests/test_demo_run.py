@@ -18,12 +18,18 @@ needs_base = pytest.mark.skipif(not (base.BASE_DIR / base.MANIFEST).is_file(), r
 @needs_base
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--spin", "1", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--spin", "1", "--dpo", "true", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "win rate vs SFT" in printed
     state = json.loads((out / "demo.json").read_text())
     assert state["complete"] is True
-    assert set(state["per_variant"]) == {"sft", "neftune", "spin1"}
+    assert set(state["per_variant"]) == {"sft", "neftune", "spin1", "dpo"}
+    # DPO ran from the plain SFT model on the world's pairs (TRAIN people's answers vs one wrong fact)
+    dpo_run = json.loads((out / "runs/dpo-seed0/tunesmith_run.json").read_text())
+    assert dpo_run["config"]["model_name_or_path"].endswith("runs/sft-seed0")
+    pairs = [json.loads(x) for x in (out / "data/pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert "## DPO" in (out / "report.md").read_text()
     # SPIN ran with the demo's recipe and the authors' sampling, and its diagnostics are in the report
     spin_state = json.loads((out / "runs/spin-seed0/tunesmith_run.json").read_text())
     cfg = DemoConfig()
