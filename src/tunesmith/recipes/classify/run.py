@@ -162,7 +162,8 @@ def cli(argv: list[str]) -> int:
     if cfg is None:
         return 0
     out = train(cfg)
-    print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
     return 0
 
 

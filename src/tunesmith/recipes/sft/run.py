@@ -149,5 +149,6 @@ def cli(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = train(cfg)
-    print(f"model saved to {out}")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"model saved to {out}")
     return 0
