@@ -223,8 +223,10 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
             ln, d = g["length"], g["diversity"]
             rows.append([name, str(g["n"]), _fmt(ln.get("chars_mean"), 1), _fmt(ln.get("words_mean"), 1),
                          _fmt(d["rep_2"]), _fmt(d["rep_3"]), _fmt(d["rep_4"]), _fmt(d["diversity"], 3),
-                         _fmt(d["log_diversity"]), f"{d['n_used']} / {d['n_too_short']}", str(g["truncated"])])
+                         _fmt(d["log_diversity"]), str(d["n_tokens"]), f"{d['n_used']} / {d['n_too_short']}",
+                         str(g["truncated"])])
         n_tok = sorted({g["diversity"]["n_tokens"] for _, g in sets})
+        auto = any(str(g["diversity"].get("n_tokens_rule", "")).startswith("auto") for _, g in sets)
         modes = sorted({g["diversity"].get("mode", "formula") for _, g in sets})
         how = {"formula": "formula mode: rep-n = 100·(1 − unique n-grams / n-grams) over all n-grams of each answer",
                "paper": "paper mode: as the NEFTune paper's numbers were computed by SimCTG's code — each answer's "
@@ -234,11 +236,13 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
                          f"{' (the runs do not all use the same mode: compare with care)' if len(modes) > 1 else ''}"
                          f"; diversity = "
                          f"∏(1 − rep-n/100) for n = 2..4; log-diversity = −log(1 − diversity), capped at 20. These "
-                         f"use the first {', '.join(map(str, n_tok))} whitespace tokens of each answer; shorter "
-                         f"answers are left out (column 'used / too short'). 'cut' = outputs that hit the "
-                         f"generation budget."),
+                         f"use the first N whitespace tokens of each answer (column N"
+                         f"{'; auto: per generation file, the largest N that keeps at least 80% of its answers' if auto else ''}"
+                         f"); shorter answers are left out (column 'used / too short')"
+                         f"{'. N differs between rows: rep-n and diversity compare only at one N (set --n_tokens to one value in every eval)' if len(n_tok) > 1 else ''}"
+                         f". 'cut' = outputs that hit the generation budget."),
                    ("table", ["run / generations", "n", "chars", "words", "rep-2", "rep-3", "rep-4", "diversity",
-                              "log-div", "used / too short", "cut"], rows)]
+                              "log-div", "N", "used / too short", "cut"], rows)]
         ov = [(n, g) for n, g in sets if g.get("overlap")]
         if ov:
             rows = [[n, str(g["overlap"]["n"]), _fmt(g["overlap"]["rouge_l_mean"], 4),
