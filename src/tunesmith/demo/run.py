@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.progress import Stages
 
 MARKER = "demo.json"
 OUR_ENTRIES = (MARKER, "data", "runs", "judge", "report.md", "report.html", "summary.png", "loss_curves.png",
@@ -377,12 +378,17 @@ def _run(cfg: DemoConfig) -> dict:
 
     per_variant: dict[str, list[dict]] = {}
     run_dirs, winrates, spin_dirs = [], [], {}
+    trainings = (("sft", None, "SFT run"), ("neftune", cfg.neftune_alpha, f"NEFTune run (alpha {cfg.neftune_alpha:g})"))
+    # per seed: the trainings, SPIN's run, one evaluation per variant; then the report
+    stages = Stages(cfg.seeds * (len(trainings) + bool(cfg.spin) + len(trainings) + cfg.spin) + 1)
     for seed in range(cfg.seeds):
+        of_seed = f" (seed {seed})" if cfg.seeds > 1 else ""
         variants = {}
-        for name, alpha in (("sft", None), ("neftune", cfg.neftune_alpha)):
+        for name, alpha, label in trainings:
             run_dir = out / "runs" / f"{name}-seed{seed}"
             t = time.time()
-            sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
+            with stages(label + of_seed):
+                sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
             state["timings_s"][f"train {run_dir.name}"] = round(time.time() - t, 1)
             variants[name] = (run_dir, run_dir)
         if cfg.spin:
@@ -390,28 +396,30 @@ def _run(cfg: DemoConfig) -> dict:
 
             spin_dir = out / "runs" / f"spin-seed{seed}"
             t = time.time()
-            spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
+            with stages(f"SPIN run: {cfg.spin} iteration(s) on the SFT model{of_seed}"):
+                spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
             state["timings_s"][f"train {spin_dir.name}"] = round(time.time() - t, 1)
             spin_dirs[seed] = spin_dir
             for it in range(cfg.spin):
                 run_dir = out / "runs" / f"spin{it + 1}-seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
-        for name, (model_dir, run_dir) in variants.items():
+        for name, (model_dir, run_dir) in variants.items():  # sft first: the others' win rates are against it
             t = time.time()
-            result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
+            versus = "" if name == "sft" else ", win rate vs sft"
+            with stages(f"evaluate {name}: generate answers, losses, facts{versus}{of_seed}"):
+                result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
+                per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
+                run_dirs.append(str(run_dir))
+                if name != "sft":
+                    jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
+                    w = win_rate_under(judge, run_dir, variants["sft"][1], jdir, f"{name}-seed{seed}",
+                                       f"sft-seed{seed}", seed)
+                    per_variant[name][-1]["win_rate"] = w["win_rate"]
+                    winrates.append(str(jdir))
             state["timings_s"][f"evaluate {run_dir.name}"] = round(time.time() - t, 1)
-            per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
-            run_dirs.append(str(run_dir))
-        for name in variants:
-            if name == "sft":
-                continue
-            jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
-            w = win_rate_under(judge, variants[name][1], variants["sft"][1], jdir, f"{name}-seed{seed}",
-                               f"sft-seed{seed}", seed)
-            per_variant[name][-1]["win_rate"] = w["win_rate"]
-            winrates.append(str(jdir))
         atomic_write_json(out / MARKER, state | {"per_variant": per_variant})
+    stages.start("report")
 
     header, rows = summary_table(per_variant)
     title = "tunesmith demo: NEFTune" + (" and SPIN" if cfg.spin else "") + " on a tiny pretrained model"
@@ -454,6 +462,7 @@ def _run(cfg: DemoConfig) -> dict:
     blocks += [b for b in suite_blocks if b[0] != "h1"]
     atomic_write_text(out / "report.md", R.to_markdown(blocks))
     atomic_write_text(out / "report.html", R.to_html(blocks, title))
+    stages.end()
     state["timings_s"]["total"] = round(time.time() - t0, 1)
     state.update(complete=True, per_variant=per_variant, summary={"header": header, "rows": rows},
                  report=str(out / "report.md"))

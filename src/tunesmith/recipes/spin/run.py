@@ -368,16 +368,21 @@ class Run:
             self.close()
 
     def _train(self) -> str:
+        from tunesmith.progress import Stages
+
         cfg = self.cfg
+        stages = Stages(cfg.num_iterations * len(STAGES), speak=cfg.process_index == 0, say=log.info)
+        what = {"generate": f"generate answers to {len(self.prompts)} prompts",
+                "reference": "score real and generated answers (reference log-probs)",
+                "train": "train on the pairs and save the model"}
         for t in range(cfg.num_iterations):
-            if all(self.done(t, s) for s in STAGES):
-                continue
             loaded = []  # theta_t, loaded once per iteration when a stage first needs it
             for stage in STAGES:
+                label = f"SPIN iteration {t + 1} of {cfg.num_iterations}: {what[stage]}"
                 if self.done(t, stage):
+                    stages.skip(label)
                     continue
-                if cfg.process_index == 0:
-                    log.info(f"spin: iteration {t}: {stage}")
+                stages.start(label)
                 if stage == "train":  # training takes theta_t over: no other reference to it stays alive
                     metrics = self.stage_train(t, lambda: loaded.pop() if loaded else self.load_model(t))
                     if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
@@ -391,8 +396,9 @@ class Run:
                             loaded.append(self.load_model(t))
                         metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
+                stages.end()
                 if cfg.process_index == 0:
-                    log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
+                    log.info("  " + ", ".join(
                         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if cfg.process_index == 0:
             self.write_summary()
