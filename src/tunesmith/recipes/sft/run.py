@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics
+from tunesmith.callbacks import JsonlMetrics, readable_logs
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.prepare import prepare_dataset
@@ -159,6 +159,7 @@ def train(config, callbacks: list | None = None) -> str:
             model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
             data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
             neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
         for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
             trainer.add_callback(callback)
         if not done:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics
+from tunesmith.callbacks import JsonlMetrics, readable_logs
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, prepare_dataset
@@ -277,6 +277,7 @@ class Run:
                               neftune_alpha=cfg.neftune_noise_alpha,
                               neftune_distribution=cfg.neftune_noise_distribution,
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         trainer.add_callback(checkpoint_callback(self.fingerprint))
         for cb in self.callbacks:
