@@ -227,6 +227,12 @@ def spin_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int
 
 # ---------------------------------------------------------------- summary
 
+BETTER = {  # which direction is better, said on the summary plot's panels
+    "train_loss": "neither: a measure of fit", "heldout_loss": "lower is better",
+    "rouge_l_train": "lower: less copying", "bleu_train": "lower: less copying", "chars": "longer: the paper's aim",
+    "words": "longer: the paper's aim", "log_diversity": "higher: more varied", "fact_precision": "higher is better",
+    "fact_recall": "higher is better", "win_rate": "higher is better, 50 = tie"}
+
 METRICS = (  # (key, label, digits, the paper's direction for NEFTune)
     ("train_loss", "training loss, noise-free", 4, "higher"),
     ("heldout_loss", "held-out loss", 4, "no worse"),
@@ -302,11 +308,24 @@ def summary_table(per_variant: dict[str, list[dict]]) -> tuple[list[str], list[l
 def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
     from tunesmith.evaluation.report import _plt
 
+    fig = summary_figure(per_variant)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return True
+
+
+def summary_figure(per_variant: dict[str, list[dict]]):
+    """One bar panel per measure, titled with the direction that is better; error bars only where seeds give a
+    spread. None when no measure has a value."""
+    from tunesmith.evaluation.report import _plt
+
     plt = _plt()
     keys = [m for m in METRICS if any(isinstance(r.get(m[0]), (int, float)) for rs in per_variant.values()
                                       for r in rs)]
     if not keys:
-        return False
+        return None
     cols = 5
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.6 * nrows), squeeze=False)
@@ -314,19 +333,19 @@ def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
     for ax, (key, label, _, _) in zip(axes.flat, keys):
         names = list(per_variant)
         stats = [mean_std([r.get(key) for r in per_variant[v]]) for v in names]
+        spread = any(s is not None for _, s in stats)  # one seed: no spread to draw (not a zero-width bar)
         ax.bar(range(len(names)), [m if m is not None else 0 for m, _ in stats],
-               yerr=[s or 0 for _, s in stats], color=colors[:len(names)], capsize=3)
+               yerr=[s or 0 for _, s in stats] if spread else None, color=colors[:len(names)],
+               capsize=3 if spread else 0)
         ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
-        ax.set_title(label, fontsize=8)
+        ax.set_title(f"{label}\n({BETTER[key]})", fontsize=8)
         if key == "win_rate":
             ax.axhline(50, color="gray", lw=1, ls="--")
         ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 # ---------------------------------------------------------------- the demo
@@ -435,7 +454,9 @@ def _run(cfg: DemoConfig) -> dict:
              + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
              f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
-             f"{cfg.repetition_penalty:g}. Values are mean ± std over seeds. Wall time {(time.time() - t0) / 60:.1f} min "
+             f"{cfg.repetition_penalty:g}. "
+             + ("Values are mean ± std over seeds. " if cfg.seeds > 1 else "One seed: single values, no spread. ")
+             + f"Wall time {(time.time() - t0) / 60:.1f} min "
              f"with {state['threads']} torch thread(s)."
              + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
     blocks = [("h1", title), ("p", intro), ("h2", "Summary"), ("table", header, rows)]
