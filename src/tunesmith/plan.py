@@ -316,7 +316,7 @@ DTYPE_NAMES = {4: "float32", 2: "16-bit"}
 
 
 def weight_kinds(shape: Shape, precision: Precision, lora: bool, double_quant: bool = True) -> list[dict]:
-    """The stored weights by kind, as the Trainer holds them (ddp, fsdp): how many parameters, in what format, at how
+    """The stored weights by kind, as the Trainer holds them under ddp: how many parameters, in what format, at how
     many bytes each. QLoRA's 4-bit weights are counted at their real size (4-bit codes plus the quantization
     constants), not at the compute dtype."""
     kinds = []
@@ -349,7 +349,7 @@ def format_plan(result: dict, gpu_memory_gib: float) -> str:
              f"{'with' if r['gradient_checkpointing'] else 'without'} gradient checkpointing, optim {r['optim']}, "
              f"compute in {DTYPE_NAMES.get(r['compute_bytes'], r['compute_bytes'])}"]
     if kinds:
-        lines.append("weights as stored (ddp, fsdp): " + "; ".join(
+        lines.append("weights as stored (ddp): " + "; ".join(
             f"{_count(k['params'])} {k['kind']} ({k['bytes_per_param']:.3g} B/param)" for k in kinds)
             + f" = {stored / r['params']:.3g} B/param on average")
     lines += ["", "| strategy | weights | gradients | optimizer | param buffers | activations | total GiB | fits "
@@ -358,11 +358,11 @@ def format_plan(result: dict, gpu_memory_gib: float) -> str:
         fits = "yes" if p["total"] <= 0.9 * gpu_memory_gib * GiB else "no"
         lines.append(f"| {name} | " + " | ".join(f"{p[k] / GiB:.2f}" for k in (
             "weights", "gradients", "optimizer", "buffers", "activations", "total")) + f" | {fits} |")
-    lines += ["", "How the strategies store a model: ddp and fsdp (transformers' Trainer) keep the weights as stored "
-              "above, with a 16-bit copy of the trained weights under mixed precision (in 'weights' for ddp, "
-              "'param buffers' for fsdp) and gradients in the weights' dtype; zero2 / zero3 (DeepSpeed) keep 16-bit "
-              "weights and gradients and put the float32 master copy with the optimizer state (12 B per trained "
-              "parameter with Adam)."]
+    lines += ["", "How the strategies store a model: ddp keeps the weights as listed above, gradients in their "
+              "dtype and, under mixed precision, a 16-bit copy of the trained weights; fsdp keeps float32 master "
+              "shards (accelerate upcasts a 16-bit model) and gathers 16-bit copies ('param buffers'); zero2 / zero3 "
+              "(DeepSpeed) keep 16-bit weights and gradients and put the float32 master copy with the optimizer "
+              "state (12 B per trained parameter with Adam)."]
     if r["num_gpus"] == 1:
         lines.append("On 1 GPU nothing is sharded: the strategies differ only in that bookkeeping (and ZeRO-3's "
                      "gather buffers), not in what is split; sharding (fsdp_*, zero*) saves memory from 2 GPUs on "
