@@ -34,7 +34,7 @@ def two_runs(tiny_model_dir, tmp_path_factory):
 
 def manual_loss(model_dir, data):
     """Token-weighted NLL over response tokens computed straight from HF's own per-example loss."""
-    from tunesmith.data.prepare import load_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.data.templates import load_saved_template
     from tunesmith.data.tokenize import encode
     from tunesmith.models import load_model_and_tokenizer
@@ -42,7 +42,7 @@ def manual_loss(model_dir, data):
     model, tok = load_model_and_tokenizer(model_dir)
     template = load_saved_template(model_dir, tok)
     total = count = 0.0
-    for ex in load_examples(data):
+    for ex in read_examples(data):
         enc = encode(tok, template, ex, 512)
         n = sum(1 for x in enc["labels"][1:] if x != -100)
         with torch.no_grad():

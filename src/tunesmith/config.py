@@ -292,8 +292,11 @@ class ModelArgs:
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
 
     def __post_init__(self):
+        from tunesmith.io import resolve_path
+
         if not self.model_name_or_path:
             raise UserError("field 'model_name_or_path' is required")
+        self.model_name_or_path = resolve_path(self.model_name_or_path)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         check_attn_implementation(self.attn_implementation)
@@ -303,13 +306,19 @@ class ModelArgs:
 class DataArgs:
     """Data"""
 
-    dataset: str | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file or a hub dataset name "
-                                   "(required).")
-    eval_dataset: str | None = _f(None, "Held-out data (same formats), scored noise-free at evaluations.")
+    dataset: str | list | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file, a pipe, pkg:PACKAGE/path "
+                                          "or a hub dataset name; or a list of sources (a, b or YAML mappings "
+                                          "{path, split, format, template, weight, num_samples}) mixed by "
+                                          "'mixture' (required).")
+    eval_dataset: str | list | None = _f(None, "Held-out data (same forms), scored noise-free at evaluations, each "
+                                               "source on its own.")
+    mixture: str = _f("concat", "How several training sources mix: concat (all of each) or interleave (drawn by "
+                                "weight until a source runs out); seeded by seed.")
     dataset_format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
-    template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
-                                        "once, then {response} once, last.")
+    template: str | None = _f("auto", "auto (the tokenizer's chat template for chat data when it has one, else "
+                                      "alpaca), alpaca, instruction_response, qa, chat, or a format string with "
+                                      "{prompt} once, then {response} once, last.")
     chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
                                          "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
@@ -321,8 +330,12 @@ class DataArgs:
                                             "in $HF_DATASETS_CACHE/tunesmith and reused by later runs.")
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        check_sources(self.dataset, "dataset", self.mixture)
+        check_sources(self.eval_dataset, "eval_dataset", weights=False)
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise UserError(f"dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         if self.chat_template is not None:

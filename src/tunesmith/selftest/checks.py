@@ -92,8 +92,8 @@ def reloaded_loss(ctx: Context, out: Path, values: dict, load_in_4bit: bool = Fa
     model, tok = load_model_and_tokenizer(str(out), values["dtype"], load_in_4bit)
     if not load_in_4bit:
         model = model.to(ctx.device)
-    _, _, _, eval_set, _ = prepare_data(cfg, tok)
-    loss = rows_loss(model, eval_set, Collator(tok.pad_token_id), values["per_device_eval_batch_size"],
+    _, _, _, eval_sets, _ = prepare_data(cfg, tok)  # held-out sets by name: one source is named "eval"
+    loss = rows_loss(model, eval_sets["eval"], Collator(tok.pad_token_id), values["per_device_eval_batch_size"],
                      ctx.device)["loss"]
     n = sum(p.numel() for p in model.parameters())
     del model

@@ -56,8 +56,8 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     model_path = resolve_path(cfg.model_name_or_path)
 
     train_records = _load_split(cfg.dataset, "train")
-    val_records = _load_split(cfg.eval_dataset, "validation")
-    test_records = _load_split(cfg.test_dataset, "test")
+    val_records = _load_split(cfg.eval_dataset, "validation", "eval_dataset")
+    test_records = _load_split(cfg.test_dataset, "test", "test_dataset")
     names = label_names(cfg, train_records)
     splits = {"train": encode_split(cfg, train_records, names)}
     if val_records:
