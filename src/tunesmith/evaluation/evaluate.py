@@ -94,7 +94,7 @@ def dataset_loss_of(model, tokenizer, template, source, cfg: EvalConfig) -> dict
     rows, summary = tokenize_sources([source], tokenizer, template, cfg.max_length)
     rows = rows[np.argsort(rows.lengths, kind="stable")]  # less padding; the token-weighted sum is order-free
     result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
-                       device=next(model.parameters()).device)
+                       device=next(model.parameters()).device, desc=f"noise-free loss on {source.name}")
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
