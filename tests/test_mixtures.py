@@ -192,3 +192,40 @@ def test_an_interleaved_mixture_packs_and_batches_like_its_list(tiny_tokenizer, 
     assert list(pack(rows, 512)) == list(pack(listed, 512))
     batch = Collator(0)(rows[0:4])
     assert batch["input_ids"].shape[0] == 4
+
+
+def test_mapped_caches_a_recipes_own_table_over_examples_or_records(tmp_path, monkeypatch):
+    import pyarrow as pa
+    from datasets import Features, Value
+
+    from tunesmith.data import prepare
+    from tunesmith.data.prepare import row_examples
+    from tunesmith.data.source import open_source
+
+    rows = alpaca_rows(5)
+    source = open_source(write_jsonl(tmp_path / "a.jsonl", rows))
+
+    def prompts(batch):
+        return {"prompt": [ex.turns[0].prompt for ex in row_examples(batch)]}
+
+    features = Features({"loc": Value("string"), "prompt": Value("string")})
+    table, manifest = source.mapped(prompts, key={"stage": "prompts"}, features=features, cache_dir=tmp_path / "c")
+    assert table["prompt"] == [r["instruction"] for r in rows] and table.column_names == ["loc", "prompt"]
+    assert manifest["examples"] == 5 and table["loc"][1].endswith("a.jsonl:2")
+    with monkeypatch.context() as m:
+        m.setattr(prepare, "_build_entry", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+        again, _ = source.mapped(prompts, key={"stage": "prompts"}, features=features, cache_dir=tmp_path / "c")
+    assert again["prompt"] == table["prompt"]
+
+    schema = pa.schema([("loc", pa.string()), ("chosen", pa.string())])  # records that are not examples
+
+    def to_row(record):
+        return {"loc": record.loc, "chosen": record.data["output"]}
+
+    def upper(batch):
+        return {"chosen": [c.upper() for c in batch["chosen"]]}
+
+    pairs, _ = source.mapped(upper, key={"stage": "pairs"}, normalise=(to_row, schema), cache_dir=tmp_path / "c",
+                             features=Features({"loc": Value("string"), "chosen": Value("string")}))
+    assert pairs["chosen"] == [r["output"].upper() for r in rows]
+    assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 2

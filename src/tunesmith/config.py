@@ -307,8 +307,8 @@ class DataArgs:
     """Data"""
 
     dataset: str | list | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file, a pipe, pkg:PACKAGE/path "
-                                          "or a hub dataset name; or a list of sources (a, b or YAML mappings "
-                                          "{path, split, format, template, weight, num_samples}) mixed by "
+                                          "or a hub dataset name; or a list of sources (a.jsonl,b.jsonl, or YAML "
+                                          "mappings {path, split, format, template, weight, num_samples}) mixed by "
                                           "'mixture' (required).")
     eval_dataset: str | list | None = _f(None, "Held-out data (same forms), scored noise-free at evaluations, each "
                                                "source on its own.")

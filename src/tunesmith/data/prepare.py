@@ -142,22 +142,27 @@ def row_examples(batch: dict) -> list[Example]:
                                                       batch["loc"])]
 
 
-def _write_examples(source, path: Path, require_response: bool = True) -> int:
-    """Stream the records of ``source`` into an Arrow file of normalised examples; returns how many."""
+def _write_examples(source, path: Path, require_response: bool = True, normalise=None) -> list[str]:
+    """Stream the records of ``source`` into an Arrow file of normalised examples (or of ``normalise``'s rows);
+    returns the columns written."""
     import pyarrow as pa
 
-    schema = _example_schema()
-    n, rows = 0, []
+    if normalise is None:
+        schema = _example_schema()
+        rows_of = (_example_row(example) for example in source.examples(require_response))
+    else:
+        to_row, schema = normalise
+        rows_of = (to_row(record) for record in source.records())
+    rows = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for example in source.examples(require_response):
-            rows.append(_example_row(example))
-            n += 1
+        for row in rows_of:
+            rows.append(row)
             if len(rows) == BATCH:
                 writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
                 rows = []
         if rows:
             writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-    return n
+    return schema.names
 
 
 def _tokenize_rows(batch: dict, tokenizer, template: Template, max_length: int, train_on_prompt: bool) -> dict:
@@ -259,17 +264,18 @@ def _load_entry(entry: Path):
 
 
 def _build_entry(source, root: Path, entry: Path, function, fn_kwargs: dict, features, require_response: bool,
-                 num_proc: int | None, desc: str | None, finish) -> None:
+                 num_proc: int | None, desc: str | None, finish, normalise=None) -> None:
     from datasets import Dataset
 
     root.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.building-"))
     try:
-        n = _write_examples(source, build / "examples.arrow", require_response)
+        columns = _write_examples(source, build / "examples.arrow", require_response, normalise)
         examples = Dataset.from_file(str(build / "examples.arrow"))
+        n = len(examples)
         mapped = examples.map(
             function, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc and num_proc > 1 else None,
-            fn_kwargs=fn_kwargs, remove_columns=list(EXAMPLE_COLUMNS), features=features,
+            fn_kwargs=fn_kwargs, remove_columns=[c for c in columns if c != "loc"], features=features,
             cache_file_name=str(build / "data.arrow"), load_from_cache_file=False, new_fingerprint=entry.name,
             desc=desc or f"preparing {source.display}")
         del examples
@@ -289,7 +295,7 @@ def _build_entry(source, root: Path, entry: Path, function, fn_kwargs: dict, fea
 
 def cached_map(source, function, *, key: dict, features, tokenizer=None, fn_kwargs: dict | None = None,
                require_response: bool = True, num_proc: int | None = None,
-               cache_dir: str | os.PathLike | None = None, desc: str | None = None, finish=None):
+               cache_dir: str | os.PathLike | None = None, desc: str | None = None, finish=None, normalise=None):
     """``function`` mapped over the normalised examples of ``source`` (a :class:`~tunesmith.data.source.DataSource`),
     built once and cached; returns ``(datasets.Dataset, manifest)``.
 
@@ -299,13 +305,19 @@ def cached_map(source, function, *, key: dict, features, tokenizer=None, fn_kwar
     bytes, the source's path / split / format, ``require_response`` and the tokenizer (when given) are added.
     ``finish(dataset, build_dir)``: run once on the fresh output; it may write files into ``build_dir`` and returns
     a JSON-able dict stored in the manifest (raise UserError there to refuse the data: nothing is cached).
+    ``normalise``: ``(to_row, pyarrow_schema)`` to stream ``to_row(record) -> dict`` rows (with a ``loc`` column)
+    instead of normalised examples, for records that are not examples (preference pairs); ``function`` then gets
+    batches of those columns, and every column but ``loc`` is dropped from the output unless it returns it.
     """
+    if normalise is not None:
+        key = {**key, "normalise": getattr(normalise[0], "__qualname__", repr(normalise[0])),
+               "normalise_schema": str(normalise[1])}
     root = cache_root(cache_dir)
     with _node_main_process_first():
         entry = root / _fingerprint(source, key, tokenizer, require_response)
         if not (entry / "manifest.json").exists():
             _build_entry(source, root, entry, function, fn_kwargs or {}, features, require_response, num_proc, desc,
-                         finish)
+                         finish, normalise)
         dataset, manifest = _load_entry(entry)
     manifest["entry"] = str(entry)
     return dataset, manifest

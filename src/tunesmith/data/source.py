@@ -268,8 +268,9 @@ class DataSource:
 
     def mapped(self, function, *, key: dict, features, tokenizer=None, fn_kwargs: dict | None = None,
                require_response: bool = True, num_proc: int | None = None,
-               cache_dir: str | os.PathLike | None = None, desc: str | None = None, finish=None):
-        """``(datasets.Dataset, manifest)``: ``function`` mapped (batched) over the normalised examples, cached.
+               cache_dir: str | os.PathLike | None = None, desc: str | None = None, finish=None, normalise=None):
+        """``(datasets.Dataset, manifest)``: ``function`` mapped (batched) over the normalised examples (or over
+        ``normalise``'s rows of the records), cached.
 
         See :func:`tunesmith.data.prepare.cached_map` for the arguments; ``key`` must hold every setting that changes
         the output (the data's bytes, the tokenizer and ``require_response`` are added)."""
@@ -277,7 +278,7 @@ class DataSource:
 
         return cached_map(self, function, key=key, features=features, tokenizer=tokenizer, fn_kwargs=fn_kwargs,
                           require_response=require_response, num_proc=num_proc, cache_dir=cache_dir, desc=desc,
-                          finish=finish)
+                          finish=finish, normalise=normalise)
 
     def template(self, default, tokenizer):
         """The template this source is rendered with: its own ``template`` when given, else ``default``."""
