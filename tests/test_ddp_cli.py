@@ -26,7 +26,8 @@ def free_port() -> int:
 
 def test_the_docs_show_the_ddp_command_as_tested():
     shown = [line.split("#")[0].strip() for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-             for line in page.read_text(encoding="utf-8").splitlines() if "torchrun" in line and "tunesmith.cli" in line]
+             for line in page.read_text(encoding="utf-8").splitlines()
+             if "torchrun" in line and "tunesmith.cli" in line]
     assert DDP_LINE in shown
 
 
@@ -52,7 +53,8 @@ def test_the_documented_ddp_command_runs_on_cpu(tiny_model_dir, tmp_path):
     (tmp_path / "run.yaml").write_text(
         f"model_name_or_path: {tiny_model_dir}\ndataset: train.jsonl\noutput_dir: out\nmax_length: 256\n"
         "per_device_train_batch_size: 2\nnum_train_epochs: 1\nlogging_steps: 1\nsave_strategy: 'no'\n"
-        "report_to: none\ntrain_loss_eval_samples: 4\ntemplate: alpaca\nuse_peft: true\n")  # no use_cpu: the launcher and the machine decide
+        "report_to: none\ntrain_loss_eval_samples: 4\ntemplate: alpaca\nuse_peft: true\n")
+    # no use_cpu in run.yaml: the launcher and the machine decide
     argv = shlex.split(DDP_LINE)
     if shutil.which("torchrun") is None:
         argv = [sys.executable, "-m", "torch.distributed.run"] + argv[1:]

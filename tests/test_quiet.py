@@ -32,7 +32,8 @@ def test_logger_level_is_restored():
 def test_metrics_print_as_numbers():
     line = log_line(25, {"loss": 3.72345, "grad_norm": 9.0771, "learning_rate": 0.0010400001, "epoch": 0.49019,
                          "num_input_tokens_seen": 20696, "total_flos": 1e12})
-    assert line == "step 25: loss 3.723, grad_norm 9.077, learning_rate 0.00104, epoch 0.4902, num_input_tokens_seen 20696"
+    assert line == ("step 25: loss 3.723, grad_norm 9.077, learning_rate 0.00104, epoch 0.4902, "
+                    "num_input_tokens_seen 20696")
 
 
 def test_a_new_classification_head_is_said_in_plain_words(capfd):

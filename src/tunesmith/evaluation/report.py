@@ -193,7 +193,8 @@ def overlap_figure(sets: list[tuple[str, dict]]):
     from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(sets) + 2.9))
-    for ax, key, title in ((axes[0], "rouge_l", "ROUGE-L F vs reference"), (axes[1], "bleu", "sentence BLEU vs reference")):
+    for ax, key, title in ((axes[0], "rouge_l", "ROUGE-L F vs reference"),
+                           (axes[1], "bleu", "sentence BLEU vs reference")):
         boxes = _horizontal_boxplot(ax, [o[key] for _, o in sets])
         ax.set_yticks(range(1, len(sets) + 1), [n for n, _ in sets], fontsize=8)
         ax.set_title(title + "\n(higher: closer to the reference; on training prompts, more copying)", fontsize=9)
@@ -331,6 +332,9 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
                          str(g["truncated"])])
         n_tok = sorted({g["diversity"]["n_tokens"] for _, g in sets})
         auto = any(str(g["diversity"].get("n_tokens_rule", "")).startswith("auto") for _, g in sets)
+        auto_note = "; auto: per generation file, the largest N that keeps at least 80% of its answers" if auto else ""
+        mixed_note = (". N differs between rows: rep-n and diversity compare only at one N (set --n_tokens to one "
+                      "value in every eval)") if len(n_tok) > 1 else ""
         modes = sorted({g["diversity"].get("mode", "formula") for _, g in sets})
         how = {"formula": "formula mode: rep-n = 100·(1 − unique n-grams / n-grams) over all n-grams of each answer",
                "paper": "paper mode: as the NEFTune paper's numbers were computed by SimCTG's code — each answer's "
@@ -340,11 +344,9 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
                          f"{' (the runs do not all use the same mode: compare with care)' if len(modes) > 1 else ''}"
                          f"; diversity = "
                          f"∏(1 − rep-n/100) for n = 2..4; log-diversity = −log(1 − diversity), capped at 20. These "
-                         f"use the first N whitespace tokens of each answer (column N"
-                         f"{'; auto: per generation file, the largest N that keeps at least 80% of its answers' if auto else ''}"
-                         f"); shorter answers are left out (column 'used / too short')"
-                         f"{'. N differs between rows: rep-n and diversity compare only at one N (set --n_tokens to one value in every eval)' if len(n_tok) > 1 else ''}"
-                         f". 'cut' = outputs that hit the generation budget."),
+                         f"use the first N whitespace tokens of each answer (column N{auto_note}); shorter answers "
+                         f"are left out (column 'used / too short'){mixed_note}. 'cut' = outputs that hit the "
+                         f"generation budget."),
                    ("table", ["run / generations", "n", "chars", "words", "rep-2", "rep-3", "rep-4", "diversity",
                               "log-div", "N", "used / too short", "cut"], rows)]
         ov = [(n, g) for n, g in sets if g.get("overlap")]
