@@ -45,8 +45,10 @@ class EvalConfig:
     references: str | list = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
                                                           "instruction and input (default: each row's 'reference' "
                                                           "field)"})
-    n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
-                                                        "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
+    n_tokens: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "rep-n / diversity use the first N whitespace tokens of each answer; auto: per generation file, the "
+                "largest N that keeps at least 80% of the answers (the paper's fixed N: 50 Alpaca, 100 "
+                "Evol-Instruct, 150 ShareGPT)"})
     diversity_mode: Literal["formula", "paper"] = field(default="formula", metadata={
         "help": "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
                 "each answer's last n-gram skipped, rep-n rounded to 2 decimals)"})
@@ -75,7 +77,7 @@ class EvalConfig:
         if not self.dataset and not self.generations and not self.tasks:
             raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
         least = 5 if self.diversity_mode == "paper" else 4
-        if self.n_tokens < least:
+        if self.n_tokens != "auto" and self.n_tokens < least:
             raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
                             f"{', and paper mode skips the last one' if least == 5 else ''}), got {self.n_tokens}")
 
@@ -92,7 +94,7 @@ def dataset_loss_of(model, tokenizer, template, source, cfg: EvalConfig) -> dict
     rows, summary = tokenize_sources([source], tokenizer, template, cfg.max_length)
     rows = rows[np.argsort(rows.lengths, kind="stable")]  # less padding; the token-weighted sum is order-free
     result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
-                       device=next(model.parameters()).device)
+                       device=next(model.parameters()).device, desc=f"noise-free loss on {source.name}")
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
@@ -109,7 +111,7 @@ def reference_map(value, cfg: EvalConfig) -> dict[tuple[str, str], str]:
     return refs
 
 
-def generation_stats(path: str, n_tokens: int, refs: dict[tuple[str, str], str] | None = None,
+def generation_stats(path: str, n_tokens: int | str, refs: dict[tuple[str, str], str] | None = None,
                      diversity_mode: str = "formula") -> dict:
     gens = read_generations(path)
     outputs = [g.output for g in gens]
@@ -189,7 +191,9 @@ def format_result(r: dict) -> str:
         lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "
                      f"rep-2 {_f(d['rep_2'])} rep-3 {_f(d['rep_3'])} rep-4 {_f(d['rep_4'])} "
                      f"diversity {_f(d['diversity'], 3)} log-div {_f(d['log_diversity'])} "
-                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words; {d['n_too_short']} shorter left "
+                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words"
+                     f"{' (auto)' if str(d.get('n_tokens_rule', '')).startswith('auto') else ''}; "
+                     f"{d['n_too_short']} shorter left "
                      f"out; cut at budget "
                      f"{g['truncated']})")
         if g["overlap"]:

@@ -21,7 +21,6 @@ from tunesmith.selftest.measure import GiB, Peak, flops_per_token, free_memory, 
 from tunesmith.selftest.run import Context, Record, Spec
 
 NEFTUNE_ALPHA = 5.0
-OPTIONAL = ("bitsandbytes", "flash_attn", "deepspeed", "vllm", "liger_kernel")
 DISTRIBUTIONS = ("tunesmith", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
                  "trl", "bitsandbytes", "flash-attn", "deepspeed", "vllm", "liger-kernel")
 

@@ -8,8 +8,9 @@ and every other waiting request that can share its decoding settings (greedy wit
 temperature / top_p / top_k / repetition penalty), up to ``max_batch_size`` sequences, and decodes them as one batch;
 each row stops on its own (EOS, its ``max_tokens``, a stop string, a client that went away). A request that arrives
 while a batch runs waits for the next batch; when the worker wakes for a request it waits up to ``batch_wait``
-seconds (default 10 ms) for others of the same burst, unless a full batch is already waiting. A sampled request with a ``seed`` runs in a batch of its own, so the same
-seed and prompt give the same sample (as ``tunesmith generate --do_sample --seed`` does for one prompt).
+seconds (default 10 ms) for others of the same burst, unless a full batch is already waiting. A sampled request
+with a ``seed`` runs in a batch of its own, so the same seed and prompt give the same sample (as ``tunesmith generate
+--do_sample true --seed S`` does for one prompt).
 
 The waiting list is bounded (``max_queue`` requests): beyond it :meth:`Engine.submit` raises :class:`Busy` (the
 server answers 503) instead of queueing without end.
@@ -296,10 +297,10 @@ class Job:
         """Take one new token; True when the choice is over."""
         if choice.finish_reason is not None:
             return True
+        choice.tokens += 1
         if self.cancelled:
             choice.finish_reason = "cancelled"
             return True
-        choice.tokens += 1
         if token in eos:
             self._finish(choice, "stop")
             return True
@@ -348,6 +349,8 @@ class Engine:
         self.closing = False
         self.batches = 0  # decoded batches (for tests and logs)
         self.largest_batch = 0
+        self.generated = 0  # tokens generated, all requests
+        self.busy = False  # a batch is being decoded
         self.thread = threading.Thread(target=self._loop, name=f"tunesmith-serve-{served.name}", daemon=True)
         self.thread.start()
 
@@ -400,7 +403,11 @@ class Engine:
                        and (left := deadline - time.monotonic()) > 0):
                     self.cond.wait(left)
                 batch = self._take()
-            self._run(batch)
+                self.busy = True
+            try:
+                self._run(batch)
+            finally:
+                self.busy = False
 
     def _run(self, jobs: list[Job]) -> None:
         live = [j for j in jobs if not j.cancelled]
@@ -419,6 +426,7 @@ class Engine:
             error = e
         for job in live:
             job.close(error)
+            self.generated += job.completion_tokens
 
 
 def decode(served: Served, jobs: list[Job], eos: set[int], closing: Callable[[], bool] = lambda: False) -> None:
