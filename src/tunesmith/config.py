@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -232,6 +233,7 @@ class Config:
             if key not in owners:
                 raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
             by_part[owners[key]][key] = value
+        launched_on_cpu(by_part)
         device_mixed_precision(by_part)
         cls.prepare(by_part)
         self = object.__new__(cls)
@@ -404,6 +406,26 @@ def read_chat_template(path: str) -> str:
     if "{%" not in text and "{{" not in text:
         raise UserError(f"field 'chat_template': {path} is not a Jinja template (no {{% %}} or {{{{ }}}})")
     return text
+
+
+def launched_on_cpu(by_part: dict[str, dict]) -> None:
+    """Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) on a machine without an accelerator, the run is
+    distributed over CPU processes: ``use_cpu`` is set unless the config sets it. Without it transformers leaves the
+    ranks undistributed (its "parallel_mode != ParallelMode.DISTRIBUTED" warning) and every rank acts as rank 0."""
+    training = by_part.get("training")
+    if training is None or "use_cpu" in training:
+        return
+    try:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return
+    if not distributed:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+        training["use_cpu"] = True
 
 
 def device_mixed_precision(by_part: dict[str, dict]) -> None:

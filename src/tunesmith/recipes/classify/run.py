@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from tunesmith.callbacks import readable_logs
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
@@ -92,8 +93,11 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         model = add_lora(model, cfg.lora, new_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"tunesmith classify: {len(names)} labels ({', '.join(names)}); "
-          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
+    if cfg.training.process_index == 0:
+        fresh = f"; freshly initialized, as expected: {', '.join(new_modules)}" if new_modules else ""
+        print(f"tunesmith classify: new classification head: {len(names)} labels ({', '.join(names)}){fresh}")
+        print(f"tunesmith classify: {trainable:,} of {total:,} parameters train "
+              f"({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
 
     from transformers import DataCollatorWithPadding
 
@@ -106,6 +110,7 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         eval_dataset=tokenized_dataset(tokenizer, *splits["validation"], data.max_length) if val_records else None,
         compute_metrics=compute_metrics if val_records else None, neftune=cfg.neftune)
     started = time.perf_counter()
+    readable_logs(trainer)  # numbers as numbers, rank 0 only
     trainer.add_callback(run.checkpoint_callback())
     trainer.train(resume_from_checkpoint=run.checkpoint)
     report["train_seconds"] = round(time.perf_counter() - started, 2)
@@ -163,7 +168,8 @@ def cli(argv: list[str]) -> int:
     if cfg is None:
         return 0
     out = train(cfg)
-    print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
     return 0
 
 
