@@ -198,7 +198,7 @@ def test_merge_never_deletes_a_directory_tunesmith_did_not_write(tiny_model_dir,
     assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0  # its own output is replaced
     assert (merged / "model.safetensors").exists() and (tmp_path / "mine.partial" / "keep.txt").exists()
     fails(capsys, ["merge", "--adapter", adapter, "--output", adapter],  # nor the training run itself
-          r"not empty and holds a tunesmith sft run")
+          r"also this command's input 'adapter'")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 

@@ -216,13 +216,14 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     """
     import tempfile
 
-    from tunesmith.rundir import check_replaceable, publish_dir, staging_dir
+    from tunesmith.io import follow_umask
+    from tunesmith.rundir import check_replaceable, publish_dir, staging_dir, temp_prefix
 
     path = Path(path)
     if owner is not None:
         check_replaceable(path, owner)  # refuse before the work, not after
     into = owner is None and path.is_dir()
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=path)) if into else staging_dir(path)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("model"), suffix=".partial", dir=path)) if into else staging_dir(path)
     try:
         model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None:
@@ -232,6 +233,7 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
                 shutil.copy(src, tmp / src.name)
         if write is not None:
             write(tmp)
+        follow_umask(tmp)  # safetensors writes 0600, mkdtemp makes 0700: give what plain files and folders get
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -266,11 +268,13 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
     """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir.
     An existing output_dir is replaced only if it is empty or an earlier merge's output."""
-    from tunesmith.rundir import check_replaceable
+    from tunesmith.rundir import check_output_dir, check_replaceable, clean_stale_temps
 
+    check_output_dir(output_dir, "output", command="merge", inputs={"adapter": adapter_dir})
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise UserError(f"{adapter_dir}: no adapter_config.json (not a LoRA adapter directory)")
     check_replaceable(output_dir, "merge")  # a user's directory is refused before any work, and never deleted
+    clean_stale_temps(Path(output_dir).absolute().parent, Path(output_dir).name)  # left by a killed merge
     model, tokenizer = load_model_and_tokenizer(adapter_dir, dtype)
     model = model.merge_and_unload()
     kept = [Path(adapter_dir) / name for name in ("tunesmith_template.json", "tunesmith.yaml", "README.md")]

@@ -258,6 +258,30 @@ class PythonJudge:
 
 # ---------------------------------------------------------------- cache
 
+RESULT_FILES = ("judgements.jsonl", "winrate.json")
+PARTIAL_FILES = ("judgements.partial.jsonl",)
+SHEET_FILES = ("sheet.csv", "sheet.html", "sheet_key.json")
+
+
+def check_cache_file(path: str | Path) -> None:
+    """An existing verdict cache must be one (lines of ``{"key", "verdict"}``; a torn last line is fine): verdicts
+    are appended to it, so a user's file given as ``cache`` is refused before any work."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and set(row) == {"key", "verdict"}
+        except ValueError:
+            ok = i == len(lines) - 1  # a line torn by a kill
+        if not ok:
+            raise UserError(f"{path}:{i + 1}: 'cache' is not a judge cache (lines of key and verdict); verdicts "
+                            f"would be appended to it: choose another file")
+
+
 class VerdictCache:
     """Append-only JSONL of verdicts keyed by (judge, instruction, answer 1, answer 2). Each verdict is one line
     written with a single ``write`` on an O_APPEND descriptor and fsynced; a torn last line (crash) is ignored."""
@@ -381,7 +405,7 @@ def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path
     w = csv.DictWriter(buf, fieldnames=SHEET_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out_dir / "sheet.csv", buf.getvalue())
+    atomic_write_text(out_dir / "sheet.csv", buf.getvalue(), command="judge")
     cells = "".join(
         f"<tr><td>{r['id']}</td><td>{html.escape(r['instruction'])}</td><td>{html.escape(r['answer_1'])}</td>"
         f"<td>{html.escape(r['answer_2'])}</td></tr>\n" for r in rows)
@@ -392,8 +416,8 @@ def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path
         "<h1>Which answer is better?</h1><p>For each id, write <b>1</b>, <b>2</b> or <b>tie</b> in the "
         "<code>verdict</code> column of <code>sheet.csv</code>. Judge helpfulness and correctness; ignore the order."
         "</p><table><tr><th>id</th><th>instruction</th><th>answer 1</th><th>answer 2</th></tr>\n"
-        f"{cells}</table>\n"))
-    atomic_write_json(out_dir / "sheet_key.json", key)
+        f"{cells}</table>\n"), command="judge")
+    atomic_write_json(out_dir / "sheet_key.json", key, command="judge")
     return {"sheet": str(out_dir / "sheet.csv"), "html": str(out_dir / "sheet.html"),
             "key": str(out_dir / "sheet_key.json"), "n": len(rows)}
 
@@ -481,6 +505,8 @@ class JudgeConfig:
     seed: int = field(default=0, metadata={"help": "seed for the bootstrap and the sheet shuffle"})
     name_a: str = field(default="", metadata={"help": "display name of A (default: its 'generator' field)"})
     name_b: str = field(default="", metadata={"help": "display name of B"})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing output files that this command did "
+                                                            "not write (never an input)"})
 
     def __post_init__(self):
         for key in ("output_dir",) + (() if self.judge == "sheet_import" else ("a", "b")):
@@ -494,13 +520,29 @@ class JudgeConfig:
             raise UserError("judge python needs 'python_judge' (module:function)")
         if self.workers < 1:
             raise UserError(f"workers must be at least 1, got {self.workers}")
+        from tunesmith import checks
+
+        checks.number("timeout", self.timeout, low=0, high=3600, low_open=True, why="seconds per request")
+        checks.number("max_retries", self.max_retries, low=0, high=100)
+        checks.number("backoff", self.backoff, low=0, high=600)
+        checks.non_negative("max_consecutive_failures", self.max_consecutive_failures, why="0 = never stop")
+        checks.at_least("n_bootstrap", self.n_bootstrap, 1)
+        checks.number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
+        checks.seed("seed", self.seed)
         if self.judge == "sheet_import" and not self.sheet:
             raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
         from tunesmith.rundir import check_output_dir, check_output_file
 
-        check_output_dir(self.output_dir)
-        if self.cache:
-            check_output_file(self.cache, "cache")
+        files = {"sheet_export": SHEET_FILES, "sheet_import": RESULT_FILES}.get(self.judge,
+                                                                                  RESULT_FILES + PARTIAL_FILES)
+        inputs = {"a": self.a, "b": self.b, "sheet": self.sheet, "judge_prompt": self.judge_prompt,
+                  "model": self.model if self.judge == "local" else ""}
+        check_output_dir(self.output_dir, command="judge", files=files, inputs=inputs, overwrite=self.overwrite)
+        if self.judge not in ("sheet_export", "sheet_import"):
+            cache = self.cache or str(Path(self.output_dir) / "judge_cache.jsonl")
+            if self.cache:
+                check_output_file(self.cache, "cache", inputs=inputs, command="judge", overwrite=True)
+            check_cache_file(cache)
 
 
 def make_judge(cfg: JudgeConfig):
@@ -536,15 +578,15 @@ def run(cfg: JudgeConfig) -> dict:
             judge_pairs(pairs, judge, cache, cfg.both_orders, cfg.max_consecutive_failures, on_row=rows.append,
                         workers=cfg.workers)
         except JudgeStepError:
-            atomic_write_jsonl(out / "judgements.partial.jsonl", rows)
+            atomic_write_jsonl(out / "judgements.partial.jsonl", rows, command="judge")
             print(f"judgements obtained so far: {out / 'judgements.partial.jsonl'} (and the cache; a rerun "
                   f"resumes)", file=sys.stderr)
             raise
     summary = win_rate([r["outcome"] for r in rows], cfg.n_bootstrap, cfg.confidence, cfg.seed)
     summary.update(name_a=name_a, name_b=name_b, judge=cfg.judge, judge_model=cfg.model or cfg.python_judge or None,
                    both_orders=cfg.both_orders if cfg.judge != "sheet_import" else False)
-    atomic_write_jsonl(out / "judgements.jsonl", rows)
-    atomic_write_json(out / "winrate.json", summary)
+    atomic_write_jsonl(out / "judgements.jsonl", rows, command="judge")
+    atomic_write_json(out / "winrate.json", summary, command="judge")
     print(format_summary(summary, name_a, name_b))
     if summary["n"] == 0:
         raise JudgeStepError(f"no prompt could be judged ({summary['unjudged']} unjudged); see "

@@ -26,6 +26,9 @@ CURVES = (("loss", "training loss (as optimised; noisy if NEFTune)", "-"),
           ("eval_eval_loss", "held-out loss", ":"))
 
 
+REPORT_FILES = ("report.md", "report.html", "loss_curves.png", "overlap.png", "winrates.png")
+
+
 @dataclass
 class ReportConfig:
     runs: list[str] = field(default_factory=list, metadata={"help": "run directories (positional arguments)"})
@@ -33,13 +36,16 @@ class ReportConfig:
     winrate: list[str] = field(default_factory=list, metadata={"help": "winrate.json file(s) or judge output "
                                                                        "dir(s)"})
     title: str = field(default="tunesmith report", metadata={"help": "report title"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output file that this command "
+                                                             "did not write (never an input, never a run's own file)"})
 
     def __post_init__(self):
         if not self.runs and not self.winrate:
             raise UserError("nothing to report: give run directories (tunesmith report RUN_A RUN_B ...)")
         from tunesmith.rundir import check_output_dir
 
-        check_output_dir(self.output, "output")
+        check_output_dir(self.output, "output", command="report", files=REPORT_FILES, overwrite=self.overwrite,
+                         inputs={"runs": self.runs, "winrate": self.winrate})
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -104,6 +110,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a plot atomically (a kill never leaves half a PNG), recorded as the report's."""
+    from tunesmith.io import atomic_path
+
+    with atomic_path(path, command="report") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
 def plot_losses(runs: list[dict], path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -127,7 +141,7 @@ def plot_losses(runs: list[dict], path: Path) -> bool:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -144,7 +158,7 @@ def plot_overlap(sets: list[tuple[str, dict]], path: Path) -> bool:
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -165,7 +179,7 @@ def plot_winrates(wrs: list[dict], path: Path) -> bool:
     ax.set_xlim(0, 100)
     ax.set_xlabel("win rate 100·(wins + ½·draws)/n, with bootstrap interval")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -319,8 +333,8 @@ def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(cfg, runs, wrs, out)
-    atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks, cfg.title))
+    atomic_write_text(out / "report.md", to_markdown(blocks), command="report")
+    atomic_write_text(out / "report.html", to_html(blocks, cfg.title), command="report")
     print(f"report: {out / 'report.md'} and {out / 'report.html'} "
           f"({sum(1 for b in blocks if b[0] == 'img')} plots)")
     return out

@@ -95,6 +95,8 @@ class PredictConfig:
     max_length: int = _h("truncate texts to this many tokens", default=256)
     threshold: float = _h("multi-label: a label is predicted when its probability >= threshold", default=0.5)
     trust_remote_code: bool = _h("allow model code from the model directory", default=False)
+    overwrite: bool = _h("replace an existing output file that this command did not write (never an input)",
+                         default=False)
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -103,6 +105,16 @@ class PredictConfig:
             raise UserError("give --text SENTENCE or --dataset DATA to label")
         if isinstance(self.text, str):
             self.text = [self.text]
+        from tunesmith import checks
+
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("max_length", self.max_length, 2)
+        checks.number("threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
+        if self.output:
+            from tunesmith.rundir import check_output_file
+
+            check_output_file(self.output, "output", command="predict", overwrite=self.overwrite,
+                              inputs={"dataset": self.dataset, "model_name_or_path": self.model_name_or_path})
 
 
 def predict(cfg: PredictConfig | dict) -> list[dict]:
@@ -128,7 +140,7 @@ def predict(cfg: PredictConfig | dict) -> list[dict]:
                                    cfg.threshold)
         print(f"{cfg.dataset}: accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f} on {len(records)} texts")
     if cfg.output:
-        atomic_write_jsonl(cfg.output, rows)
+        atomic_write_jsonl(cfg.output, rows, command="predict")
     return rows
 
 
