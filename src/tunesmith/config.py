@@ -150,9 +150,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: expected a string, got {value!r}")
@@ -345,6 +348,19 @@ class LoraArgs:
     def __post_init__(self):
         if self.lora_target_modules is None:
             self.lora_target_modules = ["all-linear"]
+        check_lora_values(self)
+
+
+def check_lora_values(part) -> None:
+    from tunesmith import checks
+
+    checks.at_least("lora_r", part.lora_r, 1)
+    checks.positive("lora_alpha", part.lora_alpha)
+    checks.fraction("lora_dropout", part.lora_dropout)
+    for key in ("lora_target_modules", "modules_to_save"):
+        names = getattr(part, key)
+        if names is not None and any(not str(n).strip() for n in names):
+            raise UserError(f"field '{key}': empty module name in {names}")
 
 
 @dataclasses.dataclass
@@ -356,8 +372,10 @@ class NEFTuneArgs:
                                                     "ablation).")
 
     def __post_init__(self):
-        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
-            raise UserError(f"field 'neftune_noise_alpha' must be >= 0 (0 or unset: off), got {self.neftune_noise_alpha}")
+        from tunesmith import checks
+
+        checks.number("neftune_noise_alpha", self.neftune_noise_alpha, low=0, high=100, optional=True,
+                      why="0 or unset: off; the paper uses 5, 10 or 15, and far larger noise drowns the embeddings")
         if self.neftune_noise_distribution not in ("uniform", "gaussian"):
             raise UserError(f"field 'neftune_noise_distribution' must be uniform or gaussian, "
                             f"got {self.neftune_noise_distribution!r}")

@@ -248,6 +248,30 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     return path
 
 
+def check_module_names(model, target_modules, modules_to_save) -> None:
+    """Every name in ``lora_target_modules`` and ``modules_to_save`` must name a module of the model, matched as
+    peft matches it (a target: the module's name or its last dotted parts; a module to save: a suffix of the name).
+    peft itself fails only when no target at all matches, and ignores a module to save that matches nothing."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target_modules, (list, tuple)):
+        missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise UserError(f"field 'lora_target_modules': {', '.join(repr(t) for t in missing)}: no module of "
+                            f"this model has that name (e.g. {', '.join(_leaf_names(model)[:8])})")
+    missing = [t for t in modules_to_save or () if not any(n.endswith(t) for n in names)]
+    if missing:
+        raise UserError(f"field 'modules_to_save': {', '.join(repr(t) for t in missing)}: no module of this model "
+                        f"has that name (e.g. {', '.join(_leaf_names(model)[:8])})")
+
+
+def _leaf_names(model) -> list[str]:
+    seen: dict[str, None] = {}
+    for n, m in model.named_modules():
+        if n and not list(m.children()):
+            seen.setdefault(n.rsplit(".", 1)[-1], None)
+    return list(seen)
+
+
 def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_type: str = "CAUSAL_LM",
               quantized: bool = False, gradient_checkpointing: bool = False, modules_to_save=None):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -257,6 +281,7 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
     targets = target_modules
     if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == "all-linear":
         targets = "all-linear"
+    check_module_names(model, targets, modules_to_save)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type,
                         modules_to_save=modules_to_save)
     try:

@@ -85,6 +85,11 @@ class DemoConfig:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.n_tokens < 4:
             raise UserError(f"n_tokens must be at least 4, got {self.n_tokens}")
+        from tunesmith import checks
+
+        checks.number("neftune_alpha", self.neftune_alpha, low=0, high=100, low_open=True)
+        checks.positive("repetition_penalty", self.repetition_penalty)
+        checks.seed("data_seed", self.data_seed)
 
 
 # ---------------------------------------------------------------- output directory

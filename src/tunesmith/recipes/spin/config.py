@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from tunesmith import checks
 from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, _f
 from tunesmith.errors import UserError
 from tunesmith.recipes.training import TrainingPart
@@ -49,9 +50,10 @@ class SPINArgs:
             if len(values) != n:
                 raise UserError(f"field '{key}' has {len(values)} values but num_iterations is {n} (give one value "
                                 f"or one per iteration)")
-            bad = [v for v in values if not v > 0]
-            if bad:
-                raise UserError(f"field '{key}' must be > 0, got {bad[0]}")
+            for v in values:
+                checks.positive(key, v)
+                if key == "learning_rate":
+                    checks.number(key, v, high=10, why="SPIN's rates are around 1e-7 .. 1e-6")
             setattr(self, key, [float(v) for v in values])
         if self.loss_type not in ("sigmoid", "hinge"):
             raise UserError(f"field 'loss_type' must be sigmoid or hinge, got {self.loss_type!r}")
@@ -60,8 +62,9 @@ class SPINArgs:
                 raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
         if self.generation_backend not in ("hf", "vllm"):
             raise UserError(f"field 'generation_backend' must be hf or vllm, got {self.generation_backend!r}")
-        if not self.temperature > 0 or not 0 < self.top_p <= 1 or not self.repetition_penalty > 0:
-            raise UserError("generation settings: need temperature > 0, 0 < top_p <= 1, repetition_penalty > 0")
+        checks.positive("temperature", self.temperature)
+        checks.number("top_p", self.top_p, low=0, high=1, low_open=True)
+        checks.positive("repetition_penalty", self.repetition_penalty)
 
 
 @dataclass
