@@ -142,3 +142,24 @@ class ScaledLogits(torch.nn.Module):
         out = self.inner(**kw)
         out.logits = out.logits * 4.0
         return out
+
+
+def save_lora_adapter(base_dir, out, template: str = "alpaca", seed: int = 1) -> str:
+    """A LoRA adapter directory of the model at ``base_dir``, as a tunesmith run saves one (template, chat template),
+    with random non-zero B matrices so that it changes the model's answers (no training needed)."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.data.templates import get_template
+    from tunesmith.models import load_model_and_tokenizer, save_model_dir
+
+    model, tok = load_model_and_tokenizer(str(base_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    save_model_dir(peft_model, tok, out, template=get_template(template, tok))
+    return str(out)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import sft_config
 from tunesmith.neftune import add_noise_to_batch, noise_scale, sample_noise
+from tunesmith.selftest.probes import NoiseProbe
 
 ALPHA = 5.0
 
@@ -91,37 +92,6 @@ def test_builtin_transformers_hook_differs_on_padded_batch():
     assert builtin[1, :2].abs().max() <= padded_bound + 1e-6  # scaled by the padded length 8 ...
     assert ours[1, :2].abs().max() > padded_bound  # ... ours by the example's own length 2
     assert ours[1, :2].abs().max() <= real_bound + 1e-6
-
-
-class NoiseProbe:
-    """Observes (without changing anything) the clean token embeddings and what the first decoder layer receives."""
-
-    def __init__(self, model):
-        from tunesmith.neftune import input_embedding_module
-
-        base = next(m for m in model.modules() if type(m).__name__ == "LlamaModel")
-        self.events = []
-        self._clean = self._mask = None
-        self.handles = [
-            input_embedding_module(model).register_forward_hook(self._on_embed),  # registered first: sees clean
-            base.register_forward_pre_hook(self._on_base, with_kwargs=True),
-            base.layers[0].register_forward_pre_hook(self._on_layer, with_kwargs=True),
-        ]
-
-    def _on_embed(self, module, args, output):
-        self._clean = output.detach().clone()
-
-    def _on_base(self, module, args, kwargs):
-        self._mask = kwargs.get("attention_mask")
-
-    def _on_layer(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        noise = hidden.detach() - self._clean
-        self.events.append(("noised", (noise, self._mask)) if noise.abs().max() > 0 else ("clean", None))
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("variant", [

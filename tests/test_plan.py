@@ -169,3 +169,41 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "cannot read config.json" in err and len(err.splitlines()) == 1
     assert main(["plan", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_sft_plan_counts_one_chunk_of_logits_not_the_whole_batch():
+    """tunesmith's own loss (sft, spin) never builds batch x sequence x vocabulary logits: its estimate is what that
+    loss keeps for backward (measured here) plus one transient chunk of logits, and a bigger batch adds no
+    vocabulary-sized term; the whole-logits estimate (other trainers) covers what their loss keeps."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.scoring import CHUNK_LOGITS, causal_lm_loss
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=152064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 152064, (2, 256))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def saved(fn):
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(v for k, v in seen.items() if k not in params)
+
+    lean_saved, full_saved = saved(lambda: causal_lm_loss(model, batch)), saved(lambda: model(**batch).loss)
+    shape = measure(model)
+    lean = activation_bytes(shape, 2, 256, 4, False, lean_logits=True)
+    full = activation_bytes(shape, 2, 256, 4, False)
+    assert lean_saved <= lean <= lean_saved + 8 * CHUNK_LOGITS
+    assert full_saved <= full and lean < full / 2
+    grow_lean = activation_bytes(shape, 8, 256, 4, False, lean_logits=True) - lean
+    grow_full = activation_bytes(shape, 8, 256, 4, False) - full
+    assert grow_lean < grow_full / 50

@@ -15,6 +15,8 @@ COMMANDS = {
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
+    "chat": ("tunesmith.serve.chat", "talk to a model in the terminal (streamed, its training prompt template)"),
+    "serve": ("tunesmith.serve.run", "OpenAI-compatible API + web page (chat, blind side-by-side) for trained models"),
     "classify": ("tunesmith.recipes.classify.run",
                  "sequence classification (LoRA or full), metrics each epoch, best checkpoint"),
     "predict": ("tunesmith.recipes.classify.predict", "label sentences or a data file with a trained classifier"),
@@ -23,6 +25,7 @@ COMMANDS = {
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
     "plan": ("tunesmith.plan", "peak GPU memory per device for a config: DDP, FSDP, ZeRO-2/3; full, LoRA, QLoRA"),
     "demo": ("tunesmith.demo.run", "fine-tune the shipped tiny model with and without NEFTune, compare in a report"),
+    "selftest": ("tunesmith.selftest.run", "check training works here (GPU or --quick CPU form): table + selftest.json"),
 }
 
 USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"

@@ -43,14 +43,46 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+class _TokenHook:
+    """A stopping criterion that hands every new token of a live row to ``on_token(prompt_index, token_id)`` as it is
+    generated (EOS included); a true return stops that row after the token (its later positions are padding)."""
+
+    def __init__(self, idx: list[int], eos: list[int], on_token):
+        self.idx, self.eos, self.on_token = idx, set(eos), on_token
+        self.live = [True] * len(idx)
+        self.kept: list[int | None] = [None] * len(idx)  # tokens kept when the caller stopped the row
+        self.steps = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.steps += 1
+        last = input_ids[:, -1].tolist()
+        for row, i in enumerate(self.idx):
+            if not self.live[row]:
+                continue
+            token = last[row]
+            stop = self.on_token(i, token)
+            if token in self.eos:
+                self.live[row] = False
+            elif stop:
+                self.live[row], self.kept[row] = False, self.steps
+        return torch.tensor([not live for live in self.live], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int = 32, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, min_new_tokens: int = 0, seed: int | None = 0,
-             progress: bool = False) -> list[dict]:
+             progress: bool = False, on_token=None) -> list[dict]:
     """Generate a continuation for every prompt (token-id lists). Returns, in input order, dicts with ``output``
     (decoded text without special tokens), ``output_ids`` (up to, not including, the EOS), ``new_tokens`` and
-    ``truncated`` (no EOS within ``max_new_tokens``)."""
+    ``truncated`` (no EOS within ``max_new_tokens``).
+
+    ``on_token(prompt_index, token_id) -> bool``: called with every new token of a prompt as soon as it is generated
+    (streaming; ``tunesmith chat`` and ``tunesmith serve``); returning True stops that prompt after the token (its
+    output then ends there, ``truncated`` false) while the others of its batch go on."""
     import torch
+    from transformers import StoppingCriteriaList
 
     from tunesmith.models import eval_mode
 
@@ -96,15 +128,21 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
                     p = prompt_ids[i]
                     ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
                     mask[row, width - len(p):] = 1
+                hook = _TokenHook(idx, eos, on_token) if on_token is not None else None
                 with torch.no_grad():
-                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs,
+                                         **({"stopping_criteria": StoppingCriteriaList([hook])} if hook else {}))
                 new = out[:, width:].tolist()
                 for row, i in enumerate(idx):
                     toks = new[row]
+                    if hook is not None and hook.kept[row] is not None:  # stopped by the caller
+                        toks = toks[:hook.kept[row]]
                     cut = next((k for k, t in enumerate(toks) if t in eos), None)
                     kept = toks if cut is None else toks[:cut]
+                    stopped = hook is not None and hook.kept[row] is not None
                     results[i] = {"output": tokenizer.decode(kept, skip_special_tokens=True), "output_ids": kept,
-                                  "new_tokens": len(kept) + (cut is not None), "truncated": cut is None}
+                                  "new_tokens": len(kept) + (cut is not None),
+                                  "truncated": cut is None and not stopped}
                 if bar:
                     bar.update(len(idx))
     finally:

@@ -200,12 +200,15 @@ def gathered_state_dict(model, accelerator=None) -> dict | None:
 
 
 def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str | None = None,
-                   state_dict: dict | None = None) -> Path:
+                   state_dict: dict | None = None, template=None) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` to the directory ``path`` so that a crash never leaves something
     that looks like a complete model: everything is written into a fresh temporary directory first (nothing that
     exists is ever cleared to make room for it).
 
-    ``write(tmp)`` may add files (prompt template, config); ``copy_from`` lists files copied in when they exist.
+    ``template``: the prompt template the model was trained with; it is saved as ``tunesmith_template.json`` and as
+    the tokenizer's ``chat_template`` (:func:`tunesmith.data.templates.save_template`), so every runtime prompts the
+    model as it was trained. ``write(tmp)`` may add files (config); ``copy_from`` lists files copied in when they
+    exist.
     ``owner`` (a command, e.g. "merge"): ``path`` is a whole directory that command owns; it is renamed into place in
     one step, and an existing one is replaced only if that command wrote it (see
     :func:`tunesmith.rundir.publish_dir`: a user's directory is refused, never deleted). Without ``owner``, a new
@@ -226,7 +229,11 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("model"), suffix=".partial", dir=path)) if into else staging_dir(path)
     try:
         model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
-        if tokenizer is not None:
+        if template is not None:
+            from tunesmith.data.templates import save_template
+
+            save_template(template, tmp, tokenizer)
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for src in map(Path, copy_from):
             if src.exists():
@@ -293,6 +300,7 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, task_ty
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
     """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir.
     An existing output_dir is replaced only if it is empty or an earlier merge's output."""
+    from tunesmith.data.templates import TEMPLATE_FILE, load_saved_template
     from tunesmith.rundir import check_output_dir, check_replaceable, clean_stale_temps
 
     check_output_dir(output_dir, "output", command="merge", inputs={"adapter": adapter_dir})
@@ -302,8 +310,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> 
     clean_stale_temps(Path(output_dir).absolute().parent, Path(output_dir).name)  # left by a killed merge
     model, tokenizer = load_model_and_tokenizer(adapter_dir, dtype)
     model = model.merge_and_unload()
-    kept = [Path(adapter_dir) / name for name in ("tunesmith_template.json", "tunesmith.yaml", "README.md")]
-    save_model_dir(model, tokenizer, output_dir, copy_from=kept, owner="merge")
+    template = None
+    if (Path(adapter_dir) / TEMPLATE_FILE).exists():  # saved again: adapters saved before chat templates get one
+        template = load_saved_template(adapter_dir, tokenizer)
+    kept = [Path(adapter_dir) / name for name in ("tunesmith.yaml", "README.md")]
+    save_model_dir(model, tokenizer, output_dir, copy_from=kept, owner="merge", template=template)
     return output_dir
 
 

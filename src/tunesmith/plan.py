@@ -34,7 +34,10 @@ a pre-norm decoder with RMSNorm, rotary attention and a gated MLP, without dropo
     LoRA on a module (float32 adapters): its dropped-out input (+ mask) and A's output  5 * in + 4 * r
 
 plus the logits, their float32 upcast (16-bit only) and the float32 log-softmax of the loss, (a + 4 [+ 4]) * vocab
-per token. With gradient checkpointing a
+per token, when the loss is computed from the model's whole logits. tunesmith's own losses (sft and spin, through
+``scoring``) never build them: they keep the final hidden states of the scored positions (a * h per token) and
+project ``scoring.CHUNK_LOGITS`` logits at a time, so the head costs (a + 4 [+ 4]) * CHUNK_LOGITS at most, whatever
+the batch. With gradient checkpointing a
 layer keeps only its input (a * h per token) and one layer is recomputed at a time. Frozen linear layers still keep
 their inputs here (an overestimate of a few percent under LoRA). Not counted: the CUDA context and allocator
 fragmentation (typically 1-3 GiB), temporary buffers of fused kernels, and communication buckets beyond DDP's.
@@ -146,11 +149,20 @@ def layer_bytes_per_token(shape: Shape, act: int, seq: int, attn_implementation:
 
 
 def activation_bytes(shape: Shape, rows: int, length: int, act: int, gradient_checkpointing: bool,
-                     attn_implementation: str = "sdpa") -> float:
+                     attn_implementation: str = "sdpa", lean_logits: bool = False) -> float:
+    """Activation bytes of one micro-batch. ``lean_logits``: the loss is tunesmith's (``scoring``), which projects a
+    chunk of positions onto the vocabulary at a time instead of building the whole logits."""
     tokens = rows * length
     per_layer = layer_bytes_per_token(shape, act, length, attn_implementation) * tokens
     # the logits, their float32 upcast for the loss (when 16-bit) and the float32 log-softmax kept for backward
-    head = (act + 4 + (4 if act < 4 else 0)) * shape.vocab * tokens
+    per_logit = act + 4 + (4 if act < 4 else 0)
+    if lean_logits and shape.vocab:
+        from tunesmith.scoring import CHUNK_LOGITS
+
+        chunk = min(tokens, max(1, CHUNK_LOGITS // shape.vocab)) * shape.vocab
+        head = act * shape.hidden * tokens + per_logit * chunk
+    else:
+        head = per_logit * shape.vocab * tokens
     if gradient_checkpointing:
         return shape.layers * act * shape.hidden * tokens + per_layer + head
     return shape.layers * per_layer + head
@@ -289,7 +301,8 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
               "num_gpus": num_gpus, "rows_per_micro_batch": rows_per_step, "max_length": length,
               "gradient_checkpointing": checkpointing, "optim": optim, "attn_implementation": attn,
               "master_bytes": precision.master, "compute_bytes": precision.compute, "strategies": {}}
-    activations = activation_bytes(shape, rows_per_step, length, act, checkpointing, attn)
+    activations = activation_bytes(shape, rows_per_step, length, act, checkpointing, attn,
+                                   lean_logits=recipe in ("sft", "spin"))
     for strategy in STRATEGIES:
         parts = model_state_bytes(shape, strategy, precision, num_gpus, optim)
         parts["activations"] = activations

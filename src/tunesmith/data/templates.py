@@ -44,6 +44,7 @@ class Template:
 
     name: str
     appends_eos = True  # plain templates append the tokenizer's EOS after every response (trained)
+    writes_bos = False  # tunesmith adds BOS where the tokenizer's own encoding starts with it
 
     def segments(self, example: Example) -> Segments:
         raise NotImplementedError
@@ -121,6 +122,8 @@ class ChatTemplate(Template):
 
     name = "chat"
     appends_eos = False
+    writes_bos = True  # a chat template writes BOS itself where the model wants one (``{{ bos_token }}``), as
+    # apply_chat_template assumes: adding it again would train and prompt with two
 
     def __init__(self, tokenizer):
         if not getattr(tokenizer, "chat_template", None):
@@ -169,9 +172,14 @@ def get_template(name: str, tokenizer=None) -> Template:
                     "{prompt} and {response})")
 
 
-def save_template(template: Template, directory: str | Path) -> None:
+def save_template(template: Template, directory: str | Path, tokenizer=None) -> None:
+    """Write ``tunesmith_template.json`` and make the tokenizer files in ``directory`` carry the template as their
+    ``chat_template`` (:mod:`tunesmith.data.chat_template`), so other runtimes prompt the model as it was trained.
+    ``tokenizer``: the tokenizer to save there (default: the one already saved in ``directory``, if any)."""
+    from tunesmith.data.chat_template import save_with_chat_template
     from tunesmith.io import atomic_write_json
 
+    save_with_chat_template(template, directory, tokenizer)
     atomic_write_json(Path(directory) / TEMPLATE_FILE, {"template": template.spec()})
 
 

@@ -41,9 +41,10 @@ def _tokens_batch(tokenizer, template: Template, examples: list[Example],
                           for text, trained in template.segments(ex)])
     texts = [text for plan in plans for text, _, _ in plan if text]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    start = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
-    for plan in plans:
+    for ex, plan in zip(examples, plans):
+        start = bos if ex.text is not None or not template.writes_bos else []
         ids, labels = list(start), [IGNORE] * len(start)
         for text, trained, add_eos in plan:
             t = next(encoded) if text else []

@@ -17,7 +17,7 @@ from tunesmith.callbacks import JsonlMetrics
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.prepare import prepare_dataset
-from tunesmith.data.templates import get_template, save_template
+from tunesmith.data.templates import get_template
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.sft.trainer import TunesmithTrainer
@@ -133,8 +133,7 @@ def train(config, callbacks: list | None = None) -> str:
 
         state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if trainer.is_world_process_zero():
-            save_model_dir(trainer.model, tokenizer, out, write=lambda d: save_template(template, d),
-                           state_dict=state)
+            save_model_dir(trainer.model, tokenizer, out, template=template, state_dict=state)
             write_model_card(cfg, out, metrics)
             save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
         if cfg.world_size > 1:

@@ -38,7 +38,7 @@ from tunesmith.callbacks import JsonlMetrics
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, prepare_dataset
-from tunesmith.data.templates import get_template, load_saved_template, save_template
+from tunesmith.data.templates import get_template, load_saved_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
 from tunesmith.recipes.spin.config import SPINConfig, fingerprint_values
@@ -348,11 +348,8 @@ class Run:
         elif cfg.use_peft:  # merged in memory: exactly the weights the reference pass of t+1 must see
             model = model.merge_and_unload()
 
-        def extras(directory: Path) -> None:
-            save_template(self.template, directory)
-            save_yaml(cfg, directory / "tunesmith.yaml")
-
-        save_model_dir(model, self.tokenizer, it / "model", write=extras,
+        save_model_dir(model, self.tokenizer, it / "model", template=self.template,
+                       write=lambda directory: save_yaml(cfg, directory / "tunesmith.yaml"),
                        state_dict=state_dict if not cfg.use_peft else None)
 
     # ---- driver
