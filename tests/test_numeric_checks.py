@@ -10,9 +10,6 @@ from tunesmith.cli import main
 
 def one_line(capsys, argv, pattern, progress=False):
     """``tunesmith ARGV`` exits 2 with one error line (after progress lines, where ``progress``)."""
-    import logging
-
-    logging.getLogger().handlers.clear()  # an earlier in-process run's handler writes to a closed capture
     capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err.strip()

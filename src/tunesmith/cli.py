@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from tunesmith.errors import UserError
+from tunesmith.errors import Stopped, UserError
 
 # name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
 COMMANDS = {
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"tunesmith {name}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"tunesmith {name}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"tunesmith {name}: interrupted", file=sys.stderr)
         return 130

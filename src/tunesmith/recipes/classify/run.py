@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from tunesmith.callbacks import stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
@@ -38,8 +39,9 @@ from tunesmith.recipes.training import run_fingerprint
 from tunesmith.rundir import open_run
 
 
-def train(config: ClassifyConfig | dict) -> str:
-    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
+def train(config: ClassifyConfig | dict, callbacks=()) -> str:
+    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
     out = Path(cfg.output_dir)
     with open_run(out, "classify", run_fingerprint(cfg), cfg.resume_from_checkpoint,
@@ -47,10 +49,10 @@ def train(config: ClassifyConfig | dict) -> str:
         if run.finished:
             print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
             return str(out)
-        return _train(cfg, run, out)
+        return _train(cfg, run, out, callbacks)
 
 
-def _train(cfg: ClassifyConfig, run, out: Path) -> str:
+def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
     transformers.set_seed(cfg.seed)
     model_path = resolve_path(cfg.model_name_or_path)
 
@@ -106,7 +108,13 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     started = time.perf_counter()
     trainer.add_callback(run.checkpoint_callback())
-    trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence, polite = stop_callbacks("classify")
+    for callback in [divergence, polite] + list(callbacks):
+        trainer.add_callback(callback)
+    with polite:  # its signal handlers are put back even when training fails
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence.check()  # a diverged or stopped run writes no finished model
+    polite.check()
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics
+from tunesmith.callbacks import JsonlMetrics, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.prepare import prepare_dataset
@@ -125,10 +125,15 @@ def train(config, callbacks: list | None = None) -> str:
             model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
             data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
             neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
-        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+        divergence, polite = stop_callbacks("sft")
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
+                list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
-            trainer.train(resume_from_checkpoint=run.checkpoint)
+            with polite:  # its signal handlers are put back even when training fails
+                trainer.train(resume_from_checkpoint=run.checkpoint)
+            divergence.check()  # a diverged or stopped run writes no finished model
+            polite.check()
         metrics = trainer.evaluate() if evals else {}
 
         state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics
+from tunesmith.callbacks import JsonlMetrics, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, prepare_dataset
@@ -279,6 +279,9 @@ class Run:
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         trainer.add_callback(checkpoint_callback(self.fingerprint))
+        divergence, polite = stop_callbacks("spin")
+        trainer.add_callback(divergence)
+        trainer.add_callback(polite)
         for cb in self.callbacks:
             trainer.add_callback(cb)
         ckpt = newest_complete_checkpoint(it / "trainer")
@@ -292,7 +295,10 @@ class Run:
             trained, _ = load_model_and_tokenizer(str(ckpt), cfg.dtype, cfg.load_in_4bit, cfg.trust_remote_code)
             result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
         else:
-            output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            with polite:  # its signal handlers are put back even when training fails
+                output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            divergence.check()  # a diverged or stopped iteration saves no model
+            polite.check()
             trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
             sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
         state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
