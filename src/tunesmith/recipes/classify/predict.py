@@ -120,7 +120,11 @@ class PredictConfig:
 def predict(cfg: PredictConfig | dict) -> list[dict]:
     """Label the texts of ``cfg`` with a trained classifier; returns one row per text."""
     cfg = cfg if isinstance(cfg, PredictConfig) else build_config(PredictConfig, dict(cfg), "config")
-    model, tokenizer, _ = load_classifier(resolve_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, untrained = load_classifier(resolve_path(cfg.model_name_or_path),
+                                                  trust_remote_code=cfg.trust_remote_code)
+    if untrained:  # a causal LM's run, a bare encoder: the head would be new random weights
+        raise UserError(f"{cfg.model_name_or_path}: no trained classification head (the checkpoint lacks "
+                        f"{', '.join(untrained[:3])}); give a directory `tunesmith classify` wrote")
     texts = list(cfg.text or [])
     records = _load_split(cfg.dataset, "test") if cfg.dataset else []
     texts += [_text(r, cfg.text_column) for r in records]
