@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from tunesmith.errors import Stopped, UserError
+from tunesmith.errors import Stopped, UserError, write_failure
 
 # name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
 COMMANDS = {
@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tunesmith {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk surfaces as whatever the writing library raises
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        print(f"tunesmith {name}: error: {failure}; what was written before stays (a training run resumes from its "
+              f"newest complete checkpoint with --resume_from_checkpoint true once there is space)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
