@@ -286,8 +286,9 @@ class ModelArgs:
     dtype: str = _f("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
                             "with bf16 mixed precision), float32, bfloat16 or float16.")
     attn_implementation: str = _f("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
-                                          "flash kernels when installed; packing and padding_free then run the "
-                                          "variable-length kernels from position_ids).")
+                                          "flash kernels when installed; a packed batch then reaches them as one "
+                                          "row, which sends them to their variable-length kernels, and padding_free "
+                                          "batches are one row already).")
     trust_remote_code: bool = _f(False, "Allow custom model code from the model repository (off: never runs foreign "
                                         "code).")
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
@@ -315,7 +316,8 @@ class DataArgs:
                                          "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
     train_on_prompt: bool = _f(False, "Also train on prompt tokens (default: responses only).")
-    packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them).")
+    packing: bool = _f(False, "Pack several examples per row (no attention or position leakage between them: a "
+                              "block-diagonal mask under sdpa/eager/flex, the variable-length kernels under flash).")
     padding_free: bool = _f(False, "Put each batch's examples in one row instead of padding them (same examples, "
                                    "same loss; no padding computed).")
     dataset_num_proc: int | None = _f(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
