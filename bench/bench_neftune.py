@@ -125,12 +125,13 @@ def noise_microbench(ws, n_batches: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.data.templates import get_template
     from tunesmith.neftune import add_noise_to_batch
 
     tok = AutoTokenizer.from_pretrained(ws.model_dir)
-    rows, _ = tokenize_examples(load_examples(ws.data_file, "prompt_completion"), tok,
+    rows, _ = tokenize_examples(read_examples(ws.data_file, dataset_format="prompt_completion"), tok,
                                 get_template(common.TEMPLATE, tok), ws.size.max_length)
     collate, bs = Collator(tok.pad_token_id), ws.size.batch_size
     batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(n_batches)]

@@ -130,16 +130,26 @@ def big_workspace(root: Path) -> dict:
 # --- children: one measurement each ---------------------------------------------------------------------------------
 
 def child_prep(a) -> dict:
+    """The SFT route: the data entry (resolve the source once, stream into Arrow, tokenize, cache) then packing.
+    Falls back to ``prepare_dataset`` for a tunesmith from before the entry (``--peer``)."""
     from transformers import AutoTokenizer
 
     from tunesmith.data.collate import pack
-    from tunesmith.data.prepare import prepare_dataset
     from tunesmith.data.templates import get_template
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     t0 = time.perf_counter()
-    data, summary = prepare_dataset(a.data, tok, get_template("alpaca"), a.max_length, num_proc=a.num_proc,
-                                    cache_dir=a.cache)
+    try:
+        from tunesmith.data.source import open_sources, tokenize_sources
+    except ImportError:  # tunesmith before the data entry
+        from tunesmith.data.prepare import prepare_dataset
+
+        data, summary = prepare_dataset(a.data, tok, get_template("alpaca"), a.max_length, num_proc=a.num_proc,
+                                        cache_dir=a.cache)
+    else:
+        data, summary = tokenize_sources(open_sources(a.data, cache_dir=a.cache), tok, get_template("alpaca"),
+                                         a.max_length, num_proc=a.num_proc, cache_dir=a.cache)
+        summary = summary.parts[0]
     t1 = time.perf_counter()
     rows = pack(data, a.max_length)
     t2 = time.perf_counter()
@@ -240,14 +250,15 @@ def child_sft_lean_loop(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.data.templates import get_template
     from tunesmith.scoring import causal_lm_loss
 
     big = json.loads(a.big)
     tok = AutoTokenizer.from_pretrained(big["model"])
     model = AutoModelForCausalLM.from_pretrained(big["model"], dtype=torch.float32)
-    rows, _ = tokenize_examples(load_examples(big["data"]), tok, get_template("alpaca"), 1024)
+    rows, _ = tokenize_examples(read_examples(big["data"]), tok, get_template("alpaca"), 1024)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     t0 = time.perf_counter()
     for step in range(2):
@@ -296,12 +307,12 @@ def measure(label: str, kind: str, src: Path, log: Path, env: dict | None = None
     return result
 
 
-def before_source(root: Path) -> Path:
-    """tunesmith's source at commit BEFORE, extracted from git (the peer 'before this work')."""
-    dest = root / f"before-{BEFORE}"
+def before_source(root: Path, commit: str = BEFORE) -> Path:
+    """tunesmith's source at ``commit`` (default BEFORE), extracted from git (the peer 'before this work')."""
+    dest = root / f"before-{commit}"
     if not (dest / "src" / "tunesmith").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", BEFORE, "src"], capture_output=True,
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", commit, "src"], capture_output=True,
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest / "src"
@@ -317,6 +328,9 @@ def main() -> None:
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--peer", default="", help="a commit whose data preparation (the same 'prep' child) is measured "
+                                              "beside this tree's at --peer-sizes (e.g. the commit before a change)")
+    p.add_argument("--peer-sizes", default="10000,100000")
     p.add_argument("--before-eval-batch", type=int, default=1,
                    help="batch size of the 'before' eval peer (8 needs ~15 GiB)")
     # child arguments
@@ -356,6 +370,11 @@ def main() -> None:
                 kw = dict(common_kw, data=root / f"trl-{n}.jsonl", model=ws["small_model"], cache=trl_cache)
                 r["trl_cold"] = measure(f"TRL SFTTrainer {n:>9,} cold cache", "prep-trl", src, log, **kw)
                 r["trl_warm"] = measure(f"TRL SFTTrainer {n:>9,} second run", "prep-trl", src, log, **kw)
+            if a.peer and n in {int(x) for x in a.peer_sizes.split(",") if x}:
+                shutil.rmtree(cache, ignore_errors=True)
+                r["peer"] = measure(f"tunesmith at {a.peer} {n:>9,} cold cache", "prep", before_source(root, a.peer),
+                                    log, cache=cache, **common_kw)
+                r["peer_commit"] = a.peer
             if n in before_sizes:
                 r["before"] = measure(f"tunesmith before ({BEFORE}) {n:>9,}", "prep-before", before_source(root),
                                       log, **common_kw)
@@ -415,6 +434,15 @@ def report(results: dict, sizes: list[int]) -> None:
                   + (f"{trl['prepare_s']:.1f} s | {trl['peak_mib']:.0f} MiB | {tw['prepare_s']:.2f} s "
                      f"({tw['wall_s']:.1f} s) | {trl['prepare_s'] / (c['prepare_s'] + c['pack_s']):.2f}x |"
                      if trl else "– | – | – | – |"))
+        for n in sizes:
+            p = data[n].get("peer")
+            if p:
+                c = data[n]["cold"]
+                per_now, per_peer = ((c["prepare_s"] + c["pack_s"]) / n, (p["prepare_s"] + p["pack_s"]) / n)
+                print(f"peer {data[n]['peer_commit']} at {n:,}: prepare {p['prepare_s']:.1f} s, pack {p['pack_s']:.2f} s, "
+                      f"peak RSS {p['peak_mib']:.0f} MiB, {p['rows']:,} rows; this tree: time "
+                      f"{per_now / per_peer:.2f}x the peer's, RSS {c['peak_mib'] / p['peak_mib']:.2f}x, rows "
+                      f"{'equal' if c['rows'] == p['rows'] else 'DIFFER'}")
         for n in sizes:
             b = data[n].get("before")
             if b:

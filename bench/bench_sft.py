@@ -119,11 +119,12 @@ def tunesmith_batches(ws):
     from transformers import AutoTokenizer
 
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.data.templates import get_template
 
     tok = AutoTokenizer.from_pretrained(ws.model_dir)
-    examples = load_examples(ws.data_file, "prompt_completion")
+    examples = read_examples(ws.data_file, dataset_format="prompt_completion")
     rows, _ = tokenize_examples(examples, tok, get_template(common.TEMPLATE, tok), ws.size.max_length)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     return [rows[i] for i in order], Collator(tok.pad_token_id)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tunesmith.data.load import load_records
+from tunesmith.data.source import read_records
 from tunesmith.errors import UserError
 from tunesmith.evaluation.genfile import read_generations
 
@@ -13,20 +13,20 @@ def test_lone_surrogates_in_jsonl_name_line_and_field(tmp_path):
     f.write_text('{"instruction": "a", "output": "b"}\n'
                  '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x \\uDC00"}]}\n')
     with pytest.raises(UserError, match=r"d.jsonl:2: field 'messages\[1\].content': lone surrogate escape \\udc00"):
-        load_records(f)
+        read_records(f)
 
 
 def test_lone_surrogates_in_a_json_array_and_in_keys(tmp_path):
     f = tmp_path / "d.json"
     f.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a", "\\ud83d": "b"}]')
     with pytest.raises(UserError, match=r"d.json: row 1: field '\\ud83d': lone surrogate escape \\ud83d"):
-        load_records(f)
+        read_records(f)
 
 
 def test_surrogate_pairs_are_fine(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"instruction": "smile \\ud83d\\ude00", "output": "b"}\n')
-    assert load_records(f)[0].data["instruction"] == "smile \U0001F600"
+    assert read_records(f)[0].data["instruction"] == "smile \U0001F600"
 
 
 def test_generation_files_are_checked_too(tmp_path):

@@ -248,11 +248,11 @@ def test_predict_cli_sentences_and_file(multiclass_model, tmp_path, capsys):
 def test_integer_labels_from_csv_map_to_declared_names(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\ngood,1\nbad,0\nfine,positive\n", encoding="utf-8")
-    from tunesmith.data.load import load_records
+    from tunesmith.data.source import read_records
 
     cfg = classify.ClassifyConfig(model_name_or_path="m", train_file=str(path), labels=["negative", "positive"],
                                   output_dir=str(tmp_path))
-    records = load_records(str(path))
+    records = read_records(str(path))
     names = label_names(cfg, records)
     assert encode_split(cfg, records, names) == (["good", "bad", "fine"], [1, 0, 1])
 

@@ -96,7 +96,7 @@ def test_bad_arguments(model_and_tok):
 
 def test_cli_writes_alpaca_eval_rows_matching_the_python_api(templated_model_dir, tmp_path, alpaca_file, capsys):
     from tunesmith.data.formats import to_examples
-    from tunesmith.data.load import load_records
+    from tunesmith.data.source import read_records
     from tunesmith.data.templates import get_template
     from tunesmith.data.tokenize import encode_prompt
     from tunesmith.models import load_model_and_tokenizer
@@ -114,7 +114,7 @@ def test_cli_writes_alpaca_eval_rows_matching_the_python_api(templated_model_dir
         assert r["decoding"]["template"] == "alpaca" and isinstance(r["truncated"], bool)
         assert (r.get("input") or "") == s["input"]
     model, tok = load_model_and_tokenizer(templated_model_dir)
-    exs = to_examples(load_records(alpaca_file)[:5])
+    exs = to_examples(read_records(alpaca_file)[:5])
     ids = [encode_prompt(tok, get_template("alpaca"), e.for_generation()) for e in exs]
     ref = generate(model, tok, ids, batch_size=1, max_new_tokens=6, repetition_penalty=1.2)
     assert [r["output"] for r in rows] == [x["output"] for x in ref]

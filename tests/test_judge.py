@@ -346,7 +346,7 @@ def test_alpaca_eval_json_list_is_read(tmp_path):
     gens = read_generations(p)
     assert [(g.instruction, g.output, g.generator) for g in gens] == [("q1", "o1", "m"), ("q2", "o2", "model_outputs")]
     p.write_text(json.dumps([{"instruction": "q1", "output": 3}]))
-    with pytest.raises(UserError, match="model_outputs.json:0: field 'output': expected a string"):
+    with pytest.raises(UserError, match="model_outputs.json: row 0: field 'output': expected a string"):
         read_generations(p)
 
 

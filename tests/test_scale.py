@@ -4,6 +4,7 @@ logits (the same losses, log-probs and gradients as full logits, without a batch
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,13 +16,20 @@ from conftest import ScaledLogits, alpaca_rows, write_jsonl
 
 from tunesmith import scoring
 from tunesmith.data.collate import Collator, concat, first_fit_decreasing, pack
-from tunesmith.data.prepare import load_examples, prepare_dataset, tokenize_examples
+from tunesmith.data.prepare import tokenize_examples
+from tunesmith.data.source import open_source, read_examples
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
 HERE = Path(__file__).parent
 ML = 256  # max_length
+
+
+def prepared(data, tokenizer, template, max_length, cache_dir, **options):
+    """Token rows of one source through the data entry."""
+    return open_source(data, cache_dir=cache_dir).tokenized(tokenizer, template, max_length, cache_dir=cache_dir,
+                                                            **options)
 
 
 # --- the Arrow data path --------------------------------------------------------------------------------------------
@@ -37,8 +45,8 @@ def mixed_rows(n=40):
 def test_arrow_path_gives_the_in_memory_examples_and_summary(tiny_tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", mixed_rows())
     template = get_template("alpaca")
-    expected, expected_summary = tokenize_examples(load_examples(data), tiny_tokenizer, template, ML, source=data)
-    got, summary = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "cache")
+    expected, expected_summary = tokenize_examples(read_examples(data), tiny_tokenizer, template, ML, source=data)
+    got, summary = prepared(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "cache")
     assert summary == expected_summary
     assert summary.dropped == [f"{data}:6"] and summary.truncated >= 1 and summary.kept == 39
     assert len(got) == len(expected) == 39
@@ -55,7 +63,7 @@ def test_second_run_maps_the_cache_and_inputs_change_the_fingerprint(tiny_tokeni
 
     data = write_jsonl(tmp_path / "d.jsonl", alpaca_rows(20))
     template, cache = get_template("alpaca"), tmp_path / "cache"
-    first, _ = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=cache)
+    first, _ = prepared(data, tiny_tokenizer, template, ML, cache_dir=cache)
     entries = [p for p in cache.iterdir()]
     assert len(entries) == 1 and (entries[0] / "manifest.json").exists()
 
@@ -64,13 +72,13 @@ def test_second_run_maps_the_cache_and_inputs_change_the_fingerprint(tiny_tokeni
 
     with monkeypatch.context() as m:
         m.setattr(prepare, "_build_entry", no_build)
-        again, summary = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=cache)
+        again, summary = prepared(data, tiny_tokenizer, template, ML, cache_dir=cache)
     assert list(again) == list(first) and summary.kept == 20
-    prepare_dataset(data, tiny_tokenizer, template, 200, cache_dir=cache)  # another max_length
-    prepare_dataset(data, tiny_tokenizer, template, ML, train_on_prompt=True, cache_dir=cache)
-    prepare_dataset(data, tiny_tokenizer, get_template("qa"), ML, cache_dir=cache)
+    prepared(data, tiny_tokenizer, template, 200, cache_dir=cache)  # another max_length
+    prepared(data, tiny_tokenizer, template, ML, train_on_prompt=True, cache_dir=cache)
+    prepared(data, tiny_tokenizer, get_template("qa"), ML, cache_dir=cache)
     write_jsonl(data, alpaca_rows(20, seed=2))  # same path, other content
-    changed, _ = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=cache)
+    changed, _ = prepared(data, tiny_tokenizer, template, ML, cache_dir=cache)
     assert list(changed) != list(first)
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 5
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no build left behind
@@ -79,8 +87,8 @@ def test_second_run_maps_the_cache_and_inputs_change_the_fingerprint(tiny_tokeni
 def test_tokenizing_in_two_processes_gives_the_same_data(tiny_tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", mixed_rows(60))
     template = get_template("alpaca")
-    one, s1 = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "a")
-    two, s2 = prepare_dataset(data, tiny_tokenizer, template, ML, num_proc=2, cache_dir=tmp_path / "b")
+    one, s1 = prepared(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "a")
+    two, s2 = prepared(data, tiny_tokenizer, template, ML, num_proc=2, cache_dir=tmp_path / "b")
     assert s1 == s2 and list(one) == list(two)
     [entry] = (tmp_path / "b").iterdir()
     assert len(json.loads((entry / "manifest.json").read_text())["files"]) == 2
@@ -100,14 +108,14 @@ def test_bad_data_stops_with_its_line_and_caches_nothing(tiny_tokenizer, tmp_pat
     p = tmp_path / "d.jsonl"
     p.write_bytes(content)
     with pytest.raises(UserError, match=expected):
-        prepare_dataset(str(p), tiny_tokenizer, get_template("alpaca"), ML, cache_dir=tmp_path / "cache")
+        prepared(str(p), tiny_tokenizer, get_template("alpaca"), ML, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
 
 
 def test_nothing_trainable_is_an_error(tiny_tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a b c d e f", "output": "x"}] * 3)
     with pytest.raises(UserError, match="no example has a trainable token left"):
-        prepare_dataset(data, tiny_tokenizer, get_template("alpaca"), 8, cache_dir=tmp_path / "cache")
+        prepared(data, tiny_tokenizer, get_template("alpaca"), 8, cache_dir=tmp_path / "cache")
 
 
 def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path):
@@ -118,6 +126,7 @@ def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path
         import torch.distributed as dist
         from transformers import AutoTokenizer
         from tunesmith.data import prepare
+        from tunesmith.data.source import open_source
         from tunesmith.data.templates import get_template
 
         dist.init_process_group("gloo")
@@ -125,7 +134,7 @@ def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path
         real = prepare._build_entry
         prepare._build_entry = lambda *a, **k: (builds.append(1), real(*a, **k))
         tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
-        data, summary = prepare.prepare_dataset({data!r}, tok, get_template("alpaca"), {ML}, cache_dir={str(tmp_path / "c")!r})
+        data, summary = open_source({data!r}).tokenized(tok, get_template("alpaca"), {ML}, cache_dir={str(tmp_path / "c")!r})
         out = {{"builds": len(builds), "rows": [r["input_ids"] for r in data], "kept": summary.kept}}
         with open(os.path.join({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
             json.dump(out, f)
@@ -133,8 +142,11 @@ def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path
         dist.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]))
+    with socket.socket() as sock:  # a free port for the rendezvous (other runs may use torchrun at the same time)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", str(script)], env=env, capture_output=True, text=True, timeout=300)
+                           str(port), str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["builds"] + r1["builds"] == 1  # one process tokenized, the other mapped its result
@@ -174,8 +186,8 @@ def test_tree_packing_gives_the_rows_of_linear_first_fit(seed, capacity):
 def test_packed_rows_read_lazily_from_arrow_equal_packed_lists(tiny_tokenizer, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", mixed_rows(50))
     template = get_template("alpaca")
-    arrow, _ = prepare_dataset(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "c")
-    listed, _ = tokenize_examples(load_examples(data), tiny_tokenizer, template, ML)
+    arrow, _ = prepared(data, tiny_tokenizer, template, ML, cache_dir=tmp_path / "c")
+    listed, _ = tokenize_examples(read_examples(data), tiny_tokenizer, template, ML)
     a, b = pack(arrow, 512), pack(listed, 512)
     assert len(a) == len(b) < len(listed) and list(a) == list(b)
     assert 0.5 < a.fill == b.fill <= 1

@@ -11,7 +11,7 @@ from tunesmith.selftest.checks import CHECKS, lora
 from tunesmith.selftest.run import SelftestArgs, Spec, run_selftest
 
 GPU_ONLY = {"packed_flex_attention", "packed_flash_attention_2", "padding_free_flash_attention_2", "plan_vs_measured",
-            "accelerate_fsdp2"}
+            "accelerate_fsdp2", "accelerate_zero3"}
 
 
 @pytest.mark.slow

@@ -108,6 +108,9 @@ def raw(url: str, method: str, path: str, body: bytes | str | None = None, heade
 PROMPTS = [{"instruction": r["instruction"], "input": r["input"]} for r in alpaca_rows(6, seed=3)]
 
 
+PENALTY = {"repetition_penalty": 1.5}  # greedy answers of a random model then depend on the prompt's tokens
+
+
 def chat_messages(row):
     user = {"role": "user", "content": row["instruction"]}
     if row.get("input"):
@@ -195,21 +198,20 @@ def test_seeded_sample_equals_tunesmith_generate(client, runs, tmp_path):
 
 
 def test_bounded_concurrent_load_is_batched_and_all_answered(client, server):
-    expected = {i: client.chat.completions.create(model="full", messages=chat_messages(row), max_tokens=6,
-                                                  temperature=0).choices[0].message.content
-                for i, row in enumerate(PROMPTS)}
-    engine = server.server.engines["full"]
+    def ask(i, stream=False):
+        return client.chat.completions.create(model="adapter", messages=chat_messages(PROMPTS[i]), max_tokens=6,
+                                              temperature=0, stream=stream, extra_body=PENALTY)
+
+    expected = {i: ask(i).choices[0].message.content for i in range(len(PROMPTS))}
+    assert len(set(expected.values())) > 1  # the answers differ by prompt: a mix-up would show
+    engine = server.server.engines["adapter"]
     before = engine.batches
 
     def one(k):
         i = k % len(PROMPTS)
         if k % 3 == 0:  # some streamed
-            chunks = client.chat.completions.create(model="full", messages=chat_messages(PROMPTS[i]), max_tokens=6,
-                                                    temperature=0, stream=True)
-            return i, "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        r = client.chat.completions.create(model="full", messages=chat_messages(PROMPTS[i]), max_tokens=6,
-                                           temperature=0)
-        return i, r.choices[0].message.content
+            return i, "".join(ch.choices[0].delta.content or "" for ch in ask(i, stream=True) if ch.choices)
+        return i, ask(i).choices[0].message.content
 
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(48)))
@@ -420,3 +422,25 @@ def test_generate_on_token_streams_every_token_and_stops_rows_alone(runs):
         assert hooked[i] == plain[i]
         assert seen[i][:len(plain[i]["output_ids"])] == plain[i]["output_ids"]
     assert hooked[1]["output_ids"] == plain[1]["output_ids"][:3] == seen[1] and not hooked[1]["truncated"]
+
+
+def test_a_client_that_hangs_up_frees_its_rows(server):
+    """A streamed request whose client disconnects stops being decoded at the next step."""
+    engine = server.server.engines["judge"]
+    before = engine.generated
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                 body=json.dumps({"model": "judge", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                  "max_tokens": 900}))
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = b""
+    while b"tie." not in seen:  # decoding has begun
+        seen += resp.read1(256)
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.time() + 60
+    while (engine.busy or engine.waiting or engine.generated == before) and time.time() < deadline:
+        time.sleep(0.05)
+    assert 0 < engine.generated - before < 900

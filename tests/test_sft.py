@@ -29,13 +29,14 @@ def final_metrics(out):
 
 
 def reloaded_loss(out, data_file):
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.data.templates import load_saved_template
     from tunesmith.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(out)
     template = load_saved_template(out, tok)
-    enc, _ = tokenize_examples(load_examples(data_file), tok, template, 128)
+    enc, _ = tokenize_examples(read_examples(data_file), tok, template, 128)
     batches = [Collator(tok.pad_token_id)(enc[i:i + 8]) for i in range(0, len(enc), 8)]
     return dataset_loss(model, batches)["loss"]
 

@@ -1,6 +1,7 @@
-"""TrainerCallbacks every recipe shares: ``metrics.jsonl`` (:class:`JsonlMetrics`), the divergence stop
-(:class:`DivergenceStop`) and the polite stop on SIGTERM / Ctrl-C (:class:`PoliteStop`). They use only the Trainer's
-callback events, so any ``transformers.Trainer`` subclass takes them."""
+"""TrainerCallbacks every recipe shares: ``metrics.jsonl`` (:class:`JsonlMetrics`), log lines that print numbers as
+numbers (:func:`readable_logs`), the divergence stop (:class:`DivergenceStop`) and the polite stop on SIGTERM /
+Ctrl-C (:class:`PoliteStop`). They use only the Trainer's callback events, so any ``transformers.Trainer`` subclass
+takes them."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,41 @@ import math
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from tunesmith.errors import Stopped, UserError
+
+
+def log_line(step: int, logs: dict) -> str:
+    """``step 25: loss 3.723, grad_norm 9.077, learning_rate 0.00104, epoch 0.49`` — numbers as numbers, 4
+    significant digits (transformers 5 prints them as quoted strings: ``'loss': '3.723'``)."""
+    def number(v):
+        return float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v
+
+    return f"step {step}: " + ", ".join(f"{k} {number(v)}" for k, v in logs.items() if k != "total_flos")
+
+
+class ReadableProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, with log lines from :func:`log_line`."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(log_line(state.global_step, logs))
+
+
+class ReadablePrinterCallback(PrinterCallback):
+    """The Trainer's printer (``disable_tqdm``), with log lines from :func:`log_line`, from rank 0 only."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(log_line(state.global_step, logs))
+
+
+def readable_logs(trainer) -> None:
+    """Swap the Trainer's own progress / printer callback for the readable one (same bar, same events)."""
+    for old, new in ((ProgressCallback, ReadableProgressCallback), (PrinterCallback, ReadablePrinterCallback)):
+        if trainer.pop_callback(old) is not None:
+            trainer.add_callback(new)
 
 
 class JsonlMetrics(TrainerCallback):

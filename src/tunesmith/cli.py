@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional hub-downloaded kernel is missing.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        from tunesmith.quiet import known_harmless
+
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.cli(rest) or 0)
+        with known_harmless():  # library warnings known to be harmless here; the user's own code keeps them all
+            return int(module.cli(rest) or 0)
     except UserError as e:
         print(f"tunesmith {name}: error: {e}", file=sys.stderr)
         return 2

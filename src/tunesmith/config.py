@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -229,6 +230,7 @@ class Config:
             if key not in owners:
                 raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
             by_part[owners[key]][key] = value
+        launched_on_cpu(by_part)
         device_mixed_precision(by_part)
         cls.prepare(by_part)
         self = object.__new__(cls)
@@ -294,8 +296,11 @@ class ModelArgs:
     load_in_4bit: bool = _f(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
 
     def __post_init__(self):
+        from tunesmith.io import resolve_path
+
         if not self.model_name_or_path:
             raise UserError("field 'model_name_or_path' is required")
+        self.model_name_or_path = resolve_path(self.model_name_or_path)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"field 'dtype' must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         check_attn_implementation(self.attn_implementation)
@@ -305,13 +310,19 @@ class ModelArgs:
 class DataArgs:
     """Data"""
 
-    dataset: str | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file or a hub dataset name "
-                                   "(required).")
-    eval_dataset: str | None = _f(None, "Held-out data (same formats), scored noise-free at evaluations.")
+    dataset: str | list | None = _f(None, "Training data: a .json/.jsonl/.csv/.parquet file, a pipe, pkg:PACKAGE/path "
+                                          "or a hub dataset name; or a list of sources (a.jsonl,b.jsonl, or YAML "
+                                          "mappings {path, split, format, template, weight, num_samples}) mixed by "
+                                          "'mixture' (required).")
+    eval_dataset: str | list | None = _f(None, "Held-out data (same forms), scored noise-free at evaluations, each "
+                                               "source on its own.")
+    mixture: str = _f("concat", "How several training sources mix: concat (all of each) or interleave (drawn by "
+                                "weight until a source runs out); seeded by seed.")
     dataset_format: str = _f("auto", "auto, alpaca, prompt_completion, messages, sharegpt or text.")
     dataset_split: str = _f("train", "Split to read from a hub dataset.")
-    template: str | None = _f("alpaca", "alpaca, instruction_response, qa, chat, or a format string with {prompt} "
-                                        "once, then {response} once, last.")
+    template: str | None = _f("auto", "auto (the tokenizer's chat template for chat data when it has one, else "
+                                      "alpaca), alpaca, instruction_response, qa, chat, or a format string with "
+                                      "{prompt} once, then {response} once, last.")
     chat_template: str | None = _f(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
                                          "chat, saved with the model).")
     max_length: int = _f(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
@@ -324,8 +335,12 @@ class DataArgs:
                                             "in $HF_DATASETS_CACHE/tunesmith and reused by later runs.")
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        check_sources(self.dataset, "dataset", self.mixture)
+        check_sources(self.eval_dataset, "eval_dataset", weights=False)
         if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
             raise UserError(f"dataset_num_proc must be at least 1, got {self.dataset_num_proc}")
         if self.chat_template is not None:
@@ -408,6 +423,26 @@ def read_chat_template(path: str) -> str:
     if "{%" not in text and "{{" not in text:
         raise UserError(f"field 'chat_template': {path} is not a Jinja template (no {{% %}} or {{{{ }}}})")
     return text
+
+
+def launched_on_cpu(by_part: dict[str, dict]) -> None:
+    """Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) on a machine without an accelerator, the run is
+    distributed over CPU processes: ``use_cpu`` is set unless the config sets it. Without it transformers leaves the
+    ranks undistributed (its "parallel_mode != ParallelMode.DISTRIBUTED" warning) and every rank acts as rank 0."""
+    training = by_part.get("training")
+    if training is None or "use_cpu" in training:
+        return
+    try:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return
+    if not distributed:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+        training["use_cpu"] = True
 
 
 def device_mixed_precision(by_part: dict[str, dict]) -> None:

@@ -238,14 +238,16 @@ def generate_vllm(model_path: str, prompt_ids: list[list[int]], *, max_new_token
 class GenerateConfig:
     model_name_or_path: str = field(default="", metadata={"help": "model directory (trained by tunesmith, or any "
                                                                    "causal LM)"})
-    prompts: str = field(default="", metadata={"help": "prompts file in any SFT format (json/jsonl/csv/parquet) "
-                                                       "or a dataset name; answers, if present, become 'reference'"})
+    prompts: str | list = field(default="", metadata={"help": "prompts in any SFT format: a file (json/jsonl/csv/"
+                                                              "parquet), a pipe, pkg:PACKAGE/path, a hub dataset, "
+                                                              "or a list of them; answers, if present, become "
+                                                              "'reference'"})
     output: str = field(default="", metadata={"help": "output JSONL (alpaca_eval compatible)"})
     dataset_split: str = field(default="train", metadata={"help": "split, for a hub dataset"})
     dataset_format: str = field(default="auto", metadata={"help": "auto, alpaca, prompt_completion, messages, "
                                                                   "sharegpt"})
     template: str = field(default="", metadata={"help": "prompt template (default: the one the model was saved "
-                                                        "with)"})
+                                                        "with; auto for a model without one)"})
     generator: str = field(default="", metadata={"help": "name written in the 'generator' field (default: the "
                                                          "model directory's name)"})
     backend: Literal["hf", "vllm"] = field(default="hf", metadata={"help": "hf (transformers) or vllm (GPU)"})
@@ -267,11 +269,15 @@ class GenerateConfig:
                                                              "did not write (never an input, never a run's own file)"})
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+        from tunesmith.io import resolve_path
         from tunesmith.rundir import check_output_file
 
         for key in ("model_name_or_path", "prompts", "output"):
             if not getattr(self, key):
                 raise UserError(f"'{key}' is required")
+        self.model_name_or_path = resolve_path(self.model_name_or_path)
+        check_sources(self.prompts, "prompts", weights=False)
         check_output_file(self.output, "output", command="generate", overwrite=self.overwrite,
                           inputs={"prompts": self.prompts, "model_name_or_path": self.model_name_or_path})
         check_decoding(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
@@ -293,17 +299,20 @@ class GenerateConfig:
         return {k: d[k] for k in DECODING_KEYS} | {"prompt_suffix": self.prompt_suffix, "backend": self.backend}
 
 
-def prompt_examples(cfg: GenerateConfig) -> list:
-    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded)."""
-    from tunesmith.data.formats import to_examples
-    from tunesmith.data.load import load_records
+def prompt_sources(cfg: GenerateConfig) -> list:
+    """The sources of ``cfg.prompts``, resolved once (the one data entry)."""
+    from tunesmith.data.source import open_sources
 
-    records = load_records(cfg.prompts, cfg.dataset_split)
-    if not records:
-        raise UserError(f"{cfg.prompts}: no prompts")
-    if cfg.limit:
-        records = records[:cfg.limit]
-    return to_examples(records, cfg.dataset_format, require_response=False)
+    return open_sources(cfg.prompts, split=cfg.dataset_split, dataset_format=cfg.dataset_format, key="prompts")
+
+
+def prompt_examples(cfg: GenerateConfig, sources: list | None = None) -> list:
+    """The prompts of ``cfg.prompts`` as examples (read and checked before any model is loaded; with ``limit``, no
+    further than the first N)."""
+    from tunesmith.data.source import read_examples
+
+    return read_examples(cfg.prompts, require_response=False, limit=cfg.limit or None,
+                         sources=sources or prompt_sources(cfg))
 
 
 def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None = None
@@ -335,12 +344,13 @@ def prompt_rows(cfg: GenerateConfig, tokenizer, template, examples: list | None 
 
 
 def run(cfg: GenerateConfig) -> str:
-    from tunesmith.data.templates import get_template, load_saved_template
+    from tunesmith.data.source import model_template
     from tunesmith.io import atomic_write_jsonl
     from tunesmith.models import load_model_and_tokenizer, load_tokenizer
 
     settings = {k: getattr(cfg, k) for k in DECODING_KEYS}
-    examples = prompt_examples(cfg)
+    sources = prompt_sources(cfg)
+    examples = prompt_examples(cfg, sources)
     if cfg.backend == "vllm":
         try:
             import vllm  # noqa: F401
@@ -350,8 +360,7 @@ def run(cfg: GenerateConfig) -> str:
         model, tokenizer = None, load_tokenizer(cfg.model_name_or_path)
     else:
         model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
-    template = (get_template(cfg.template, tokenizer) if cfg.template
-                else load_saved_template(cfg.model_name_or_path, tokenizer))
+    template = model_template(cfg.template, cfg.model_name_or_path, tokenizer, sources)
     ids, meta = prompt_rows(cfg, tokenizer, template, examples)
     if cfg.backend == "vllm":
         outs = generate_vllm(cfg.model_name_or_path, ids, **settings)

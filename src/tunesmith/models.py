@@ -419,6 +419,12 @@ def cli(argv: list[str]) -> int:
                     "adapter_config.json) and saves a plain Hugging Face model with the tokenizer and prompt template.")
     if cfg is None:
         return 0
+    import time
+
+    from tunesmith.progress import duration
+
+    print(f"merging {cfg.adapter} into its base model ...", flush=True)
+    start = time.perf_counter()
     out = merge_adapter(cfg.adapter, cfg.output, cfg.dtype)
-    print(f"merged model saved to {out}")
+    print(f"merged model saved to {out} ({duration(time.perf_counter() - start)})")
     return 0

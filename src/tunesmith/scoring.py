@@ -198,15 +198,18 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dataset_loss(model, batches, device=None) -> dict:
+def dataset_loss(model, batches, device=None, desc: str | None = None) -> dict:
     """Token-weighted mean NLL over all trained tokens of ``batches`` (an iterable of collated batches), noise-free.
 
     Under torch.distributed each rank passes its own shard; sums are all-reduced so every rank gets the total.
+    ``desc``: show a progress bar with this label (None: none).
     """
+    from tunesmith.progress import bar
+
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
+    for batch in bar(batches, desc, total=len(batches) if hasattr(batches, "__len__") else None):
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         logp, mask = token_logprobs(model, batch)
@@ -219,12 +222,15 @@ def dataset_loss(model, batches, device=None) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
 
 
-def rows_loss(model, rows, collate, batch_size: int, device=None, rank: int = 0, world_size: int = 1) -> dict:
+def rows_loss(model, rows, collate, batch_size: int, device=None, rank: int = 0, world_size: int = 1,
+              desc: str | None = None) -> dict:
     """:func:`dataset_loss` of tokenized ``rows`` (a list or a ``datasets.Dataset``), batched by ``collate``.
 
     Under torch.distributed every rank passes all rows and scores its share (rows rank, rank + world_size, ...); the
-    sums are all-reduced, so every rank returns the loss of the whole set.
+    sums are all-reduced, so every rank returns the loss of the whole set. Rows are batched in order of length (the
+    token-weighted sum does not depend on the order, and batches of like lengths carry little padding).
+    ``desc``: show a progress bar with this label.
     """
-    shard = [rows[i] for i in range(rank, len(rows), world_size)]
+    shard = sorted((rows[i] for i in range(rank, len(rows), world_size)), key=lambda r: len(r["input_ids"]))
     batches = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate)
-    return dataset_loss(model, batches, device=device)
+    return dataset_loss(model, batches, device=device, desc=desc)

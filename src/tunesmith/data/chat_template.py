@@ -62,8 +62,8 @@ def jinja_template(template: Template, tokenizer) -> str | None:
     if template.with_input is not None:
         prefix, before_input, after_input, _ = template.with_input
         with_input = (f"{{%- set ns.lead = {_literal(after_input)} -%}}{{%- set ns.gen = {_literal(_gen(after_input))} "
-                      f"-%}}{{{{- {_concat(('lit', prefix), ('var', 'prompt'), ('lit', before_input), ('var', 'input'))}"
-                      " -}}")
+                      + "-%}{{- " + _concat(("lit", prefix), ("var", "prompt"), ("lit", before_input), ("var", "input"))
+                      + " -}}")
     else:  # no place for an input: it follows the instruction after a blank line
         with_input = "{%- set prompt = prompt ~ '\\n\\n' ~ input -%}" + plain
     lines = [

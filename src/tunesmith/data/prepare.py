@@ -1,22 +1,22 @@
-"""From a dataset source to tokenized, masked examples plus the audit summary every run logs.
+"""Tokenized, masked examples on memory-mapped Arrow, cached: the engine behind
+:meth:`tunesmith.data.source.DataSource.tokenized` (and :meth:`~tunesmith.data.source.DataSource.mapped`).
 
-:func:`prepare_dataset` is the path for training data of any size:
-
-1. the records are read one at a time (JSONL, CSV and Parquet are streamed), checked and normalised into
+1. the source's records are read one at a time (JSONL, CSV and Parquet are streamed), checked and normalised into
    :class:`~tunesmith.data.formats.Example` shape — every bad record stops the run with its file:line error — and
    written to an Arrow file in batches, so no list of a million Python objects is ever held;
-2. ``datasets.Dataset.map`` tokenizes that file in batches (``dataset_num_proc`` processes) into memory-mapped Arrow
-   files;
-3. the result is cached under a fingerprint of the data file's bytes, the tokenizer, the template, ``max_length``,
-   ``train_on_prompt`` and the data format: the next run with the same inputs (and every other process of a
-   distributed run, which waits for the node's main process) only maps the cached files.
+2. ``datasets.Dataset.map`` runs the stage's function (tokenization, or a recipe's own) over that file in batches
+   (``dataset_num_proc`` processes) into memory-mapped Arrow files;
+3. the result is cached under a fingerprint of the data's bytes, the tokenizer, and the stage's settings (for
+   tokenization: the template, ``max_length``, ``train_on_prompt`` and the data format): the next run with the same
+   inputs (and every other process of a distributed run, which waits for the node's main process) only maps the
+   cached files.
 
 The cache lives in ``cache_dir`` (default: ``tunesmith/`` inside the Hugging Face datasets cache, i.e.
 ``$HF_DATASETS_CACHE`` or ``~/.cache/huggingface/datasets``). An entry is a directory named by the fingerprint,
 built under a temporary name and renamed when complete, so a killed run never leaves an entry that looks finished.
 Entries are never deleted by tunesmith; remove the directory to reclaim the space.
 
-:func:`tokenize_examples` does the same tokenization for a list of examples already in memory (small sets).
+:func:`tokenize_examples` does the same tokenization for a list of examples already in memory (small sets, tests).
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.formats import FORMATS, Example, Turn, detect_format, to_example, to_examples
-from tunesmith.data.load import iter_records, load_records, resolve_file
+from tunesmith.data.formats import Example, Turn
 from tunesmith.data.templates import Template
+from tunesmith.data.source import cache_root
 from tunesmith.data.tokenize import IGNORE, adds_bos, encode_batch
 from tunesmith.errors import UserError
 
-CACHE_VERSION = 1  # bump when the tokenized layout or the masking rules change
+CACHE_VERSION = 2  # bump when the tokenized layout or the masking rules change
 BATCH = 1000  # examples per Arrow record batch and per tokenizer call
 
 
@@ -70,7 +70,10 @@ class DataSummary:
 
 def load_examples(source: str, dataset_format: str = "auto", split: str = "train",
                   require_response: bool = True) -> list[Example]:
-    return to_examples(load_records(source, split), dataset_format, require_response)
+    """Deprecated: :func:`tunesmith.data.source.read_examples` (kept until SPIN reads through the entry)."""
+    from tunesmith.data.source import read_examples
+
+    return read_examples(source, split=split, dataset_format=dataset_format, require_response=require_response)
 
 
 def _stats(tokenizer, encoded: list[dict | None], max_length: int) -> dict[str, list]:
@@ -128,38 +131,43 @@ def _example_row(ex: Example) -> dict:
             "input": ex.input, "text": ex.text, "loc": ex.loc}
 
 
-def _row_examples(batch: dict) -> list[Example]:
+EXAMPLE_COLUMNS = ("turns", "system", "input", "text")  # + "loc", which every stage's output keeps
+
+
+def row_examples(batch: dict) -> list[Example]:
+    """A batch of the normalised-examples Arrow table (what a :func:`cached_map` function gets) as Examples."""
     return [Example(turns=[Turn(t["prompt"], t["response"]) for t in turns], system=system, input=inp, text=text,
                     loc=loc)
             for turns, system, inp, text, loc in zip(batch["turns"], batch["system"], batch["input"], batch["text"],
                                                       batch["loc"])]
 
 
-def _write_examples(source: str, split: str, dataset_format: str, path: Path) -> int:
-    """Stream the records of ``source`` into an Arrow file of normalised examples; returns how many."""
+def _write_examples(source, path: Path, require_response: bool = True, normalise=None) -> list[str]:
+    """Stream the records of ``source`` into an Arrow file of normalised examples (or of ``normalise``'s rows);
+    returns the columns written."""
     import pyarrow as pa
 
-    if dataset_format not in ("auto",) + FORMATS:
-        raise UserError(f"unknown dataset_format '{dataset_format}' (choose auto, {', '.join(FORMATS)})")
-    schema = _example_schema()
-    n, fmt, rows = 0, None, []
+    if normalise is None:
+        schema = _example_schema()
+        rows_of = (_example_row(example) for example in source.examples(require_response))
+    else:
+        to_row, schema = normalise
+        rows_of = (to_row(record) for record in source.records())
+    rows = []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for record in iter_records(source, split):
-            if fmt is None:
-                fmt = detect_format(record.data, record.loc) if dataset_format == "auto" else dataset_format
-            rows.append(_example_row(to_example(record, fmt)))
-            n += 1
+        for row in rows_of:
+            rows.append(row)
             if len(rows) == BATCH:
                 writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
                 rows = []
         if rows:
             writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
-    return n
+    return schema.names
 
 
 def _tokenize_rows(batch: dict, tokenizer, template: Template, max_length: int, train_on_prompt: bool) -> dict:
     """``Dataset.map`` function: a batch of normalised examples -> token columns + per-example summary columns."""
-    encoded = encode_batch(tokenizer, template, _row_examples(batch), max_length, train_on_prompt)
+    encoded = encode_batch(tokenizer, template, row_examples(batch), max_length, train_on_prompt)
     return {"input_ids": [e["input_ids"] if e else [] for e in encoded],
             "labels": [e["labels"] if e else [] for e in encoded],
             **_stats(tokenizer, encoded, max_length)}
@@ -209,27 +217,19 @@ class TokenizedData(Sequence):
             yield from self[start:start + BATCH]
 
 
-def _fingerprint(source: str, split: str, dataset_format: str, tokenizer, template: Template, max_length: int,
-                 train_on_prompt: bool) -> str:
-    from datasets.fingerprint import Hasher
-
+def _fingerprint(source, key: dict, tokenizer, require_response: bool) -> str:
     h = hashlib.sha256()
-    path = resolve_file(source, split)
-    if path is not None:  # a local file: its bytes
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
-    else:  # a hub dataset: datasets' own fingerprint of the loaded split
-        import datasets
+    h.update(source.fingerprint.encode())  # the data itself: a file's bytes, a hub split's fingerprint
+    settings = {"version": CACHE_VERSION, "source": source.display, "split": source.split,
+                "format": source.format_option, "require_response": require_response, **key}
+    if tokenizer is not None:
+        from datasets.fingerprint import Hasher
 
-        h.update(datasets.load_dataset(source, split=split)._fingerprint.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else Hasher.hash(tokenizer)).encode())
-    settings = {"version": CACHE_VERSION, "source": str(source), "split": split, "format": dataset_format,
-                "template": template.spec(), "max_length": max_length, "train_on_prompt": train_on_prompt,
-                "tokenizer": type(tokenizer).__name__, "special_tokens": tokenizer.special_tokens_map,
-                "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "adds_bos": adds_bos(tokenizer),
-                "chat_template": getattr(tokenizer, "chat_template", None)}
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        h.update((backend.to_str() if backend is not None else Hasher.hash(tokenizer)).encode())
+        settings.update(tokenizer=type(tokenizer).__name__, special_tokens=tokenizer.special_tokens_map,
+                        bos=tokenizer.bos_token_id, eos=tokenizer.eos_token_id, adds_bos=adds_bos(tokenizer),
+                        chat_template=getattr(tokenizer, "chat_template", None))
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -255,47 +255,34 @@ def _node_main_process_first():
             dist.barrier()
 
 
-def _load_entry(entry: Path, source: str):
+def _load_entry(entry: Path):
     from datasets import Dataset, concatenate_datasets
 
     manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
     parts = [Dataset.from_file(str(entry / name)) for name in manifest["files"]]
-    ds = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-    kept = np.load(entry / "kept.npy") if (entry / "kept.npy").exists() else None
-    return TokenizedData(ds, kept), DataSummary(**{**manifest["summary"], "source": source})
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), manifest
 
 
-def _build_entry(source: str, split: str, dataset_format: str, tokenizer, template: Template, max_length: int,
-                 train_on_prompt: bool, num_proc: int | None, root: Path, entry: Path) -> None:
-    import pyarrow.compute as pc
+def _build_entry(source, root: Path, entry: Path, function, fn_kwargs: dict, features, require_response: bool,
+                 num_proc: int | None, desc: str | None, finish, normalise=None) -> None:
     from datasets import Dataset
 
     root.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=root, prefix=f".{entry.name}.building-"))
     try:
-        n = _write_examples(source, split, dataset_format, build / "examples.arrow")
+        columns = _write_examples(source, build / "examples.arrow", require_response, normalise)
         examples = Dataset.from_file(str(build / "examples.arrow"))
-        tokens = examples.map(
-            _tokenize_rows, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc and num_proc > 1 else None,
-            fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length,
-                       "train_on_prompt": train_on_prompt},
-            remove_columns=["turns", "system", "input", "text"], features=_token_features(),
-            cache_file_name=str(build / "tokens.arrow"), load_from_cache_file=False, new_fingerprint=entry.name,
-            desc=f"tokenizing {source}")
+        n = len(examples)
+        mapped = examples.map(
+            function, batched=True, batch_size=BATCH, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            fn_kwargs=fn_kwargs, remove_columns=[c for c in columns if c != "loc"], features=features,
+            cache_file_name=str(build / "data.arrow"), load_from_cache_file=False, new_fingerprint=entry.name,
+            desc=desc or f"preparing {source.display}")
         del examples
         (build / "examples.arrow").unlink()
-        table = tokens.data
-        stats = {key: table.column(key).to_numpy() for key in ("length", "trained", "truncated", "eos_trained",
-                                                               "doubled_bos")}
-        dropped = np.flatnonzero(stats["trained"] == 0)
-        locs = dict(zip(dropped.tolist(), pc.take(table.column("loc"), dropped).to_pylist()))
-        summary = _summarize(source, stats, locs, max_length)
-        assert summary.examples == n
-        if len(dropped):
-            np.save(build / "kept.npy", np.flatnonzero(stats["trained"] > 0))
-        files = [Path(f["filename"]).name for f in tokens.cache_files]
-        del tokens, table
-        manifest = {"files": files, "summary": asdict(summary)}
+        manifest = {"examples": n, **(finish(mapped, build) if finish else {})}
+        manifest["files"] = [Path(f["filename"]).name for f in mapped.cache_files]
+        del mapped
         (build / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
         try:
             os.rename(build, entry)  # atomic: the entry appears complete or not at all
@@ -306,17 +293,72 @@ def _build_entry(source: str, split: str, dataset_format: str, tokenizer, templa
         shutil.rmtree(build, ignore_errors=True)
 
 
+def cached_map(source, function, *, key: dict, features, tokenizer=None, fn_kwargs: dict | None = None,
+               require_response: bool = True, num_proc: int | None = None,
+               cache_dir: str | os.PathLike | None = None, desc: str | None = None, finish=None, normalise=None):
+    """``function`` mapped over the normalised examples of ``source`` (a :class:`~tunesmith.data.source.DataSource`),
+    built once and cached; returns ``(datasets.Dataset, manifest)``.
+
+    ``function(batch, **fn_kwargs)`` gets a batch of the examples table (columns turns, system, input, text, loc:
+    :func:`row_examples` turns it into Examples) and returns the output columns; ``features`` types them and must
+    include ``loc`` (kept from the input). ``key``: every setting that changes the output (JSON-able); the data's
+    bytes, the source's path / split / format, ``require_response`` and the tokenizer (when given) are added.
+    ``finish(dataset, build_dir)``: run once on the fresh output; it may write files into ``build_dir`` and returns
+    a JSON-able dict stored in the manifest (raise UserError there to refuse the data: nothing is cached).
+    ``normalise``: ``(to_row, pyarrow_schema)`` to stream ``to_row(record) -> dict`` rows (with a ``loc`` column)
+    instead of normalised examples, for records that are not examples (preference pairs); ``function`` then gets
+    batches of those columns, and every column but ``loc`` is dropped from the output unless it returns it.
+    """
+    if normalise is not None:
+        key = {**key, "normalise": getattr(normalise[0], "__qualname__", repr(normalise[0])),
+               "normalise_schema": str(normalise[1])}
+    root = cache_root(cache_dir)
+    with _node_main_process_first():
+        entry = root / _fingerprint(source, key, tokenizer, require_response)
+        if not (entry / "manifest.json").exists():
+            _build_entry(source, root, entry, function, fn_kwargs or {}, features, require_response, num_proc, desc,
+                         finish, normalise)
+        dataset, manifest = _load_entry(entry)
+    manifest["entry"] = str(entry)
+    return dataset, manifest
+
+
+def tokenize_source(source, tokenizer, template: Template, max_length: int, *, train_on_prompt: bool = False,
+                    num_proc: int | None = None, cache_dir: str | os.PathLike | None = None
+                    ) -> tuple[TokenizedData, DataSummary]:
+    """Tokenized, masked examples of ``source`` (memory-mapped, cached) and their summary; raises UserError naming
+    the file, line and field of the first bad record. ``num_proc``: processes that tokenize (``dataset_num_proc``)."""
+
+    def finish(tokens, build: Path) -> dict:
+        import pyarrow.compute as pc
+
+        table = tokens.data
+        stats = {k: table.column(k).to_numpy() for k in ("length", "trained", "truncated", "eos_trained",
+                                                         "doubled_bos")}
+        dropped = np.flatnonzero(stats["trained"] == 0)
+        locs = dict(zip(dropped.tolist(), pc.take(table.column("loc"), dropped).to_pylist()))
+        summary = _summarize(source.display, stats, locs, max_length)
+        if len(dropped):
+            np.save(build / "kept.npy", np.flatnonzero(stats["trained"] > 0))
+        return {"summary": asdict(summary)}
+
+    key = {"stage": "tokens", "template": template.spec(), "max_length": max_length,
+           "train_on_prompt": train_on_prompt}
+    dataset, manifest = cached_map(
+        source, _tokenize_rows, key=key, features=_token_features(), tokenizer=tokenizer,
+        fn_kwargs={"tokenizer": tokenizer, "template": template, "max_length": max_length,
+                   "train_on_prompt": train_on_prompt},
+        num_proc=num_proc, cache_dir=cache_dir, desc=f"tokenizing {source.display}", finish=finish)
+    entry = Path(manifest["entry"])
+    kept = np.load(entry / "kept.npy") if (entry / "kept.npy").exists() else None
+    return TokenizedData(dataset, kept), DataSummary(**{**manifest["summary"], "source": source.display})
+
+
 def prepare_dataset(source: str, tokenizer, template: Template, max_length: int, *, dataset_format: str = "auto",
                     split: str = "train", train_on_prompt: bool = False, num_proc: int | None = None,
                     cache_dir: str | os.PathLike | None = None) -> tuple[TokenizedData, DataSummary]:
-    """Tokenized, masked examples of ``source`` (memory-mapped, cached) and their summary; raises UserError naming
-    the file, line and field of the first bad record. ``num_proc``: processes that tokenize (``dataset_num_proc``)."""
-    import datasets
+    """Deprecated: ``open_source(...).tokenized(...)`` (kept until SPIN reads through the entry)."""
+    from tunesmith.data.source import open_source
 
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "tunesmith"
-    with _node_main_process_first():
-        entry = root / _fingerprint(source, split, dataset_format, tokenizer, template, max_length, train_on_prompt)
-        if not (entry / "manifest.json").exists():
-            _build_entry(source, split, dataset_format, tokenizer, template, max_length, train_on_prompt, num_proc,
-                         root, entry)
-        return _load_entry(entry, source)
+    return open_source(source, split=split, dataset_format=dataset_format, cache_dir=cache_dir).tokenized(
+        tokenizer, template, max_length, train_on_prompt=train_on_prompt, num_proc=num_proc, cache_dir=cache_dir)

@@ -6,6 +6,8 @@ Named templates: ``alpaca`` (with and without input), ``instruction_response``
 template). A custom format string with ``{prompt}`` once, then ``{response}`` once (and optionally ``{input}``
 between them) is accepted too; it is split once at those markers and the user's text is inserted between the pieces,
 never substituted into (a prompt or input holding ``{response}`` is kept as written). Other braces are plain text.
+``auto`` is resolved against the data (:func:`resolve_template`): ``chat`` for conversational data when the tokenizer
+has a chat template, ``alpaca`` otherwise; what is saved with a model is the resolved template, never ``auto``.
 
 The same template renders training examples and generation prompts, and it is saved beside a trained model
 (``tunesmith_template.json``) so generation, evaluation and SPIN use exactly what training used.
@@ -35,6 +37,7 @@ FORMAT_STRINGS = {
     "qa": "Please answer the following question. Q: {prompt} A: {response}",
 }
 NAMES = ("alpaca", "instruction_response", "qa", "chat")
+CHOICES = ("auto",) + NAMES
 
 Segments = list[tuple[str, bool]]  # (text, trained)
 
@@ -159,7 +162,17 @@ class ChatTemplate(Template):
         return out
 
 
+def resolve_template(name: str, tokenizer, conversational: bool) -> Template:
+    """:func:`get_template`, with ``auto`` resolved: the tokenizer's chat template for ``conversational`` data when
+    it has one, alpaca otherwise."""
+    if name == "auto":
+        name = "chat" if conversational and getattr(tokenizer, "chat_template", None) else "alpaca"
+    return get_template(name, tokenizer)
+
+
 def get_template(name: str, tokenizer=None) -> Template:
+    if name == "auto":
+        raise UserError("template 'auto' is resolved against the data (tunesmith.data.source.template_for)")
     if name == "alpaca":
         return FormatTemplate("alpaca", ALPACA_NO_INPUT, ALPACA_WITH_INPUT)
     if name in FORMAT_STRINGS:
@@ -168,7 +181,7 @@ def get_template(name: str, tokenizer=None) -> Template:
         return ChatTemplate(tokenizer)
     if "{" in name:
         return FormatTemplate("custom", name)
-    raise UserError(f"unknown template '{name}' (choose {', '.join(NAMES)}, or a format string with "
+    raise UserError(f"unknown template '{name}' (choose {', '.join(CHOICES)}, or a format string with "
                     "{prompt} and {response})")
 
 

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.progress import Stages
 
 MARKER = "demo.json"
 OUR_ENTRIES = (MARKER, "data", "runs", "judge", "report.md", "report.html", "summary.png", "loss_curves.png",
@@ -231,6 +232,12 @@ def spin_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int
 
 # ---------------------------------------------------------------- summary
 
+BETTER = {  # which direction is better, said on the summary plot's panels
+    "train_loss": "neither: a measure of fit", "heldout_loss": "lower is better",
+    "rouge_l_train": "lower: less copying", "bleu_train": "lower: less copying", "chars": "longer: the paper's aim",
+    "words": "longer: the paper's aim", "log_diversity": "higher: more varied", "fact_precision": "higher is better",
+    "fact_recall": "higher is better", "win_rate": "higher is better, 50 = tie"}
+
 METRICS = (  # (key, label, digits, the paper's direction for NEFTune)
     ("train_loss", "training loss, noise-free", 4, "higher"),
     ("heldout_loss", "held-out loss", 4, "no worse"),
@@ -306,11 +313,24 @@ def summary_table(per_variant: dict[str, list[dict]]) -> tuple[list[str], list[l
 def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
     from tunesmith.evaluation.report import _plt
 
+    fig = summary_figure(per_variant)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return True
+
+
+def summary_figure(per_variant: dict[str, list[dict]]):
+    """One bar panel per measure, titled with the direction that is better; error bars only where seeds give a
+    spread. None when no measure has a value."""
+    from tunesmith.evaluation.report import _plt
+
     plt = _plt()
     keys = [m for m in METRICS if any(isinstance(r.get(m[0]), (int, float)) for rs in per_variant.values()
                                       for r in rs)]
     if not keys:
-        return False
+        return None
     cols = 5
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.6 * nrows), squeeze=False)
@@ -318,19 +338,19 @@ def plot_summary(per_variant: dict[str, list[dict]], path: Path) -> bool:
     for ax, (key, label, _, _) in zip(axes.flat, keys):
         names = list(per_variant)
         stats = [mean_std([r.get(key) for r in per_variant[v]]) for v in names]
+        spread = any(s is not None for _, s in stats)  # one seed: no spread to draw (not a zero-width bar)
         ax.bar(range(len(names)), [m if m is not None else 0 for m, _ in stats],
-               yerr=[s or 0 for _, s in stats], color=colors[:len(names)], capsize=3)
+               yerr=[s or 0 for _, s in stats] if spread else None, color=colors[:len(names)],
+               capsize=3 if spread else 0)
         ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
-        ax.set_title(label, fontsize=8)
+        ax.set_title(f"{label}\n({BETTER[key]})", fontsize=8)
         if key == "win_rate":
             ax.axhline(50, color="gray", lw=1, ls="--")
         ax.grid(alpha=0.3, axis="y")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 # ---------------------------------------------------------------- the demo
@@ -382,12 +402,17 @@ def _run(cfg: DemoConfig) -> dict:
 
     per_variant: dict[str, list[dict]] = {}
     run_dirs, winrates, spin_dirs = [], [], {}
+    trainings = (("sft", None, "SFT run"), ("neftune", cfg.neftune_alpha, f"NEFTune run (alpha {cfg.neftune_alpha:g})"))
+    # per seed: the trainings, SPIN's run, one evaluation per variant; then the report
+    stages = Stages(cfg.seeds * (len(trainings) + bool(cfg.spin) + len(trainings) + cfg.spin) + 1)
     for seed in range(cfg.seeds):
+        of_seed = f" (seed {seed})" if cfg.seeds > 1 else ""
         variants = {}
-        for name, alpha in (("sft", None), ("neftune", cfg.neftune_alpha)):
+        for name, alpha, label in trainings:
             run_dir = out / "runs" / f"{name}-seed{seed}"
             t = time.time()
-            sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
+            with stages(label + of_seed):
+                sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
             state["timings_s"][f"train {run_dir.name}"] = round(time.time() - t, 1)
             variants[name] = (run_dir, run_dir)
         if cfg.spin:
@@ -395,28 +420,30 @@ def _run(cfg: DemoConfig) -> dict:
 
             spin_dir = out / "runs" / f"spin-seed{seed}"
             t = time.time()
-            spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
+            with stages(f"SPIN run: {cfg.spin} iteration(s) on the SFT model{of_seed}"):
+                spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
             state["timings_s"][f"train {spin_dir.name}"] = round(time.time() - t, 1)
             spin_dirs[seed] = spin_dir
             for it in range(cfg.spin):
                 run_dir = out / "runs" / f"spin{it + 1}-seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
-        for name, (model_dir, run_dir) in variants.items():
+        for name, (model_dir, run_dir) in variants.items():  # sft first: the others' win rates are against it
             t = time.time()
-            result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
+            versus = "" if name == "sft" else ", win rate vs sft"
+            with stages(f"evaluate {name}: generate answers, losses, facts{versus}{of_seed}"):
+                result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
+                per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
+                run_dirs.append(str(run_dir))
+                if name != "sft":
+                    jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
+                    w = win_rate_under(judge, run_dir, variants["sft"][1], jdir, f"{name}-seed{seed}",
+                                       f"sft-seed{seed}", seed)
+                    per_variant[name][-1]["win_rate"] = w["win_rate"]
+                    winrates.append(str(jdir))
             state["timings_s"][f"evaluate {run_dir.name}"] = round(time.time() - t, 1)
-            per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
-            run_dirs.append(str(run_dir))
-        for name in variants:
-            if name == "sft":
-                continue
-            jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
-            w = win_rate_under(judge, variants[name][1], variants["sft"][1], jdir, f"{name}-seed{seed}",
-                               f"sft-seed{seed}", seed)
-            per_variant[name][-1]["win_rate"] = w["win_rate"]
-            winrates.append(str(jdir))
         atomic_write_json(out / MARKER, state | {"per_variant": per_variant})
+    stages.start("report")
 
     header, rows = summary_table(per_variant)
     title = "tunesmith demo: NEFTune" + (" and SPIN" if cfg.spin else "") + " on a tiny pretrained model"
@@ -432,7 +459,9 @@ def _run(cfg: DemoConfig) -> dict:
              + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
              f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
-             f"{cfg.repetition_penalty:g}. Values are mean ± std over seeds. Wall time {(time.time() - t0) / 60:.1f} min "
+             f"{cfg.repetition_penalty:g}. "
+             + ("Values are mean ± std over seeds. " if cfg.seeds > 1 else "One seed: single values, no spread. ")
+             + f"Wall time {(time.time() - t0) / 60:.1f} min "
              f"with {state['threads']} torch thread(s)."
              + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
     blocks = [("h1", title), ("p", intro), ("h2", "Summary"), ("table", header, rows)]
@@ -459,6 +488,7 @@ def _run(cfg: DemoConfig) -> dict:
     blocks += [b for b in suite_blocks if b[0] != "h1"]
     atomic_write_text(out / "report.md", R.to_markdown(blocks))
     atomic_write_text(out / "report.html", R.to_html(blocks, title))
+    stages.end()
     state["timings_s"]["total"] = round(time.time() - t0, 1)
     state.update(complete=True, per_variant=per_variant, summary={"header": header, "rows": rows},
                  report=str(out / "report.md"))

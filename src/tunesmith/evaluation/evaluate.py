@@ -32,8 +32,9 @@ class EvalConfig:
     output: str = field(default="", metadata={"help": "result JSON (put it at RUN_DIR/eval.json for the report)"})
     model_name_or_path: str = field(default="", metadata={"help": "model directory, for loss / perplexity on "
                                                                   "'dataset' and for 'tasks'"})
-    dataset: list[str] = field(default_factory=list, metadata={
-        "help": "dataset(s) (any SFT format) to score the model's loss on, e.g. train.jsonl,heldout.jsonl"})
+    dataset: str | list | None = field(default=None, metadata={
+        "help": "dataset(s) (any SFT format) to score the model's loss on, each on its own: train.jsonl,heldout.jsonl "
+                "or a YAML list of sources"})
     dataset_format: str = field(default="auto", metadata={"help": "format of 'dataset' and 'references'"})
     dataset_split: str = field(default="train", metadata={"help": "split, for hub datasets"})
     template: str = field(default="", metadata={"help": "prompt template (default: the model's saved one)"})
@@ -41,11 +42,13 @@ class EvalConfig:
     batch_size: int = field(default=8, metadata={"help": "batch size for scoring"})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16"})
     generations: list[str] = field(default_factory=list, metadata={"help": "generation file(s) to measure"})
-    references: str = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
+    references: str | list = field(default="", metadata={"help": "dataset whose answers are the references, matched by "
                                                           "instruction and input (default: each row's 'reference' "
                                                           "field)"})
-    n_tokens: int = field(default=50, metadata={"help": "rep-n / diversity use the first N whitespace tokens "
-                                                        "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)"})
+    n_tokens: int | Literal["auto"] = field(default="auto", metadata={
+        "help": "rep-n / diversity use the first N whitespace tokens of each answer; auto: per generation file, the "
+                "largest N that keeps at least 80% of the answers (the paper's fixed N: 50 Alpaca, 100 "
+                "Evol-Instruct, 150 ShareGPT)"})
     diversity_mode: Literal["formula", "paper"] = field(default="formula", metadata={
         "help": "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
                 "each answer's last n-gram skipped, rep-n rounded to 2 decimals)"})
@@ -62,8 +65,14 @@ class EvalConfig:
     def __post_init__(self):
         if not self.output:
             raise UserError("'output' is required")
+        from tunesmith.data.source import check_sources
+        from tunesmith.io import resolve_path
         from tunesmith.rundir import check_output_file
 
+        check_sources(self.dataset, "dataset", weights=False)
+        check_sources(self.references, "references", weights=False)
+        if self.model_name_or_path:
+            self.model_name_or_path = resolve_path(self.model_name_or_path)
         check_output_file(self.output, "output", command="eval", overwrite=self.overwrite, inputs={
             "model_name_or_path": self.model_name_or_path, "dataset": self.dataset, "generations": self.generations,
             "references": self.references, "tasks": [t for t in self.tasks if t.endswith((".yaml", ".yml"))],
@@ -79,38 +88,41 @@ class EvalConfig:
         checks.non_negative("num_fewshot", self.num_fewshot, optional=True)
         checks.non_negative("task_limit", self.task_limit, why="0 = all")
         least = 5 if self.diversity_mode == "paper" else 4
-        if self.n_tokens < least:
+        if self.n_tokens != "auto" and self.n_tokens < least:
             raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
                             f"{', and paper mode skips the last one' if least == 5 else ''}), got {self.n_tokens}")
 
 
-def dataset_loss_of(model, tokenizer, template, source: str, cfg: EvalConfig) -> dict:
+def dataset_loss_of(model, tokenizer, template, source, cfg: EvalConfig) -> dict:
+    """Noise-free loss of the model on one source (tokenized through the data entry, and cached like training
+    data)."""
+    import numpy as np
+
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.source import tokenize_sources
     from tunesmith.scoring import rows_loss
 
-    examples = load_examples(source, cfg.dataset_format, cfg.dataset_split)
-    rows, summary = tokenize_examples(examples, tokenizer, template, cfg.max_length, source=source)
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # less padding; the token-weighted sum is order-free
+    rows, summary = tokenize_sources([source], tokenizer, template, cfg.max_length)
+    rows = rows[np.argsort(rows.lengths, kind="stable")]  # less padding; the token-weighted sum is order-free
     result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
-                       device=next(model.parameters()).device)
+                       device=next(model.parameters()).device, desc=f"noise-free loss on {source.name}")
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
-def reference_map(source: str, cfg: EvalConfig) -> dict[tuple[str, str], str]:
+def reference_map(value, cfg: EvalConfig) -> dict[tuple[str, str], str]:
     """(instruction, input) -> reference answer; the first record wins where a prompt repeats."""
-    from tunesmith.data.prepare import load_examples
+    from tunesmith.data.source import read_examples
 
     refs = {}
-    for ex in load_examples(source, cfg.dataset_format, cfg.dataset_split):
+    for ex in read_examples(value, split=cfg.dataset_split, dataset_format=cfg.dataset_format, key="references"):
         if ex.text is None and ex.turns[-1].response is not None:
             refs.setdefault((ex.turns[-1].prompt, ex.input or ""), ex.turns[-1].response)
     if not refs:
-        raise UserError(f"{source}: empty reference set (no record with an answer)")
+        raise UserError(f"{value}: empty reference set (no record with an answer)")
     return refs
 
 
-def generation_stats(path: str, n_tokens: int, refs: dict[tuple[str, str], str] | None = None,
+def generation_stats(path: str, n_tokens: int | str, refs: dict[tuple[str, str], str] | None = None,
                      diversity_mode: str = "formula") -> dict:
     gens = read_generations(path)
     outputs = [g.output for g in gens]
@@ -149,11 +161,12 @@ def run(cfg: EvalConfig) -> dict:
         model, tokenizer = load_model_and_tokenizer(cfg.model_name_or_path, dtype=cfg.dtype)
         result["model"] = cfg.model_name_or_path
     if cfg.dataset:
-        from tunesmith.data.templates import get_template, load_saved_template
+        from tunesmith.data.source import model_template, open_sources
 
-        template = get_template(cfg.template, tokenizer) if cfg.template else load_saved_template(cfg.model_name_or_path,
-                                                                                                  tokenizer)
-        result["loss"] = {src: dataset_loss_of(model, tokenizer, template, src, cfg) for src in cfg.dataset}
+        sources = open_sources(cfg.dataset, split=cfg.dataset_split, dataset_format=cfg.dataset_format)
+        template = model_template(cfg.template, cfg.model_name_or_path, tokenizer, sources)
+        result["loss"] = {s.spec.name or s.spec.path: dataset_loss_of(model, tokenizer, s.template(template, tokenizer),
+                                                                      s, cfg) for s in sources}
     if cfg.tasks:
         from tunesmith.evaluation.lm_eval_bridge import run_tasks
 
@@ -189,7 +202,9 @@ def format_result(r: dict) -> str:
         lines.append(f"  {name}: n={g['n']} chars {_f(ln.get('chars_mean'), 1)} words {_f(ln.get('words_mean'), 1)} "
                      f"rep-2 {_f(d['rep_2'])} rep-3 {_f(d['rep_3'])} rep-4 {_f(d['rep_4'])} "
                      f"diversity {_f(d['diversity'], 3)} log-div {_f(d['log_diversity'])} "
-                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words; {d['n_too_short']} shorter left "
+                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words"
+                     f"{' (auto)' if str(d.get('n_tokens_rule', '')).startswith('auto') else ''}; "
+                     f"{d['n_too_short']} shorter left "
                      f"out; cut at budget "
                      f"{g['truncated']})")
         if g["overlap"]:

@@ -5,11 +5,9 @@ Every row needs ``instruction`` and ``output`` (strings); ``generator`` and ``in
 not an input are different prompts."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.data.load import check_text, may_hold_surrogates
 from tunesmith.errors import UserError, at
 
 
@@ -35,46 +33,26 @@ class Generation:
 
 
 def read_generations(path: str | Path) -> list[Generation]:
+    """The rows of a generation file, read through the data entry (JSONL, a JSON list, or a pipe); one-line errors
+    name the file, line (or row) and field."""
+    from tunesmith.data.source import open_source
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: generation file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    rows: list[tuple[int | None, object]] = []
-    if text.lstrip().startswith("["):
-        try:
-            rows = [(None, r) for r in json.loads(text)]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{at(path, e.lineno)}: invalid JSON ({e.msg})") from None
-        rows = [(i, r) for i, (_, r) in enumerate(rows)]  # JSON: "line" is the row index
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{at(path, lineno)}: invalid JSON ({e.msg})") from None
-    out, suspicious = [], may_hold_surrogates(text)
-    for line, row in rows:
-        if not isinstance(row, dict):
-            raise UserError(f"{at(path, line)}: expected an object with 'instruction' and 'output'")
-        if suspicious:
-            check_text(row, at(path, line))
+    if not path.exists():
+        raise UserError(f"{path}: generation file not found")
+    out = []
+    for record in open_source(str(path), key="generations").records():
+        row, loc = record.data, record.loc
         for key in ("instruction", "output"):
             if key not in row:
-                raise UserError(f"{at(path, line, key)}: missing")
+                raise UserError(f"{at(loc, field=key)}: missing")
             if not isinstance(row[key], str):
-                raise UserError(f"{at(path, line, key)}: expected a string, got {type(row[key]).__name__}")
+                raise UserError(f"{at(loc, field=key)}: expected a string, got {type(row[key]).__name__}")
         extra = row.get("input")
         if extra is not None and not isinstance(extra, str):
-            raise UserError(f"{at(path, line, 'input')}: expected a string, got {type(extra).__name__}")
-        out.append(Generation(row["instruction"], row["output"], str(row.get("generator") or path.stem),
-                              f"{path}:{line}", row, extra or ""))
-    if not out:
-        raise UserError(f"{path}: no generations in the file")
+            raise UserError(f"{at(loc, field='input')}: expected a string, got {type(extra).__name__}")
+        out.append(Generation(row["instruction"], row["output"], str(row.get("generator") or path.stem), loc, row,
+                              extra or ""))
     return out
 
 

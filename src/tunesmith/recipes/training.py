@@ -29,6 +29,9 @@ class TrainingPart(TrainingArguments):
     logging_steps: float = _f(10, "Log every N steps.")
     include_num_input_tokens_seen: str | bool = _f("non_padding", "Count non-padding tokens (for tokens/s).")
     remove_unused_columns: bool = _f(False, "Keep tunesmith's columns.")
+    ddp_find_unused_parameters: bool | None = _f(False, "DDP: look for parameters a step leaves unused (true for "
+                                                        "mixture-of-experts models; false, the default, skips that "
+                                                        "graph walk and its notice).")
 
     def __post_init__(self):
         if not self.output_dir:

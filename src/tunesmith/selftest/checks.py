@@ -21,7 +21,6 @@ from tunesmith.selftest.measure import GiB, Peak, flops_per_token, free_memory, 
 from tunesmith.selftest.run import Context, Record, Spec
 
 NEFTUNE_ALPHA = 5.0
-OPTIONAL = ("bitsandbytes", "flash_attn", "deepspeed", "vllm", "liger_kernel")
 DISTRIBUTIONS = ("tunesmith", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "tokenizers",
                  "trl", "bitsandbytes", "flash-attn", "deepspeed", "vllm", "liger-kernel")
 
@@ -92,8 +91,8 @@ def reloaded_loss(ctx: Context, out: Path, values: dict, load_in_4bit: bool = Fa
     model, tok = load_model_and_tokenizer(str(out), values["dtype"], load_in_4bit)
     if not load_in_4bit:
         model = model.to(ctx.device)
-    _, _, _, eval_set, _ = prepare_data(cfg, tok)
-    loss = rows_loss(model, eval_set, Collator(tok.pad_token_id), values["per_device_eval_batch_size"],
+    _, _, _, eval_sets, _ = prepare_data(cfg, tok)  # held-out sets by name: one source is named "eval"
+    loss = rows_loss(model, eval_sets["eval"], Collator(tok.pad_token_id), values["per_device_eval_batch_size"],
                      ctx.device)["loss"]
     n = sum(p.numel() for p in model.parameters())
     del model
@@ -278,6 +277,20 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _segments(batch: dict, examples: list[dict]) -> list[tuple[int, int, int]]:
+    """(row, start, example index) of every example found in a packed / padding-free batch: segments start where
+    ``position_ids`` restart at 0 and are matched to the examples by their tokens."""
+    index = {tuple(ex["input_ids"]): i for i, ex in enumerate(examples)}
+    out = []
+    for k, (ids, pos) in enumerate(zip(batch["input_ids"].tolist(), batch["position_ids"].tolist())):
+        starts = [t for t, p in enumerate(pos) if p == 0] + [len(pos)]
+        for a, b in zip(starts, starts[1:]):
+            i = index.get(tuple(ids[a:b]))
+            if i is not None:
+                out.append((k, a, i))
+    return out
+
+
 def packed_equals_unpacked(ctx: Context, r: Record, attn: str = "sdpa", padding_free: bool = False) -> None:
     """Per-token log-probs of packed rows at batch > 1 (or of one padding-free row) against the same examples in an
     ordinary padded batch, through tunesmith's collator and scoring. A control run of the packed rows with an
@@ -298,12 +311,11 @@ def packed_equals_unpacked(ctx: Context, r: Record, attn: str = "sdpa", padding_
     collate = Collator(tok.pad_token_id)
     if padding_free:
         batch = Collator(tok.pad_token_id, padding_free=True)(examples)
-        layout = [[(i, ex) for i, ex in enumerate(examples)]]
     else:
-        rows = pack(examples, s.pack_row)
-        batch = collate(list(rows))
-        layout = [[(int(i), examples[int(i)]) for i in rows.members[rows.offsets[k]:rows.offsets[k + 1]]]
-                  for k in range(len(rows))]
+        batch = collate(list(pack(examples, s.pack_row)))
+    found = _segments(batch, examples)
+    r.expect(sorted(i for _, _, i in found) == list(range(len(examples))),
+             "the packed batch does not hold every example exactly once")
     f = r.figures
     f["rows"] = f"{batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]}"
     f["examples"] = len(examples)
@@ -318,17 +330,14 @@ def packed_equals_unpacked(ctx: Context, r: Record, attn: str = "sdpa", padding_
     worst = leak_worst = 0.0
     nll_packed = nll_alone = 0.0
     tokens = 0
-    for k, row in enumerate(layout):
-        start = 0
-        for i, ex in row:
-            n = len(ex["input_ids"]) - 1  # predicted positions of the example
-            a, b, c = packed[k, start:start + n].float(), alone[i, :n].float(), leak[k, start:start + n].float()
-            worst = max(worst, (a - b).abs().max().item())
-            leak_worst = max(leak_worst, (c - b).abs().max().item())
-            nll_packed -= a.sum().item()
-            nll_alone -= b.sum().item()
-            tokens += n
-            start += n + 1
+    for k, start, i in found:
+        n = len(examples[i]["input_ids"]) - 1  # predicted positions of the example
+        a, b, c = packed[k, start:start + n].float(), alone[i, :n].float(), leak[k, start:start + n].float()
+        worst = max(worst, (a - b).abs().max().item())
+        leak_worst = max(leak_worst, (c - b).abs().max().item())
+        nll_packed -= a.sum().item()
+        nll_alone -= b.sum().item()
+        tokens += n
     tol = _tolerance(ctx)
     f["tokens"] = tokens
     f["loss_packed"] = _round(nll_packed / tokens, 6)
@@ -723,5 +732,7 @@ CHECKS = [
     Spec("8", "accelerate_fsdp2", partial(accelerate_launch, config="fsdp2"), cuda_only=True,
          cpu_reason="accelerate runs FSDP on GPUs only (it refuses FSDP on a CPU)"),
     Spec("8", "accelerate_ddp", partial(accelerate_launch, config="ddp")),
+    Spec("8", "accelerate_zero3", partial(accelerate_launch, config="zero3"), requires=("deepspeed",),
+         cuda_only=True, cpu_reason="DeepSpeed ZeRO-3 runs on GPUs only"),
     Spec("9", "spin_iteration", spin_iteration),
 ]

@@ -272,7 +272,8 @@ def run_selftest(args: SelftestArgs, specs: list[Spec] | None = None, console=No
         specs = CHECKS
     output.mkdir(parents=True, exist_ok=True)
     log_path = output / "selftest.log"
-    form = "CPU form (--quick sizes)" if device == "cpu" else "GPU form" + (" at --quick sizes" if quick else "")
+    form = ("CPU form (--quick sizes: its speed figures are smoke values)" if device == "cpu"
+            else "GPU form" + (" at --quick sizes" if quick else ""))
     print(f"tunesmith selftest: {len(specs)} checks on {device}, {form}; library output goes to {log_path}",
           file=console, flush=True)
     if device == "cpu" and not args.quick:

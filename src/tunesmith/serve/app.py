@@ -237,13 +237,17 @@ class Server:
         except RequestError as e:
             raise APIError(400, str(e), e.param) from None
         params, n = parse_params(body, engine, [len(p) for p in prompts], self.default_max_tokens)
-        stream = bool(body.get("stream", False))
+        stream = body.get("stream", False) is True
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", "stream_options")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = engine.job(prompts, n, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        if stream:  # every piece of text goes to the response as it comes
+            on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
+        else:  # only the end matters: no wake-up of the event loop per token
+            on_event = lambda ev: ev is None and loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
+        job = engine.job(prompts, n, params, on_event)
         try:
             engine.submit(job)
         except RequestError as e:

@@ -7,8 +7,10 @@ with its ``on_token`` hook streaming every new token out as it is made. The work
 and every other waiting request that can share its decoding settings (greedy with greedy; sampling with the same
 temperature / top_p / top_k / repetition penalty), up to ``max_batch_size`` sequences, and decodes them as one batch;
 each row stops on its own (EOS, its ``max_tokens``, a stop string, a client that went away). A request that arrives
-while a batch runs waits for the next batch. A sampled request with a ``seed`` runs in a batch of its own, so the same
-seed and prompt give the same sample (as ``tunesmith generate --do_sample --seed`` does for one prompt).
+while a batch runs waits for the next batch; when the worker wakes for a request it waits up to ``batch_wait``
+seconds (default 10 ms) for others of the same burst, unless a full batch is already waiting. A sampled request
+with a ``seed`` runs in a batch of its own, so the same seed and prompt give the same sample (as ``tunesmith generate
+--do_sample true --seed S`` does for one prompt).
 
 The waiting list is bounded (``max_queue`` requests): beyond it :meth:`Engine.submit` raises :class:`Busy` (the
 server answers 503) instead of queueing without end.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,10 +297,10 @@ class Job:
         """Take one new token; True when the choice is over."""
         if choice.finish_reason is not None:
             return True
+        choice.tokens += 1
         if self.cancelled:
             choice.finish_reason = "cancelled"
             return True
-        choice.tokens += 1
         if token in eos:
             self._finish(choice, "stop")
             return True
@@ -331,18 +334,23 @@ class Job:
 class Engine:
     """One model, one worker thread, a bounded waiting list."""
 
-    def __init__(self, served: Served, max_batch_size: int = 16, max_queue: int = 64):
+    def __init__(self, served: Served, max_batch_size: int = 16, max_queue: int = 64, batch_wait: float = 0.01):
         from tunesmith.generate import _eos_ids
 
         if max_batch_size < 1 or max_queue < 1:
             raise UserError("max_batch_size and max_queue must be at least 1")
+        if batch_wait < 0:
+            raise UserError(f"batch_wait must be >= 0, got {batch_wait}")
         self.served, self.max_batch_size, self.max_queue = served, max_batch_size, max_queue
+        self.batch_wait = batch_wait
         self.eos = set(_eos_ids(served.model, served.tokenizer))
         self.waiting: deque[Job] = deque()
         self.cond = threading.Condition()
         self.closing = False
         self.batches = 0  # decoded batches (for tests and logs)
         self.largest_batch = 0
+        self.generated = 0  # tokens generated, all requests
+        self.busy = False  # a batch is being decoded
         self.thread = threading.Thread(target=self._loop, name=f"tunesmith-serve-{served.name}", daemon=True)
         self.thread.start()
 
@@ -388,8 +396,18 @@ class Engine:
                     self.cond.wait()
                 if not self.waiting:
                     return
+                # Requests often come in bursts (clients answered by the last batch ask again at once): wait a
+                # moment for the burst, unless a full batch is already waiting.
+                deadline = time.monotonic() + self.batch_wait
+                while (not self.closing and sum(len(j.choices) for j in self.waiting) < self.max_batch_size
+                       and (left := deadline - time.monotonic()) > 0):
+                    self.cond.wait(left)
                 batch = self._take()
-            self._run(batch)
+                self.busy = True
+            try:
+                self._run(batch)
+            finally:
+                self.busy = False
 
     def _run(self, jobs: list[Job]) -> None:
         live = [j for j in jobs if not j.cancelled]
@@ -408,6 +426,7 @@ class Engine:
             error = e
         for job in live:
             job.close(error)
+            self.generated += job.completion_tokens
 
 
 def decode(served: Served, jobs: list[Job], eos: set[int], closing: Callable[[], bool] = lambda: False) -> None:

@@ -42,6 +42,8 @@ class ServeConfig:
                                                                "max_tokens (capped by the context)"})
     max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together per model"})
     max_queue: int = field(default=64, metadata={"help": "requests waiting per model; more get 503 + Retry-After"})
+    batch_wait: float = field(default=0.01, metadata={"help": "seconds the worker waits for more requests of a burst "
+                                                               "before decoding (0: start at once)"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body (413 beyond)"})
     preferences_dir: str = field(default="tunesmith-preferences", metadata={
         "help": "where the web page's blind comparisons go (A_vs_B/judgements.jsonl, the judge's format)"})
@@ -58,6 +60,8 @@ class ServeConfig:
         for key in ("max_new_tokens", "max_batch_size", "max_queue", "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.batch_wait <= 10:
+            raise UserError(f"batch_wait must be in [0, 10] seconds, got {self.batch_wait}")
         if self.log_level not in ("debug", "info", "warning", "error", "critical"):
             raise UserError(f"log_level must be debug, info, warning, error or critical, got {self.log_level!r}")
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -81,7 +85,7 @@ def build_server(cfg: ServeConfig, served=None):
     if served is None:
         served = [load_served(path, name, cfg.dtype, cfg.template, cfg.device)
                   for path, name in zip(cfg.model_name_or_path, cfg.names())]
-    engines = {s.name: Engine(s, cfg.max_batch_size, cfg.max_queue) for s in served}
+    engines = {s.name: Engine(s, cfg.max_batch_size, cfg.max_queue, cfg.batch_wait) for s in served}
     key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     return Server(engines, api_key=key, max_body_bytes=cfg.max_body_bytes, default_max_tokens=cfg.max_new_tokens,
                   preferences_dir=cfg.preferences_dir or None)

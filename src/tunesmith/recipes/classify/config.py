@@ -30,10 +30,12 @@ class ClassifyArgs:
 class ClassifyDataArgs:
     """Data"""
 
-    dataset: str | None = _f(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, or an HF dataset "
-                                   "(required)")
-    eval_dataset: str | None = _f(None, "evaluated every epoch; picks the best checkpoint (none: no evaluation)")
-    test_dataset: str | None = _f(None, "held-out split scored before and after training")
+    dataset: str | list | None = _f(None, "training data: .json/.jsonl/.csv/.parquet file, a directory, a pipe, "
+                                          "pkg:PACKAGE/path or an HF dataset; a list of them is concatenated "
+                                          "(required)")
+    eval_dataset: str | list | None = _f(None, "evaluated every epoch; picks the best checkpoint (none: no "
+                                               "evaluation)")
+    test_dataset: str | list | None = _f(None, "held-out split scored before and after training")
     text_column: str = _f("text", "column holding the text")
     label_column: str = _f("label", "column holding the label (multi_label: a list of labels)")
     labels: list[str] | None = _f(
@@ -44,8 +46,12 @@ class ClassifyDataArgs:
     max_length: int = _f(256, "truncate texts to this many tokens")
 
     def __post_init__(self):
+        from tunesmith.data.source import check_sources
+
         if not self.dataset:
             raise UserError("field 'dataset' is required")
+        for key in ("dataset", "eval_dataset", "test_dataset"):
+            check_sources(getattr(self, key), key, weights=False)
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise UserError(f"field 'labels': names must be distinct, got {self.labels}")
         if not 0 < self.threshold < 1:

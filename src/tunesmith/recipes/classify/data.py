@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.errors import UserError, at
-from tunesmith.io import resolve_path
 
 
 def _scalar_label(value: Any, loc: str, column: str) -> str:
@@ -48,7 +47,9 @@ def label_names(cfg, train_records) -> list[str]:
         used = set(names)
     if len(used) < 2:
         only = ", ".join(sorted(used)) or "none"
-        raise UserError(f"{cfg.dataset}: the training data has only one class ({only}); "
+        from tunesmith.data.source import describe
+
+        raise UserError(f"{describe(cfg.dataset)}: the training data has only one class ({only}); "
                         f"a classifier needs examples of at least two labels")
     return names
 
@@ -95,9 +96,10 @@ def _dataset(tokenizer, texts: list[str], targets: list, max_length: int):
     return datasets.Dataset.from_dict({**{k: v for k, v in enc.items()}, "labels": targets})
 
 
-def _load_split(source: str | None, split: str):
-    from tunesmith.data.load import load_records
+def _load_split(value, split: str, key: str = "dataset"):
+    """The records of a dataset value (the one data entry: files, pipes, pkg:, hub; a list is concatenated)."""
+    from tunesmith.data.source import read_records
 
-    return load_records(resolve_path(source), split=split) if source else None
+    return read_records(value, split=split, key=key) if value else None
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
-from tunesmith.callbacks import stop_callbacks
+from tunesmith.callbacks import readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
@@ -57,8 +57,8 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
     model_path = resolve_path(cfg.model_name_or_path)
 
     train_records = _load_split(cfg.dataset, "train")
-    val_records = _load_split(cfg.eval_dataset, "validation")
-    test_records = _load_split(cfg.test_dataset, "test")
+    val_records = _load_split(cfg.eval_dataset, "validation", "eval_dataset")
+    test_records = _load_split(cfg.test_dataset, "test", "test_dataset")
     names = label_names(cfg, train_records)
     splits = {"train": encode_split(cfg, train_records, names)}
     if val_records:
@@ -92,8 +92,11 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         model = add_lora(model, cfg, new_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"tunesmith classify: {len(names)} labels ({', '.join(names)}); "
-          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
+    if cfg.training.process_index == 0:
+        fresh = f"; freshly initialized, as expected: {', '.join(new_modules)}" if new_modules else ""
+        print(f"tunesmith classify: new classification head: {len(names)} labels ({', '.join(names)}){fresh}")
+        print(f"tunesmith classify: {trainable:,} of {total:,} parameters train "
+              f"({'LoRA' if cfg.use_peft else 'full fine-tuning'})")
 
     from transformers import DataCollatorWithPadding
 
@@ -107,6 +110,7 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         compute_metrics=compute_metrics if val_records else None,
         neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
     started = time.perf_counter()
+    readable_logs(trainer)  # numbers as numbers, rank 0 only
     trainer.add_callback(run.checkpoint_callback())
     divergence, polite = stop_callbacks("classify")
     for callback in [divergence, polite] + list(callbacks):
@@ -170,7 +174,8 @@ def cli(argv: list[str]) -> int:
     if cfg is None:
         return 0
     out = train(cfg)
-    print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
     return 0
 
 

@@ -1,6 +1,9 @@
 """The classifier: a sequence-classification model with a fresh head, LoRA on it, and its Trainer."""
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
+
 import torch
 import transformers
 from transformers import Trainer
@@ -40,12 +43,19 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
     check_weights(path)
+    from tunesmith.quiet import logger_level
+
+    # A head for new labels starts fresh on purpose: transformers' load report (a table of MISSING weights) would read
+    # as a failure, so it is held back and the caller says what is new in plain words (from new_modules). Loading a
+    # trained classifier (names None) keeps the report: a missing weight there is a real problem.
+    quiet = logger_level("transformers.modeling_utils", logging.ERROR) if names is not None else nullcontext()
     try:  # safetensors only: a pickle (.bin) checkpoint can run code when loaded
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
-            trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
-            output_loading_info=True, use_safetensors=True,
-            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+        with quiet:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
+                trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
+                output_loading_info=True, use_safetensors=True,
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k

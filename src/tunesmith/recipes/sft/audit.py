@@ -58,11 +58,11 @@ def cli(argv: list[str]) -> int:
     show = cfg.show
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     ensure_pad_token(tokenizer)
-    _, train_set, summary, _, eval_summary = prepare_data(cfg, tokenizer)
+    _, train_set, summary, _, eval_summaries = prepare_data(cfg, tokenizer)
     for i, ex in enumerate(train_set[:show]):
         print(f"--- example {i} ({len(ex['input_ids'])} tokens)")
         print(mark_trained(tokenizer, ex["input_ids"], ex["labels"]))
     print("---")
-    for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
+    for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
         print(line)
     return 0

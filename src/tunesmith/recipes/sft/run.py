@@ -1,7 +1,7 @@
 """Supervised fine-tuning recipe: data -> masked tokens -> transformers.Trainer (full, LoRA or QLoRA) -> saved model.
 
-Reads top to bottom in :func:`train`. The data is prepared as memory-mapped Arrow and cached
-(:func:`tunesmith.data.prepare.prepare_dataset`). The loss is the causal-LM loss with lean logits
+Reads top to bottom in :func:`train`. The data comes through the one data entry (:mod:`tunesmith.data.source`):
+every source is tokenized into memory-mapped Arrow and cached, and several training sources are mixed. The loss is the causal-LM loss with lean logits
 (:func:`tunesmith.scoring.causal_lm_loss`) normalised by the number of trained tokens across gradient accumulation
 and processes (the Trainer's ``num_items_in_batch``). NEFTune noise, when
 configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passes only (see ``tunesmith.neftune``).
@@ -9,15 +9,15 @@ configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passe
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics, stop_callbacks
+from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
-from tunesmith.data.prepare import prepare_dataset
-from tunesmith.data.templates import get_template
+from tunesmith.data.source import describe, open_sources, template_for, tokenize_sources
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.sft.trainer import TunesmithTrainer
@@ -26,17 +26,24 @@ log = logging.getLogger("tunesmith")
 
 
 def prepare_data(cfg: SFTConfig, tokenizer):
-    """Template, tokenized train/eval sets and their summaries; raises UserError before anything is written."""
-    template = get_template(cfg.template, tokenizer)
-    options = dict(dataset_format=cfg.dataset_format, train_on_prompt=cfg.train_on_prompt,
-                   num_proc=cfg.dataset_num_proc)
-    train_set, summary = prepare_dataset(cfg.dataset, tokenizer, template, cfg.max_length, split=cfg.dataset_split,
-                                         **options)
-    eval_set = eval_summary = None
-    if cfg.eval_dataset:
-        eval_set, eval_summary = prepare_dataset(cfg.eval_dataset, tokenizer, template, cfg.max_length,
-                                                 split="validation", **options)
-    return template, train_set, summary, eval_set, eval_summary
+    """Template, the training rows (the mixture of the ``dataset`` sources), the held-out sets by name and their
+    summaries; raises UserError before anything is written. One held-out source is named ``eval`` (metrics
+    ``eval_eval_loss``), several by their source names (``eval_<name>_loss``)."""
+    data = cfg.data
+    train_sources = open_sources(data.dataset, split=data.dataset_split, dataset_format=data.dataset_format)
+    eval_sources = open_sources(data.eval_dataset, split="validation", dataset_format=data.dataset_format,
+                                key="eval_dataset") if data.eval_dataset else []
+    template = template_for(data.template, tokenizer, train_sources)
+    options = dict(train_on_prompt=data.train_on_prompt, num_proc=data.dataset_num_proc)
+    train_set, summary = tokenize_sources(train_sources, tokenizer, template, data.max_length, mixture=data.mixture,
+                                          seed=cfg.training.seed, **options)
+    eval_sets, eval_summaries = {}, []
+    for source in eval_sources:
+        rows, s = tokenize_sources([source], tokenizer, template, data.max_length, **options)
+        name = "eval" if len(eval_sources) == 1 else source.name
+        eval_sets["eval-" + name if name == "train" else name] = rows
+        eval_summaries.append(s)
+    return template, train_set, summary, eval_sets, eval_summaries
 
 
 def build_model(cfg: SFTConfig, tokenizer):
@@ -51,7 +58,7 @@ def build_model(cfg: SFTConfig, tokenizer):
     return model
 
 
-def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
+def write_model_card(cfg: SFTConfig, out: Path, metrics: dict, template) -> None:
     """README.md as a Hugging Face model card (huggingface_hub's ModelCard): metadata header, method, final metrics."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -64,13 +71,48 @@ def write_model_card(cfg: SFTConfig, out: Path, metrics: dict) -> None:
     data = ModelCardData(library_name="peft" if cfg.use_peft else "transformers",
                          base_model=None if local_base else cfg.model_name_or_path,
                          tags=["tunesmith", "sft"] + (["neftune"] if cfg.neftune_noise_alpha else []))
-    lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{cfg.model_name_or_path}` on `{cfg.dataset}` "
-             f"({method}, {neft}).", "", f"- prompt template: `{cfg.template}` (saved in tunesmith_template.json)",
+    lines = [f"# {out.name}", "", f"Fine-tuned with tunesmith from `{cfg.model_name_or_path}` on `{describe(cfg.data.dataset)}` "
+             f"({method}, {neft}).", "", f"- prompt template: `{template.spec()}` (saved in tunesmith_template.json)",
              f"- epochs {cfg.num_train_epochs}, learning rate {cfg.learning_rate}, max length {cfg.max_length}, "
              f"packing {cfg.packing}, seed {cfg.seed}", "", "## Final metrics", ""]
     lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(metrics.items())]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     atomic_write_text(out / "README.md", str(card))
+
+
+def train_loss_sample(n_examples: int, n_wanted: int, seed: int) -> list[int]:
+    """Indices of the training examples scored noise-free at every evaluation: ``n_wanted`` drawn with ``seed``, never
+    more than there are (the whole set, in a fixed order, when it has fewer)."""
+    n = min(n_wanted, n_examples)
+    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def final_metrics(trainer, evals: dict) -> dict:
+    """The noise-free losses of the trained model. Under an eval_strategy the Trainer has just evaluated at the last
+    step: those numbers are taken, not computed a second time. Otherwise the evaluation runs now, announced with
+    its size and duration (it used to be silent minutes after the training bar reached 100%)."""
+    if not evals:
+        return {}
+    step = trainer.state.global_step
+    logged = {}
+    for row in trainer.state.log_history:
+        if row.get("step") == step:
+            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
+    if all(f"eval_{name}_loss" in logged for name in evals):
+        return logged
+    from tunesmith.progress import duration
+
+    speak = trainer.is_world_process_zero()
+    sizes = ", ".join(f"{len(rows)} training examples" if name == "train" else
+                      f"{len(rows)} held-out examples" + (f" ({name})" if name != "eval" else "")
+                      for name, rows in evals.items())
+    if speak:
+        log.info(f"final noise-free evaluation: {sizes}")
+    start = time.perf_counter()
+    metrics = trainer.evaluate()
+    if speak:
+        log.info(f"final noise-free evaluation: done in {duration(time.perf_counter() - start)}")
+    return metrics
 
 
 def train(config, callbacks: list | None = None) -> str:
@@ -101,9 +143,9 @@ def train(config, callbacks: list | None = None) -> str:
                                    cfg.chat_template)
         check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
         ensure_pad_token(tokenizer)
-        template, train_set, summary, eval_set, eval_summary = prepare_data(cfg, tokenizer)
+        template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer)
         if cfg.process_index == 0:
-            for line in summary.lines() + (eval_summary.lines() if eval_summary else []):
+            for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
                 log.warning(line)
         rows = pack(train_set, cfg.max_length) if cfg.packing else train_set
         done = run.checkpoint is not None and training_done(run.checkpoint)
@@ -115,16 +157,15 @@ def train(config, callbacks: list | None = None) -> str:
             model = build_model(cfg, tokenizer)
 
         evals = {}
-        if cfg.train_loss_eval_samples:
-            g = torch.Generator().manual_seed(cfg.seed)
-            idx = torch.randperm(summary.kept, generator=g)[: cfg.train_loss_eval_samples].tolist()
+        if cfg.sft.train_loss_eval_samples:
+            idx = train_loss_sample(len(train_set), cfg.sft.train_loss_eval_samples, cfg.training.seed)
             evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
-        if eval_set:
-            evals["eval"] = eval_set
+        evals.update(eval_sets)
         trainer = TunesmithTrainer(
             model=model, args=cfg.training, train_dataset=rows, eval_dataset=evals or None,
             data_collator=Collator(tokenizer.pad_token_id, cfg.padding_free), processing_class=tokenizer,
             neftune_alpha=cfg.neftune_noise_alpha, neftune_distribution=cfg.neftune_noise_distribution)
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
         divergence, polite = stop_callbacks("sft")
         for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
                 list(callbacks or []):
@@ -134,12 +175,12 @@ def train(config, callbacks: list | None = None) -> str:
                 trainer.train(resume_from_checkpoint=run.checkpoint)
             divergence.check()  # a diverged or stopped run writes no finished model
             polite.check()
-        metrics = trainer.evaluate() if evals else {}
+        metrics = final_metrics(trainer, evals)
 
         state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if trainer.is_world_process_zero():
             save_model_dir(trainer.model, tokenizer, out, template=template, state_dict=state)
-            write_model_card(cfg, out, metrics)
+            write_model_card(cfg, out, metrics, template)
             save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
         if cfg.world_size > 1:
             torch.distributed.barrier()
@@ -153,5 +194,6 @@ def cli(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = train(cfg)
-    print(f"model saved to {out}")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"model saved to {out}")
     return 0

@@ -38,9 +38,12 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
         if not isinstance(sets, dict):
             sets = {"": sets}
         metrics = {}
+        show = self.is_world_process_zero() and not self.args.disable_tqdm
         for name, data in sets.items():
+            what = {"train": "training examples", "eval": "held-out examples"}.get(name, f"{name or 'eval'} examples")
             result = rows_loss(self.model, data, self.data_collator, self.args.per_device_eval_batch_size,
-                               self.args.device, self.args.process_index, self.args.world_size)
+                               self.args.device, self.args.process_index, self.args.world_size,
+                               desc=f"noise-free loss, {len(data)} {what}" if show else None)
             prefix = f"{metric_key_prefix}_{name}_" if name else f"{metric_key_prefix}_"
             metrics[prefix + "loss"] = result["loss"]
             metrics[prefix + "perplexity"] = result["perplexity"]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics, stop_callbacks
+from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, prepare_dataset
@@ -277,6 +277,7 @@ class Run:
                               neftune_alpha=cfg.neftune_noise_alpha,
                               neftune_distribution=cfg.neftune_noise_distribution,
                               beta=cfg.beta[t], loss_type=cfg.loss_type)
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         trainer.add_callback(checkpoint_callback(self.fingerprint))
         divergence, polite = stop_callbacks("spin")
@@ -371,16 +372,21 @@ class Run:
             self.close()
 
     def _train(self) -> str:
+        from tunesmith.progress import Stages
+
         cfg = self.cfg
+        stages = Stages(cfg.num_iterations * len(STAGES), speak=cfg.process_index == 0, say=log.info)
+        what = {"generate": f"generate answers to {len(self.prompts)} prompts",
+                "reference": "score real and generated answers (reference log-probs)",
+                "train": "train on the pairs and save the model"}
         for t in range(cfg.num_iterations):
-            if all(self.done(t, s) for s in STAGES):
-                continue
             loaded = []  # theta_t, loaded once per iteration when a stage first needs it
             for stage in STAGES:
+                label = f"SPIN iteration {t + 1} of {cfg.num_iterations}: {what[stage]}"
                 if self.done(t, stage):
+                    stages.skip(label)
                     continue
-                if cfg.process_index == 0:
-                    log.info(f"spin: iteration {t}: {stage}")
+                stages.start(label)
                 if stage == "train":  # training takes theta_t over: no other reference to it stays alive
                     metrics = self.stage_train(t, lambda: loaded.pop() if loaded else self.load_model(t))
                     if cfg.process_index == 0:  # checkpoints are no longer needed once the model is saved
@@ -394,8 +400,9 @@ class Run:
                             loaded.append(self.load_model(t))
                         metrics = getattr(self, f"stage_{stage}")(t, loaded[0])
                 self.mark(t, stage, metrics)
+                stages.end()
                 if cfg.process_index == 0:
-                    log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
+                    log.info("  " + ", ".join(
                         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         if cfg.process_index == 0:
             self.write_summary()
