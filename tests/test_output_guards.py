@@ -185,3 +185,18 @@ def test_audit_writes_nothing(tiny_model_dir, alpaca_file, tmp_path, capsys):
     assert main(["audit", "--model_name_or_path", tiny_model_dir, "--dataset", alpaca_file, "--output_dir",
                  str(out), "--show", "1"]) == 0
     assert not out.exists()
+
+
+def test_audit_renders_with_the_chat_template_training_uses(tiny_model_dir, tmp_path, capsys):
+    """Issue 18.8: audit loads the tokenizer as training does (model_revision, chat_template)."""
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yes"}]}])
+    tpl = tmp_path / "t.jinja"
+    tpl.write_text("{% for m in messages %}[[{{ m['role'] }}]] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                   "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[[assistant]] {% endif %}")
+    assert main(["audit", "--model_name_or_path", tiny_model_dir, "--dataset", data, "--template", "chat",
+                 "--chat_template", str(tpl), "--output_dir", str(tmp_path / "o"), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[[user]] hi" in out and "<|im_start|>" not in out, out

@@ -25,6 +25,16 @@ from tunesmith.recipes.sft.trainer import TunesmithTrainer
 log = logging.getLogger("tunesmith")
 
 
+def training_tokenizer(cfg: SFTConfig):
+    """The tokenizer SFT trains with — the model's at ``model_revision``, with ``chat_template`` when given, and the
+    pad-token rule — so that ``tunesmith audit`` shows exactly the text training sees."""
+    from tunesmith.models import ensure_pad_token, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision, cfg.chat_template)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
 def prepare_data(cfg: SFTConfig, tokenizer):
     """Template, the training rows (the mixture of the ``dataset`` sources), the held-out sets by name and their
     summaries; raises UserError before anything is written. One held-out source is named ``eval`` (metrics
@@ -125,8 +135,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import (check_weights, ensure_pad_token, gathered_state_dict, load_model_and_tokenizer,
-                                  load_tokenizer, model_options, save_model_dir)
+    from tunesmith.models import check_weights, gathered_state_dict, load_model_and_tokenizer, save_model_dir
     from tunesmith.recipes.training import check_max_length, run_fingerprint
     from tunesmith.rundir import open_run, training_done
 
@@ -139,10 +148,8 @@ def train(config, callbacks: list | None = None) -> str:
             return str(out)
         check_max_length(cfg)
         set_seed(cfg.seed)
-        tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code, cfg.model_revision,
-                                   cfg.chat_template)
+        tokenizer = training_tokenizer(cfg)
         check_weights(cfg.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
-        ensure_pad_token(tokenizer)
         template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer)
         if cfg.process_index == 0:
             for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
