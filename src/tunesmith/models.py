@@ -252,6 +252,18 @@ def check_vocabulary(model, tokenizer, source: str) -> None:
                         f"rows; they do not belong together (another tokenizer, or a vocab_size that is too small)")
 
 
+def disable_dropout(model) -> None:
+    """Switch every dropout of ``model`` off, in training mode too: ``nn.Dropout`` modules (LoRA's included) get
+    p = 0, and attention modules' ``attention_dropout`` (transformers applies it inside the attention call) 0 — what
+    TRL's ``disable_dropout_in_model`` does for the modules, and what SPIN's authors' trainer asks for
+    (``disable_dropout=True``). The model's config is left as it is (a saved model keeps its own dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 @contextmanager
 def eval_mode(model):
     """``with eval_mode(model):`` runs the block with the model in eval mode and restores its previous mode after."""

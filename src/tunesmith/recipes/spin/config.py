@@ -17,6 +17,12 @@ from tunesmith.errors import UserError
 from tunesmith.recipes.training import TrainingPart
 
 
+GENERATIONS = ("checkpoint", "vllm_script", "custom")
+# The authors' vLLM scripts (uclaml/SPIN spin/generate_vllm.py, batched_generate_vllm.py): SamplingParams with
+# temperature 1.0, top-p 1.0 and at most 256 new tokens (max_new_tokens' default).
+VLLM_SCRIPT = {"temperature": 1.0, "top_p": 1.0}
+
+
 @dataclass
 class SPINArgs:
     """SPIN (iterations and generation; defaults follow the paper)"""
@@ -29,10 +35,20 @@ class SPINArgs:
     mix_previous_iteration: bool = _f(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
     max_new_tokens: int = _f(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
                                   "and reported.")
-    do_sample: bool = _f(True, "Sample the synthetic answers as the authors' generator does (false: greedy).")
-    temperature: float = _f(0.8, "Sampling temperature (the authors' generator: 0.8).")
-    top_p: float = _f(0.95, "Nucleus sampling (the authors' generator: 0.95).")
-    repetition_penalty: float = _f(1.0, "Repetition penalty at generation.")
+    generation: str | None = _f(None, "How the synthetic answers are decoded. checkpoint: as the authors' HF script "
+                                      "(spin/generate.py, which made the paper's data) — the model's own "
+                                      "generation_config, greedy unless it samples; vllm_script: as their vLLM "
+                                      "scripts — sampling at temperature 1.0, top-p 1.0; custom: do_sample, "
+                                      "temperature and top_p below. Default: checkpoint, or custom when one of those "
+                                      "three is given.")
+    do_sample: bool | None = _f(None, "generation custom: sample (default: yes when temperature or top_p is given, "
+                                      "else greedy).")
+    temperature: float | None = _f(None, "generation custom: sampling temperature (default 1.0).")
+    top_p: float | None = _f(None, "generation custom: nucleus sampling (default 1.0).")
+    repetition_penalty: float | None = _f(None, "Repetition penalty at generation (default: the checkpoint's "
+                                                "generation_config under generation checkpoint, else 1.0).")
+    disable_dropout: bool = _f(True, "Switch dropout off in the policy's training passes, as the authors' trainer "
+                                     "does (their disable_dropout=True).")
     generation_batch_size: int = _f(32, "Prompts per generation batch.")
     generation_backend: str = _f("hf", "hf (transformers' generate) or vllm (GPU; the same prompt ids, a seed per "
                                        "prompt derived from its shard's seed).")
@@ -62,9 +78,45 @@ class SPINArgs:
                 raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
         if self.generation_backend not in ("hf", "vllm"):
             raise UserError(f"field 'generation_backend' must be hf or vllm, got {self.generation_backend!r}")
-        checks.positive("temperature", self.temperature)
-        checks.number("top_p", self.top_p, low=0, high=1, low_open=True)
-        checks.positive("repetition_penalty", self.repetition_penalty)
+        checks.positive("temperature", self.temperature, optional=True)
+        checks.number("top_p", self.top_p, low=0, high=1, low_open=True, optional=True)
+        checks.positive("repetition_penalty", self.repetition_penalty, optional=True)
+        given = [k for k in ("do_sample", "temperature", "top_p") if getattr(self, k) is not None]
+        if self.generation is None:
+            self.generation = "custom" if given else "checkpoint"
+        if self.generation not in GENERATIONS:
+            raise UserError(f"field 'generation' must be one of {', '.join(GENERATIONS)}, got {self.generation!r}")
+        if given and self.generation != "custom":
+            raise UserError(f"field '{given[0]}' applies to generation: custom; generation {self.generation} decides "
+                            f"the decoding itself")
+
+    def sampling(self, generation_config=None) -> dict:
+        """The decoding settings of the synthetic answers (do_sample, temperature, top_p, top_k,
+        repetition_penalty), from ``generation`` and, under ``checkpoint``, the generating model's
+        ``generation_config`` (a ``transformers.GenerationConfig`` or None) — read the way ``model.generate`` reads
+        it when called without sampling arguments, as the authors' spin/generate.py calls it."""
+        if self.generation == "checkpoint":
+            gc = generation_config
+            sample = bool(getattr(gc, "do_sample", False))
+            penalty = self.repetition_penalty or getattr(gc, "repetition_penalty", None) or 1.0
+
+            def read(name, default):
+                value = getattr(gc, name, None)
+                return default if value is None else value
+
+            if not sample:
+                return {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                        "repetition_penalty": penalty}
+            return {"do_sample": True, "temperature": float(read("temperature", 1.0)),
+                    "top_p": float(read("top_p", 1.0)), "top_k": int(read("top_k", 50)),
+                    "repetition_penalty": penalty}
+        if self.generation == "vllm_script":
+            return {"do_sample": True, **VLLM_SCRIPT, "top_k": 0, "repetition_penalty": self.repetition_penalty or 1.0}
+        sample = self.do_sample if self.do_sample is not None else (self.temperature is not None
+                                                                     or self.top_p is not None)
+        return {"do_sample": bool(sample), "temperature": self.temperature if self.temperature is not None else 1.0,
+                "top_p": self.top_p if self.top_p is not None else 1.0, "top_k": 0,
+                "repetition_penalty": self.repetition_penalty or 1.0}
 
 
 @dataclass
@@ -122,7 +174,8 @@ FINGERPRINT_KEYS = (
     "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
     "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
-    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "do_sample", "temperature", "top_p",
+    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "generation", "do_sample",
+    "temperature", "top_p", "disable_dropout",
     "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
     "world_size", "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
     "adam_beta2", "adam_epsilon",

@@ -112,6 +112,20 @@ def _shard_seed(seed: int, t: int, k: int) -> int:
     return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
 
 
+def generation_settings(cfg, model=None, model_path: str | None = None) -> dict:
+    """The decoding settings theta_t generates with (:meth:`SPINArgs.sampling`), read from ``model``'s
+    generation_config, or from the one saved at ``model_path`` (the vLLM backend)."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None and model_path is not None:
+        from transformers import GenerationConfig
+
+        try:
+            gc = GenerationConfig.from_pretrained(model_path)
+        except (OSError, ValueError):
+            gc = None
+    return cfg.spin.sampling(gc)
+
+
 def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
                     on_event=None, model_path: str | None = None) -> None:
     """Answer every prompt with theta_t; each missing shard of this rank is generated and written atomically.
@@ -123,8 +137,7 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
 
     n_shards = -(-len(prompts) // cfg.shard_size)
     todo = [k for k in range(cfg.process_index, n_shards, cfg.world_size) if not shard_path(directory, k).exists()]
-    settings = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                    top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty)
+    settings = {"max_new_tokens": cfg.max_new_tokens, **generation_settings(cfg, model, model_path)}
     chunks = {k: prompts[k * cfg.shard_size:(k + 1) * cfg.shard_size] for k in todo}
     vllm_outs, vllm_seconds = {}, 0.0
     if todo and cfg.generation_backend == "vllm":

@@ -42,7 +42,8 @@ from tunesmith.data.templates import get_template, load_saved_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
 from tunesmith.recipes.spin.config import SPINConfig, fingerprint_values
-from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
+from tunesmith.recipes.spin.data import (PairCollator, build_prompts, generate_shards, generation_settings, pair_row,
+                                         read_shards, shard_path)
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.summary import write_summary
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
@@ -211,8 +212,8 @@ class Run:
         same = sum(r["ids"] == p.real_ids for r, p in zip(rows, self.prompts))
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows), "identical": same / len(rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
-                "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, "temperature": cfg.temperature,
-                "top_p": cfg.top_p, "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed,
+                "max_new_tokens": cfg.max_new_tokens, "generation": cfg.spin.generation,
+                **generation_settings(cfg, model, self.model_dir(t)), "seed": cfg.seed,
                 "backend": cfg.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
@@ -264,7 +265,7 @@ class Run:
         save it with :meth:`save_model`."""
         from transformers import set_seed
 
-        from tunesmith.models import gathered_state_dict, wrap_lora
+        from tunesmith.models import disable_dropout, gathered_state_dict, wrap_lora
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
@@ -272,6 +273,8 @@ class Run:
         if cfg.use_peft:
             model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                               quantized=cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing)
+        if cfg.spin.disable_dropout:  # the policy passes run without dropout, as in the authors' trainer
+            disable_dropout(model)
         trainer = SPINTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
                               data_collator=self.collator, processing_class=self.tokenizer,
                               neftune_alpha=cfg.neftune_noise_alpha,
