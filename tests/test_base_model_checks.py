@@ -1,12 +1,9 @@
 """Issue 18.5 (and the wrong-shape case of 18.6): the base model is checked before training — missing or unexpected
 weights, non-finite weights, a tokenizer larger than the model's vocabulary, a wrong tensor shape — each one line;
 `predict` refuses a directory without a trained classification head."""
-import json
 import re
 import shutil
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 

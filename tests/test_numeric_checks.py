@@ -4,7 +4,6 @@ import re
 
 import pytest
 
-from conftest import write_jsonl
 from tunesmith.cli import main
 
 

@@ -2,7 +2,6 @@
 is checked before any work; writes are atomic, stale temp files are cleaned, saved files follow the umask."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -3,7 +3,6 @@ generation config: greedy unless it samples); their vLLM scripts' setting is off
 passes run without dropout, as their trainer does."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -320,7 +320,8 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     if owner is not None:
         check_replaceable(path, owner)  # refuse before the work, not after
     into = owner is None and path.is_dir()
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix("model"), suffix=".partial", dir=path)) if into else staging_dir(path)
+    tmp = (Path(tempfile.mkdtemp(prefix=temp_prefix("model"), suffix=".partial", dir=path)) if into
+           else staging_dir(path))
     try:
         model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
         if template is not None:
