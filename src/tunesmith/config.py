@@ -153,9 +153,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: expected a string, got {value!r}")
@@ -281,15 +284,14 @@ class Config:
 class ModelArgs:
     """Model"""
 
-    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path "
-                                                 "(required).")
-    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main "
-                                             "branch.")
-    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where "
-                               "supported, with bf16 mixed precision), float32, bfloat16 or float16.")
+    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
+    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main branch.")
+    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
+                               "with bf16 mixed precision), float32, bfloat16 or float16.")
     attn_implementation: str = field("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
-                                             "flash kernels when installed; packing and padding_free then run the "
-                                             "variable-length kernels from position_ids).")
+                                             "flash kernels when installed; a packed batch then reaches them as one "
+                                             "row, which sends them to their variable-length kernels, and padding_free "
+                                             "batches are one row already).")
     trust_remote_code: bool = field(False, "Allow custom model code from the model repository (off: never runs foreign "
                                            "code).")
     load_in_4bit: bool = field(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
@@ -326,7 +328,8 @@ class DataArgs:
                                             "chat, saved with the model).")
     max_length: int = field(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
     train_on_prompt: bool = field(False, "Also train on prompt tokens (default: responses only).")
-    packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them).")
+    packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them: a "
+                                 "block-diagonal mask under sdpa/eager/flex, the variable-length kernels under flash).")
     padding_free: bool = field(False, "Put each batch's examples in one row instead of padding them (same examples, "
                                       "same loss; no padding computed).")
     dataset_num_proc: int | None = field(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
@@ -363,6 +366,19 @@ class LoraArgs:
     def __post_init__(self):
         if self.lora_target_modules is None:
             self.lora_target_modules = ["all-linear"]
+        check_lora_values(self)
+
+
+def check_lora_values(part) -> None:
+    from tunesmith import checks
+
+    checks.at_least("lora_r", part.lora_r, 1)
+    checks.positive("lora_alpha", part.lora_alpha)
+    checks.fraction("lora_dropout", part.lora_dropout)
+    for key in ("lora_target_modules", "modules_to_save"):
+        names = getattr(part, key)
+        if names is not None and any(not str(n).strip() for n in names):
+            raise UserError(f"field '{key}': empty module name in {names}")
 
 
 @dataclasses.dataclass
@@ -374,8 +390,10 @@ class NEFTuneArgs:
                                                        "ablation).")
 
     def __post_init__(self):
-        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
-            raise UserError(f"field 'neftune_noise_alpha' must be >= 0 (0 or unset: off), got {self.neftune_noise_alpha}")
+        from tunesmith import checks
+
+        checks.number("neftune_noise_alpha", self.neftune_noise_alpha, low=0, high=100, optional=True,
+                      why="0 or unset: off; the paper uses 5, 10 or 15, and far larger noise drowns the embeddings")
         if self.neftune_noise_distribution not in ("uniform", "gaussian"):
             raise UserError(f"field 'neftune_noise_distribution' must be uniform or gaussian, "
                             f"got {self.neftune_noise_distribution!r}")

@@ -392,12 +392,15 @@ def cli(argv: list[str]) -> int:
     config_path, overrides = parse_overrides(argv)
     path = path or config_path
     values = read_yaml(path) if path else {}
-    num_gpus = int(overrides.pop("num_gpus", 1))
-    gpu_memory = float(overrides.pop("gpu_memory_gib", 80))
-    as_json = bool(overrides.pop("json", False))
+    from tunesmith import checks
+    from tunesmith.config import _coerce
+
+    num_gpus = _coerce(overrides.pop("num_gpus", 1), int, "field 'num_gpus'")
+    gpu_memory = _coerce(overrides.pop("gpu_memory_gib", 80), float, "field 'gpu_memory_gib'")
+    as_json = _coerce(overrides.pop("json", False), bool, "field 'json'")
     values.update(overrides)
-    if num_gpus < 1:
-        raise UserError("--num_gpus must be at least 1")
+    checks.at_least("num_gpus", num_gpus, 1)
+    checks.positive("gpu_memory_gib", gpu_memory)
     result = plan(values, num_gpus, source=path or "command line")
     print(json.dumps(result, indent=1) if as_json else format_plan(result, gpu_memory), end="" if not as_json else "\n")
     return 0

@@ -56,6 +56,8 @@ class EvalConfig:
                                              "YAML files")
     num_fewshot: int | None = field(None, "lm-eval few-shot examples (task default)")
     task_limit: int = field(0, "lm-eval: only the first N documents per task (0: all)")
+    overwrite: bool = field(False, "replace an existing output file that this command "
+                                   "did not write (never an input, never a run's own file)")
 
     def __post_init__(self):
         if not self.output:
@@ -64,15 +66,24 @@ class EvalConfig:
         from tunesmith.io import resolve_path
         from tunesmith.rundir import check_output_file
 
-        check_output_file(self.output, "output")
         check_sources(self.dataset, "dataset", weights=False)
         check_sources(self.references, "references", weights=False)
         if self.model_name_or_path:
             self.model_name_or_path = resolve_path(self.model_name_or_path)
+        check_output_file(self.output, "output", command="eval", overwrite=self.overwrite, inputs={
+            "model_name_or_path": self.model_name_or_path, "dataset": self.dataset, "generations": self.generations,
+            "references": self.references, "tasks": [t for t in self.tasks if t.endswith((".yaml", ".yml"))],
+            "task_include_path": self.task_include_path})
         if (self.dataset or self.tasks) and not self.model_name_or_path:
             raise UserError("'dataset' and 'tasks' need 'model_name_or_path' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:
             raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
+        from tunesmith import checks
+
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("max_length", self.max_length, 2)
+        checks.non_negative("num_fewshot", self.num_fewshot, optional=True)
+        checks.non_negative("task_limit", self.task_limit, why="0 = all")
         least = 5 if self.diversity_mode == "paper" else 4
         if self.n_tokens != "auto" and self.n_tokens < least:
             raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
@@ -167,7 +178,7 @@ def run(cfg: EvalConfig) -> dict:
         while name in result["generations"]:  # two files with the same name from different folders
             name, k = f"{Path(path).stem}-{k}", k + 1
         result["generations"][name] = stats
-    atomic_write_json(cfg.output, result)
+    atomic_write_json(cfg.output, result, command="eval")
     print(format_result(result))
     return result
 

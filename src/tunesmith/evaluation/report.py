@@ -27,6 +27,9 @@ CURVES = (("loss", "training loss (as optimised; noisy if NEFTune)", "-"),
           ("eval_eval_loss", "held-out loss", ":"))
 
 
+REPORT_FILES = ("report.md", "report.html", "loss_curves.png", "overlap.png", "winrates.png")
+
+
 @dataclass
 class ReportConfig:
     runs: list[str] = field([], "run directories (positional arguments)")
@@ -34,13 +37,16 @@ class ReportConfig:
     winrate: list[str] = field([], "winrate.json file(s) or judge output "
                                    "dir(s)")
     title: str = field("tunesmith report", "report title")
+    overwrite: bool = field(False, "replace an existing output file that this command "
+                                   "did not write (never an input, never a run's own file)")
 
     def __post_init__(self):
         if not self.runs and not self.winrate:
             raise UserError("nothing to report: give run directories (tunesmith report RUN_A RUN_B ...)")
         from tunesmith.rundir import check_output_dir
 
-        check_output_dir(self.output, "output")
+        check_output_dir(self.output, "output", command="report", files=REPORT_FILES, overwrite=self.overwrite,
+                         inputs={"runs": self.runs, "winrate": self.winrate})
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -106,6 +112,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a plot atomically (a kill never leaves half a PNG), recorded as the report's."""
+    from tunesmith.io import atomic_path
+
+    with atomic_path(path, command="report") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
 def run_groups(runs: list[dict], per_panel: int = 4) -> list[list[tuple[str, list[dict]]]]:
     """Runs grouped for the loss panels: the seeds of one variant (``sft-seed0``, ``sft-seed1``) share a colour and a
     legend entry; at most ``per_panel`` entries a panel (more variants: more rows of panels)."""
@@ -127,7 +141,7 @@ def plot_losses(runs: list[dict], path: Path) -> bool:
     fig = loss_figure(runs)
     if fig is None:
         return False
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     pyplot().close(fig)
     return True
 
@@ -181,7 +195,7 @@ def plot_overlap(sets: list[tuple[str, dict]], path: Path) -> bool:
     fig = overlap_figure(sets)
     if fig is None:
         return False
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     pyplot().close(fig)
     return True
 
@@ -226,7 +240,7 @@ def plot_winrates(wrs: list[dict], path: Path) -> bool:
     ax.set_xlabel("win rate of A over B, 100·(wins + ½·draws)/n, with bootstrap interval\n(above 50: A preferred; "
                   "50: no preference)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -431,8 +445,8 @@ def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(cfg, runs, wrs, out)
-    atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks, cfg.title))
+    atomic_write_text(out / "report.md", to_markdown(blocks), command="report")
+    atomic_write_text(out / "report.html", to_html(blocks, cfg.title), command="report")
     print(f"report: {out / 'report.md'} and {out / 'report.html'} "
           f"({sum(1 for b in blocks if b[0] == 'img')} plots)")
     return out

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
-from tunesmith.callbacks import readable_logs
+from tunesmith.callbacks import readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
@@ -39,8 +39,9 @@ from tunesmith.recipes.training import run_fingerprint
 from tunesmith.rundir import open_run
 
 
-def train(config: ClassifyConfig | dict) -> str:
-    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
+def train(config: ClassifyConfig | dict, callbacks=()) -> str:
+    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
     args = cfg.training
     out = Path(args.output_dir)
@@ -49,10 +50,10 @@ def train(config: ClassifyConfig | dict) -> str:
         if run.finished:
             print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
             return str(out)
-        return _train(cfg, run, out)
+        return _train(cfg, run, out, callbacks)
 
 
-def _train(cfg: ClassifyConfig, run, out: Path) -> str:
+def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
     data, args, m = cfg.data, cfg.training, cfg.model
     transformers.set_seed(args.seed)
     model_path = resolve_path(m.model_name_or_path)
@@ -112,7 +113,13 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
     started = time.perf_counter()
     readable_logs(trainer)  # numbers as numbers, rank 0 only
     trainer.add_callback(run.checkpoint_callback())
-    trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence, polite = stop_callbacks("classify")
+    for callback in [divergence, polite] + list(callbacks):
+        trainer.add_callback(callback)
+    with polite:  # its signal handlers are put back even when training fails
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence.check()  # a diverged or stopped run writes no finished model
+    polite.check()
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:

@@ -10,7 +10,8 @@ import transformers
 from transformers import Trainer
 
 from tunesmith.errors import UserError, first_line
-from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer, resolve_dtype, wrap_lora
+from tunesmith.models import (check_finite_weights, check_vocabulary, check_weights, ensure_pad_token, load_tokenizer,
+                              resolve_dtype, wrap_lora)
 from tunesmith.neftune import NEFTuneTrainerMixin
 
 QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
@@ -61,6 +62,8 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
                                                       for k in info.get("mismatched_keys") or ()}
     new_modules = sorted({k.rsplit(".", 1)[0] for k in missing if "." in k})
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
     return model, tokenizer, new_modules
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics, readable_logs
+from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.source import describe, open_sources, template_for, tokenize_sources
@@ -22,6 +22,16 @@ from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.sft.trainer import TunesmithTrainer
 
 log = logging.getLogger("tunesmith")
+
+
+def training_tokenizer(cfg: SFTConfig):
+    """The tokenizer SFT trains with — the model's at ``model_revision``, with ``chat_template`` when given, and the
+    pad-token rule — so that ``tunesmith audit`` shows exactly the text training sees."""
+    from tunesmith.models import ensure_pad_token, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model.model_revision, cfg.data.chat_template)
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def prepare_data(cfg: SFTConfig, tokenizer):
@@ -126,8 +136,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import (check_weights, ensure_pad_token, gathered_state_dict, load_model_and_tokenizer,
-                                  load_tokenizer, save_model_dir)
+    from tunesmith.models import check_weights, gathered_state_dict, load_model_and_tokenizer, save_model_dir
     from tunesmith.recipes.training import check_max_length, run_fingerprint
     from tunesmith.rundir import open_run, training_done
 
@@ -139,10 +148,9 @@ def train(config, callbacks: list | None = None) -> str:
             log.warning(f"{out}: this run has finished already; nothing to resume")
             return str(out)
         check_max_length(cfg)
-        set_seed(args.seed)
-        tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
-        check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
-        ensure_pad_token(tokenizer)
+        set_seed(cfg.training.seed)
+        tokenizer = training_tokenizer(cfg)
+        check_weights(cfg.model.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
         template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer)
         if args.process_index == 0:
             for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
@@ -166,10 +174,15 @@ def train(config, callbacks: list | None = None) -> str:
             data_collator=Collator(tokenizer.pad_token_id, cfg.data.padding_free), processing_class=tokenizer,
             neftune=cfg.neftune)
         readable_logs(trainer)  # numbers as numbers, rank 0 only
-        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+        divergence, polite = stop_callbacks("sft")
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
+                list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
-            trainer.train(resume_from_checkpoint=run.checkpoint)
+            with polite:  # its signal handlers are put back even when training fails
+                trainer.train(resume_from_checkpoint=run.checkpoint)
+            divergence.check()  # a diverged or stopped run writes no finished model
+            polite.check()
         metrics = final_metrics(trainer, evals)
 
         state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)

@@ -112,6 +112,20 @@ def _shard_seed(seed: int, t: int, k: int) -> int:
     return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
 
 
+def generation_settings(cfg, model=None, model_path: str | None = None) -> dict:
+    """The decoding settings theta_t generates with (:meth:`SPINArgs.sampling`), read from ``model``'s
+    generation_config, or from the one saved at ``model_path`` (the vLLM backend)."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None and model_path is not None:
+        from transformers import GenerationConfig
+
+        try:
+            gc = GenerationConfig.from_pretrained(model_path)
+        except (OSError, ValueError):
+            gc = None
+    return cfg.spin.sampling(gc)
+
+
 def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
                     on_event=None, model_path: str | None = None) -> None:
     """Answer every prompt with theta_t; each missing shard of this rank is generated and written atomically.
@@ -124,8 +138,7 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
     spin, args = cfg.spin, cfg.training
     n_shards = -(-len(prompts) // spin.shard_size)
     todo = [k for k in range(args.process_index, n_shards, args.world_size) if not shard_path(directory, k).exists()]
-    settings = dict(max_new_tokens=spin.max_new_tokens, do_sample=spin.do_sample, temperature=spin.temperature,
-                    top_p=spin.top_p, repetition_penalty=spin.repetition_penalty)
+    settings = {"max_new_tokens": spin.max_new_tokens, **generation_settings(cfg, model, model_path)}
     chunks = {k: prompts[k * spin.shard_size:(k + 1) * spin.shard_size] for k in todo}
     vllm_outs, vllm_seconds = {}, 0.0
     if todo and spin.generation_backend == "vllm":

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics, readable_logs
+from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator
 from tunesmith.data.prepare import load_examples, prepare_dataset
@@ -42,7 +42,8 @@ from tunesmith.data.templates import get_template, load_saved_template
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json
 from tunesmith.recipes.spin.config import SPINConfig, fingerprint_values
-from tunesmith.recipes.spin.data import PairCollator, build_prompts, generate_shards, pair_row, read_shards, shard_path
+from tunesmith.recipes.spin.data import (PairCollator, build_prompts, generate_shards, generation_settings, pair_row,
+                                         read_shards, shard_path)
 from tunesmith.recipes.spin.loss import spin_loss
 from tunesmith.recipes.spin.summary import write_summary
 from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
@@ -215,9 +216,8 @@ class Run:
         same = sum(r["ids"] == p.real_ids for r, p in zip(rows, self.prompts))
         return {"prompts": len(rows), "truncated": sum(r["truncated"] for r in rows), "identical": same / len(rows),
                 "mean_generated_tokens": sum(lengths) / len(lengths), "seconds": sum(sh["seconds"] for sh in shards),
-                "max_new_tokens": cfg.spin.max_new_tokens, "do_sample": cfg.spin.do_sample,
-                "temperature": cfg.spin.temperature, "top_p": cfg.spin.top_p,
-                "repetition_penalty": cfg.spin.repetition_penalty, "seed": cfg.training.seed,
+                "max_new_tokens": cfg.spin.max_new_tokens, "generation": cfg.spin.generation,
+                **generation_settings(cfg, model, self.model_dir(t)), "seed": cfg.training.seed,
                 "backend": cfg.spin.generation_backend}
 
     def stage_reference(self, t: int, model) -> dict:
@@ -270,7 +270,7 @@ class Run:
         save it with :meth:`save_model`."""
         from transformers import set_seed
 
-        from tunesmith.models import gathered_state_dict, wrap_lora
+        from tunesmith.models import disable_dropout, gathered_state_dict, wrap_lora
 
         cfg, it = self.cfg, self.iter_dir(t)
         start = time.perf_counter()
@@ -278,12 +278,17 @@ class Run:
         if cfg.lora.use_peft:
             model = wrap_lora(model, cfg.lora, quantized=cfg.model.load_in_4bit,
                               gradient_checkpointing=cfg.training.gradient_checkpointing)
+        if cfg.spin.disable_dropout:  # the policy passes run without dropout, as in the authors' trainer
+            disable_dropout(model)
         trainer = SPINTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
                               data_collator=self.collator, processing_class=self.tokenizer,
                               neftune=cfg.neftune, beta=cfg.spin.beta[t], loss_type=cfg.spin.loss_type)
         readable_logs(trainer)  # numbers as numbers, rank 0 only
         trainer.add_callback(JsonlMetrics(it / "metrics.jsonl"))
         trainer.add_callback(checkpoint_callback(self.fingerprint))
+        divergence, polite = stop_callbacks("spin")
+        trainer.add_callback(divergence)
+        trainer.add_callback(polite)
         for cb in self.callbacks:
             trainer.add_callback(cb)
         ckpt = newest_complete_checkpoint(it / "trainer")
@@ -298,7 +303,10 @@ class Run:
             trained, _ = load_model_and_tokenizer(str(ckpt), m.dtype, m.load_in_4bit, m.trust_remote_code)
             result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
         else:
-            output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            with polite:  # its signal handlers are put back even when training fails
+                output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            divergence.check()  # a diverged or stopped iteration saves no model
+            polite.check()
             trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
             sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
         state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
