@@ -336,16 +336,18 @@ def measure(label: str, kind: str, src: Path, log: Path, env: dict | None = None
     env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), **(env or {}))
     with open(log, "a", encoding="utf-8") as f:
         f.write(f"\n=== {label}: {' '.join(args)}\n")
-    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M"] + args, env=env, capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "TIME %e %M %U %S"] + args, env=env, capture_output=True,
+                          text=True)
     with open(log, "a", encoding="utf-8") as f:
         f.write(proc.stdout[-5000:] + proc.stderr[-5000:])
     timing = [line for line in proc.stderr.splitlines() if line.startswith("TIME ")]
     if proc.returncode or not timing:
         raise SystemExit(f"{label} failed (exit {proc.returncode}); see {log}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    wall, kb = timing[-1].split()[1:]
-    result.update(wall_s=float(wall), peak_mib=int(kb) / 1024)
-    print(f"  {label:52s} wall {result['wall_s']:7.1f} s  peak RSS {result['peak_mib']:7.0f} MiB", flush=True)
+    wall, kb, user, system = timing[-1].split()[1:]
+    result.update(wall_s=float(wall), peak_mib=int(kb) / 1024, cpu_s=float(user) + float(system))
+    print(f"  {label:52s} wall {result['wall_s']:7.1f} s  CPU {result['cpu_s']:7.1f} s  peak RSS "
+          f"{result['peak_mib']:7.0f} MiB", flush=True)
     return result
 
 
@@ -508,9 +510,9 @@ def report(results: dict, sizes: list[int]) -> None:
                 c = data[n]["cold"]
                 per_now, per_peer = ((c["prepare_s"] + c["pack_s"]) / n, (p["prepare_s"] + p["pack_s"]) / n)
                 print(f"peer {data[n]['peer_commit']} at {n:,}: prepare {p['prepare_s']:.1f} s, pack {p['pack_s']:.2f} s, "
-                      f"peak RSS {p['peak_mib']:.0f} MiB, {p['rows']:,} rows; this tree: time "
-                      f"{per_now / per_peer:.2f}x the peer's, RSS {c['peak_mib'] / p['peak_mib']:.2f}x, rows "
-                      f"{'equal' if c['rows'] == p['rows'] else 'DIFFER'}")
+                      f"process CPU {p['cpu_s']:.1f} s, peak RSS {p['peak_mib']:.0f} MiB, {p['rows']:,} rows; this "
+                      f"tree: time {per_now / per_peer:.2f}x the peer's (process CPU {c['cpu_s'] / p['cpu_s']:.2f}x), "
+                      f"RSS {c['peak_mib'] / p['peak_mib']:.2f}x, rows {'equal' if c['rows'] == p['rows'] else 'DIFFER'}")
         for n in sizes:
             b = data[n].get("before")
             if b:

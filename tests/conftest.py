@@ -13,6 +13,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers_restored():
+    """A command run in-process calls logging.basicConfig with pytest's captured stderr of that test; later tests
+    would log into the closed capture ("--- Logging error ---"). Put the root logger's handlers back after each test."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    root.handlers[:] = before
+
+
 def pytest_sessionfinish(session, exitstatus):
     __import__("shutil").rmtree(_DATASETS_CACHE, ignore_errors=True)
 

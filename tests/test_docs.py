@@ -105,7 +105,11 @@ def _keys_and_types(name: str):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert cli.main([name, "--help"]) == 0
-    return {k: None for k in re.findall(r"--(\w+)", out.getvalue())}, {}
+    listed = {k: None for k in re.findall(r"--(\w+)", out.getvalue())}
+    if "key" in listed:  # "--key value overrides a config key" (plan): the training recipes' keys count too
+        for recipe in ("sft", "spin", "classify"):
+            listed = {**_keys_and_types(recipe)[0], **listed}
+    return listed, {}
 
 
 def _config_class(module):
@@ -187,3 +191,50 @@ def test_readme_links_every_page_and_links_resolve():
             if "://" in target:
                 continue
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: link to missing {target}"
+
+
+def _shell_lines(text: str, program: str) -> list[list[str]]:
+    out = []
+    for _, code in _code_texts(text):
+        for segment in code.split("&&"):
+            tokens = shlex.split(segment, comments=True)
+            if tokens and tokens[0] == program:
+                out.append(tokens[1:])
+    return out
+
+
+def test_the_readme_test_commands_show_progress_and_ci_runs_the_full_one():
+    """Issue 23.9: per-file progress (no -q), the slowest tests at the end, a documented quick subset; .ci/run runs
+    the README's full command."""
+    runs = _shell_lines((ROOT / "README.md").read_text(encoding="utf-8"), "pytest")
+    full = [args for args in runs if "-m" not in args]
+    quick = [args for args in runs if "-m" in args]
+    assert full and quick, runs
+    for args in full + quick:
+        assert "-q" not in args and any(a.startswith("--durations") for a in args)
+    assert quick[0][quick[0].index("-m") + 1] == "not slow"
+    import tomllib
+
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
+    ci = [shlex.split(line, comments=True) for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if "pytest" in line and not line.lstrip().startswith("#")]
+    assert len(ci) == 1 and ci[0][:3] == ["python3", "-m", "pytest"]
+    assert [a for a in ci[0][3:] if a not in ("-p", "no:cacheprovider")] == full[0]
+
+
+def test_the_readme_memory_figures_for_a_real_model_are_the_plans():
+    """Issue 23.8: the memory the README quotes for trying one's own data is what `tunesmith plan` computes for that
+    config, from the model's published config.json copied into examples/models/."""
+    from tunesmith.plan import GiB, plan
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    values = config.read_yaml(ROOT / "examples" / "sft_own_data.yaml")
+    values["model_name_or_path"] = str(ROOT / "examples" / "models" / "qwen2.5-0.5b-instruct")
+    gpu = plan(values)
+    cpu = plan({**values, "dtype": "float32", "bf16": False})
+    assert 490e6 < gpu["params"] - gpu["trainable"] < 500e6  # Qwen2.5-0.5B: 494M parameters
+    assert f"({(gpu['params'] - gpu['trainable']) / 1e6:.0f}M parameters)" in readme
+    assert f"({gpu['trainable'] / 1e6:.1f}M trainable)" in readme
+    for result in (gpu, cpu):
+        assert f"**{result['strategies']['ddp']['total'] / GiB:.1f} GiB**" in readme

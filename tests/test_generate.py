@@ -152,9 +152,9 @@ def test_temperature_zero_is_greedy(model_and_tok):
     prompts = some_prompts(tok, n=4)
     greedy = generate(model, tok, prompts, max_new_tokens=8)
     assert generate(model, tok, prompts, do_sample=True, temperature=0.0, seed=3, max_new_tokens=8) == greedy
-    with pytest.raises(UserError, match="temperature must be >= 0"):
+    with pytest.raises(UserError, match="temperature' must be >= 0"):
         generate(model, tok, prompts, do_sample=True, temperature=-0.5)
-    with pytest.raises(UserError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(UserError, match=r"top_p' must be in \(0, 1\]"):
         generate(model, tok, prompts, do_sample=True, top_p=0)
 
 
@@ -179,9 +179,9 @@ def test_cli_output_problems_are_one_line_before_any_work(templated_model_dir, t
     (tmp_path / "plain").write_text("x")
     assert main(base + ["--output", str(tmp_path / "plain" / "gen.jsonl")]) == 2
     assert "plain is a file, not a directory" in capsys.readouterr().err
-    for flag, value, message in (("--temperature", "-1", "temperature must be >= 0"),
+    for flag, value, message in (("--temperature", "-1", "temperature' must be >= 0"),
                                  ("--batch_size", "0", "batch_size must be at least 1"),
-                                 ("--repetition_penalty", "0", "repetition_penalty must be > 0")):
+                                 ("--repetition_penalty", "0", "repetition_penalty' must be > 0")):
         assert main(base + ["--output", str(tmp_path / "g.jsonl"), flag, value]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "g.jsonl").exists()

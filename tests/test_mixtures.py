@@ -229,3 +229,19 @@ def test_mapped_caches_a_recipes_own_table_over_examples_or_records(tmp_path, mo
                              features=Features({"loc": Value("string"), "chosen": Value("string")}))
     assert pairs["chosen"] == [r["output"].upper() for r in rows]
     assert len([p for p in (tmp_path / "c").iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_records_and_examples_of_a_list_follow_the_same_plan(tmp_path):
+    from tunesmith.data.source import read_examples, read_records
+    from tunesmith.recipes.classify.config import ClassifyConfig
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"good {i}", "label": "pos"} for i in range(4)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"bad {i}", "label": "neg"} for i in range(3)])
+    records = read_records([a, {"path": b, "num_samples": 5}], seed=2)
+    assert [r.data["text"] for r in records[:4]] == [f"good {i}" for i in range(4)] and len(records) == 9
+    assert sorted(r.data["text"] for r in records[4:])[:2] == ["bad 0", "bad 0"]  # one copy of b, and 2 more
+    assert read_records([a, {"path": b, "num_samples": 5}], seed=2) == records
+    cfg = ClassifyConfig(model_name_or_path="m", dataset=f"{a},{b}", output_dir=str(tmp_path / "o"))
+    assert len(read_records(cfg.data.dataset)) == 7
+    examples = read_examples(f"{a},{b}", dataset_format="text", limit=5)
+    assert [e.text for e in examples] == [f"good {i}" for i in range(4)] + ["bad 0"]

@@ -15,6 +15,14 @@ from tunesmith.recipes import sft
 from tunesmith.rundir import LOCK_FILE, RunLock, checkpoints
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def fails(capsys, argv, pattern):
     """``tunesmith ARGV`` exits 2 with one line (no traceback) matching ``pattern``."""
     capsys.readouterr()
@@ -198,7 +206,7 @@ def test_merge_never_deletes_a_directory_tunesmith_did_not_write(tiny_model_dir,
     assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0  # its own output is replaced
     assert (merged / "model.safetensors").exists() and (tmp_path / "mine.partial" / "keep.txt").exists()
     fails(capsys, ["merge", "--adapter", adapter, "--output", adapter],  # nor the training run itself
-          r"not empty and holds a tunesmith sft run")
+          r"also this command's input 'adapter'")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 
@@ -218,8 +226,30 @@ def test_ddp_ranks_draw_neftune_noise_from_different_streams(tiny_model_dir, tmp
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent / "src")]))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29547", str(here / "sft_worker.py"), str(tmp_path / "cfg.json")], env=env,
+                        str(free_port()), str(here / "sft_worker.py"), str(tmp_path / "cfg.json")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     worlds = [json.loads((tmp_path / "run" / f"world.rank{k}").read_text()) for k in (0, 1)]
     assert worlds[0]["world_size"] == 2 and worlds[0]["rng"] != worlds[1]["rng"]
+
+
+@pytest.mark.slow  # a 2-process torchrun (~30 s on a loaded 2-core machine)
+def test_ddp_ranks_draw_their_own_noise_with_neftune_callback_too(tiny_model_dir, tmp_path):
+    """Issue 18.8: the drop-in NEFTuneCallback (for trainers tunesmith does not own) follows the mixin's per-rank
+    rule: the noise each rank adds at its first step differs (equal lengths on both ranks: one stream would give
+    equal noise)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(here), str(here.parent / "src")]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(here / "neftune_callback_worker.py"), tiny_model_dir, str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"noise.rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0]["shape"] == ranks[1]["shape"]
+    a, b = (torch.tensor(x["noise"]) for x in ranks)
+    assert a.abs().mean() > 0.01 and b.abs().mean() > 0.01
+    assert (a - b).abs().max() > 0.01  # one stream: equal up to float32 rounding (~1e-7)

@@ -217,3 +217,47 @@ def test_metrics_log_torn_last_line_is_skipped_but_bad_middle_line_is_an_error(t
     p.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:2: invalid JSON"):
         read_metrics_log(p)
+
+
+def test_n_tokens_auto_keeps_most_short_answers(tmp_path, capsys):
+    """Issue 23.6: 20 short answers (5-14 words). The paper's fixed N of 50 leaves every one out (every cell '-');
+    the default, auto, takes the largest N that keeps at least 80% of them, and says which N in eval.json, in the
+    printed line and in the report."""
+    import random
+
+    from tunesmith.evaluation.report import ReportConfig, run as run_report
+
+    rng = random.Random(3)
+    words = "red blue green sky sea grass cat dog ran sat far away the a".split()
+    lengths = [5 + i % 10 for i in range(20)]
+    (tmp_path / "run").mkdir()
+    gens = write_jsonl(tmp_path / "run" / "g.jsonl", [
+        {"instruction": f"q{i}", "output": " ".join(rng.choice(words) for _ in range(n))} for i, n in enumerate(lengths)])
+    # the same rule by brute force: the largest N with at least 16 of the 20 answers this long
+    expect = max(n for n in range(4, 20) if sum(k >= n for k in lengths) >= 16)
+    assert expect == M.auto_n_tokens([" ".join(["w"] * k) for k in lengths]) == 7
+    assert main(["eval", "--generations", gens, "--output", str(tmp_path / "run" / "eval.json")]) == 0
+    r = json.loads((tmp_path / "run" / "eval.json").read_text())
+    d = r["generations"]["g"]["diversity"]
+    assert r["n_tokens"] == "auto" and d["n_tokens"] == expect and d["n_tokens_rule"].startswith("auto")
+    assert d["n_used"] == sum(k >= expect for k in lengths) >= 16 and d["rep_2"] is not None
+    assert f"first {expect} words (auto)" in capsys.readouterr().out
+    run_report(ReportConfig(runs=[str(tmp_path / "run")], output=str(tmp_path / "rep")))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "largest N that keeps at least 80%" in md and f"| {expect} | {d['n_used']} / {d['n_too_short']} |" in md
+
+    assert main(["eval", "--generations", gens, "--n_tokens", "50", "--output", str(tmp_path / "e50.json")]) == 0
+    fixed = json.loads((tmp_path / "e50.json").read_text())["generations"]["g"]["diversity"]
+    assert fixed["n_tokens"] == 50 and fixed["n_used"] == 0 and fixed["rep_2"] is None  # the paper's N, one flag away
+    assert fixed["n_tokens_rule"] == "fixed"
+
+
+def test_auto_n_tokens_matches_its_definition():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(0, 40) for _ in range(rng.randint(1, 30))]
+        texts = [" ".join(["w"] * k) for k in lengths]
+        ok = [n for n in range(4, 42) if sum(k >= n for k in lengths) >= 0.8 * len(lengths)]
+        assert M.auto_n_tokens(texts) == (max(ok) if ok else 4)

@@ -381,15 +381,15 @@ def test_generation_prompt_is_token_identical_to_training_prefix(full_run, data_
 
 
 def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_path):
-    """Sampling is the default, with the authors' settings; a shard lost to a crash is regenerated identically
-    (each shard has its own seed)."""
+    """A sampled shard lost to a crash is regenerated identically (each shard has its own seed). The default
+    decoding is the authors' HF script's (the checkpoint's generation config); giving a temperature samples."""
     run = full_run["run"]
     defaults = {k: v for k, v in full_run["cfg"].items() if k not in ("do_sample", "max_new_tokens")}
     cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o")))
-    s = cfg.spin
-    assert (s.do_sample, s.temperature, s.top_p, s.max_new_tokens) == (True, 0.8, 0.95, 256)
+    assert (cfg.spin.generation, cfg.spin.max_new_tokens) == ("checkpoint", 256)
     cfg = build_config(spin.SPINConfig, dict(defaults, output_dir=str(tmp_path / "o"), max_new_tokens=10,
                                              temperature=1.5, repetition_penalty=1.1))
+    assert cfg.spin.sampling(None)["do_sample"] and cfg.spin.generation == "custom"
     model = run.load_model(0).eval()
     gen = tmp_path / "g"
     gen.mkdir()

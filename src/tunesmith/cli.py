@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from tunesmith.errors import UserError
+from tunesmith.errors import Stopped, UserError, write_failure
 
 # name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
 COMMANDS = {
@@ -52,14 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional hub-downloaded kernel is missing.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        from tunesmith.quiet import known_harmless
+
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.cli(rest) or 0)
+        with known_harmless():  # library warnings known to be harmless here; the user's own code keeps them all
+            return int(module.cli(rest) or 0)
     except UserError as e:
         print(f"tunesmith {name}: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"tunesmith {name}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"tunesmith {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk surfaces as whatever the writing library raises
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        print(f"tunesmith {name}: error: {failure}; what was written before stays (a training run resumes from its "
+              f"newest complete checkpoint with --resume_from_checkpoint true once there is space)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

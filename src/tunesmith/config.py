@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import types
 import typing
 from pathlib import Path
@@ -152,9 +153,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{where}: expected a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"{where}: expected a string, got {value!r}")
@@ -232,6 +236,7 @@ class Config:
             if key not in owners:
                 raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
             by_part[owners[key]][key] = value
+        launched_on_cpu(by_part)
         device_mixed_precision(by_part)
         cls.prepare(by_part)
         self = object.__new__(cls)
@@ -279,15 +284,14 @@ class Config:
 class ModelArgs:
     """Model"""
 
-    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path "
-                                                 "(required).")
-    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main "
-                                             "branch.")
-    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where "
-                               "supported, with bf16 mixed precision), float32, bfloat16 or float16.")
+    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
+    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main branch.")
+    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
+                               "with bf16 mixed precision), float32, bfloat16 or float16.")
     attn_implementation: str = field("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
-                                             "flash kernels when installed; packing and padding_free then run the "
-                                             "variable-length kernels from position_ids).")
+                                             "flash kernels when installed; a packed batch then reaches them as one "
+                                             "row, which sends them to their variable-length kernels, and padding_free "
+                                             "batches are one row already).")
     trust_remote_code: bool = field(False, "Allow custom model code from the model repository (off: never runs foreign "
                                            "code).")
     load_in_4bit: bool = field(False, "QLoRA: load the base in 4-bit NF4 (bitsandbytes) and train a LoRA adapter.")
@@ -324,7 +328,8 @@ class DataArgs:
                                             "chat, saved with the model).")
     max_length: int = field(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
     train_on_prompt: bool = field(False, "Also train on prompt tokens (default: responses only).")
-    packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them).")
+    packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them: a "
+                                 "block-diagonal mask under sdpa/eager/flex, the variable-length kernels under flash).")
     padding_free: bool = field(False, "Put each batch's examples in one row instead of padding them (same examples, "
                                       "same loss; no padding computed).")
     dataset_num_proc: int | None = field(None, "Processes that tokenize the data (default 1). Tokenized data is cached "
@@ -361,6 +366,19 @@ class LoraArgs:
     def __post_init__(self):
         if self.lora_target_modules is None:
             self.lora_target_modules = ["all-linear"]
+        check_lora_values(self)
+
+
+def check_lora_values(part) -> None:
+    from tunesmith import checks
+
+    checks.at_least("lora_r", part.lora_r, 1)
+    checks.positive("lora_alpha", part.lora_alpha)
+    checks.fraction("lora_dropout", part.lora_dropout)
+    for key in ("lora_target_modules", "modules_to_save"):
+        names = getattr(part, key)
+        if names is not None and any(not str(n).strip() for n in names):
+            raise UserError(f"field '{key}': empty module name in {names}")
 
 
 @dataclasses.dataclass
@@ -372,8 +390,10 @@ class NEFTuneArgs:
                                                        "ablation).")
 
     def __post_init__(self):
-        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha < 0:
-            raise UserError(f"field 'neftune_noise_alpha' must be >= 0 (0 or unset: off), got {self.neftune_noise_alpha}")
+        from tunesmith import checks
+
+        checks.number("neftune_noise_alpha", self.neftune_noise_alpha, low=0, high=100, optional=True,
+                      why="0 or unset: off; the paper uses 5, 10 or 15, and far larger noise drowns the embeddings")
         if self.neftune_noise_distribution not in ("uniform", "gaussian"):
             raise UserError(f"field 'neftune_noise_distribution' must be uniform or gaussian, "
                             f"got {self.neftune_noise_distribution!r}")
@@ -404,6 +424,26 @@ def read_chat_template(path: str) -> str:
     if "{%" not in text and "{{" not in text:
         raise UserError(f"field 'chat_template': {path} is not a Jinja template (no {{% %}} or {{{{ }}}})")
     return text
+
+
+def launched_on_cpu(by_part: dict[str, dict]) -> None:
+    """Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) on a machine without an accelerator, the run is
+    distributed over CPU processes: ``use_cpu`` is set unless the config sets it. Without it transformers leaves the
+    ranks undistributed (its "parallel_mode != ParallelMode.DISTRIBUTED" warning) and every rank acts as rank 0."""
+    training = by_part.get("training")
+    if training is None or "use_cpu" in training:
+        return
+    try:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return
+    if not distributed:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU, ...
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+        training["use_cpu"] = True
 
 
 def device_mixed_precision(by_part: dict[str, dict]) -> None:

@@ -155,16 +155,13 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], *, batch_size: int =
 def check_decoding(temperature: float, top_p: float, top_k: int, repetition_penalty: float,
                    min_new_tokens: int) -> None:
     """One-line errors for decoding settings no backend can use."""
-    if not temperature >= 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not repetition_penalty > 0:
-        raise UserError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
-    if min_new_tokens < 0:
-        raise UserError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+    from tunesmith import checks
+
+    checks.non_negative("temperature", temperature, why="0 = greedy")
+    checks.number("top_p", top_p, low=0, high=1, low_open=True)
+    checks.non_negative("top_k", top_k, why="0 = off")
+    checks.positive("repetition_penalty", repetition_penalty, why="1 = off")
+    checks.non_negative("min_new_tokens", min_new_tokens)
 
 
 def request_seed(seed: int, index: int) -> int:
@@ -269,6 +266,8 @@ class GenerateConfig:
     seed: int = field(0, "random seed (sampling)")
     limit: int = field(0, "only the first N prompts (0: all)")
     dtype: str = field("float32", "float32, bfloat16, float16")
+    overwrite: bool = field(False, "replace an existing output file that this command "
+                                   "did not write (never an input, never a run's own file)")
 
     def __post_init__(self):
         from tunesmith.data.source import check_sources
@@ -280,7 +279,8 @@ class GenerateConfig:
                 raise UserError(f"'{key}' is required")
         self.model_name_or_path = resolve_path(self.model_name_or_path)
         check_sources(self.prompts, "prompts", weights=False)
-        check_output_file(self.output, "output")
+        check_output_file(self.output, "output", command="generate", overwrite=self.overwrite,
+                          inputs={"prompts": self.prompts, "model_name_or_path": self.model_name_or_path})
         check_decoding(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.min_new_tokens)
         if self.batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {self.batch_size}")
@@ -288,6 +288,9 @@ class GenerateConfig:
             raise UserError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.limit < 0:
             raise UserError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        from tunesmith import checks
+
+        checks.seed("seed", self.seed)
         if self.do_sample and self.temperature == 0:
             log.warning("note: temperature 0 means greedy decoding; sampling is off (do_sample: false is recorded)")
             self.do_sample = False
@@ -368,7 +371,7 @@ def run(cfg: GenerateConfig) -> str:
     decoding = cfg.decoding() | {"template": template.spec()}
     rows = [m | {"output": o["output"], "generator": generator, "truncated": o["truncated"],
                  "new_tokens": o["new_tokens"], "decoding": decoding} for m, o in zip(meta, outs)]
-    atomic_write_jsonl(cfg.output, rows)
+    atomic_write_jsonl(cfg.output, rows, command="generate")
     n_trunc = sum(r["truncated"] for r in rows)
     print(f"wrote {len(rows)} generations to {cfg.output} ({n_trunc} cut at max_new_tokens={cfg.max_new_tokens})")
     return cfg.output

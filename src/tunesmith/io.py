@@ -1,6 +1,11 @@
-"""Crash-safe file writes: write to a temp file in the same directory, fsync, rename."""
+"""Crash-safe file writes: write to a temp file in the same directory, fsync, rename; pkg: path resolution.
+
+Temporary names carry the writer's host and pid (:func:`tunesmith.rundir.temp_prefix`), so the next run in that
+place can remove what a killed writer left (:func:`tunesmith.rundir.clean_stale_temps`). Written files get the mode
+a plain ``open()`` would give them under the umask."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,31 +15,67 @@ from pathlib import Path
 from tunesmith.errors import UserError
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the modes plain ``open()`` / ``mkdir()`` would:
+    temp files and directories (``mkstemp``, ``mkdtemp``, safetensors' writer) are created 0600 / 0700."""
+    path, mask = Path(path), umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, command: str | None = None):
+    """Yield a temporary path beside ``path`` to write to (by any library); on success it is fsynced and renamed to
+    ``path``, with the umask's mode; on failure it is removed. ``command``: record the file as that command's output
+    (:func:`tunesmith.rundir.record_output`)."""
+    from tunesmith.rundir import record_output, temp_prefix
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode a plain open() would
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        follow_umask(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if command is not None:
+        record_output(path, command)
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, command: str | None = None) -> None:
+    with atomic_path(path, command) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
-def atomic_write_jsonl(path: str | Path, rows) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def atomic_write_text(path: str | os.PathLike, text: str, command: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), command)
+
+
+def atomic_write_json(path: str | os.PathLike, obj, command: str | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", command)
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows, command: str | None = None) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), command)
 
 
 def resolve_path(value: str) -> str:
@@ -52,4 +93,3 @@ def resolve_path(value: str) -> str:
     if not path.exists():
         raise UserError(f"{value}: '{rest}' does not exist inside package '{package}' ({path})")
     return str(path)
-

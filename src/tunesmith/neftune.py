@@ -126,18 +126,24 @@ def add_noise_to_batch(model: torch.nn.Module, batch: dict, alpha: float,
     return batch
 
 
+def seed_rank_stream(args) -> None:
+    """The one per-rank seeding rule for NEFTune's noise (the mixin and :class:`NEFTuneCallback` both apply it when
+    training begins). The noise is drawn from torch's generator, which the Trainer seeds with the same ``seed`` on
+    every rank, so every rank would draw the same noise for batches of the same shape: rank r > 0 reseeds it with
+    ``seed + r`` (rank 0 keeps its stream: a single process is unchanged). Runs stay reproducible, and a resumed run
+    continues each rank's stream: the Trainer saves every rank's generator state in checkpoints and restores it after
+    ``on_train_begin``."""
+    if args.process_index > 0:
+        torch.manual_seed(args.seed + args.process_index)  # CPU and every CUDA device
+
+
 def rank_seed_callback():
-    """A TrainerCallback for NEFTune under DDP. The noise is drawn from torch's generator, which the Trainer seeds
-    with the same ``seed`` on every rank, so every rank would draw the same noise for batches of the same shape. When
-    training begins, rank r > 0 reseeds it with ``seed + r`` (rank 0 keeps its stream: a single process is
-    unchanged). Runs stay reproducible, and a resumed run continues each rank's stream: the Trainer saves every rank's
-    generator state in checkpoints and restores it after this callback has run."""
+    """A TrainerCallback applying :func:`seed_rank_stream` when training begins (NEFTune under DDP)."""
     from transformers import TrainerCallback
 
     class RankNoiseSeed(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            if args.process_index > 0:
-                torch.manual_seed(args.seed + args.process_index)  # CPU and every CUDA device
+            seed_rank_stream(args)
 
     return RankNoiseSeed()
 
@@ -192,7 +198,8 @@ class NEFTuneCallback(TrainerCallback):
 
     Noise is added only when the model is in training mode AND autograd is recording, so evaluation, generation and
     the reference pass of a preference loss (TRL runs it under ``torch.no_grad()``, whether it uses a separate
-    reference model or the policy with its adapter disabled) stay noise-free. The hooks are removed at the end of
+    reference model or the policy with its adapter disabled) stay noise-free. Under DDP each rank draws its own noise
+    (:func:`seed_rank_stream`, the rule tunesmith's own trainers follow). The hooks are removed at the end of
     training. Nothing in TRL or transformers is patched.
     """
 
@@ -245,6 +252,7 @@ class NEFTuneCallback(TrainerCallback):
             raise ValueError("NEFTuneCallback: unset the trainer's own neftune_noise_alpha (transformers' hook scales "
                              "by the padded batch length and noises padding); the callback adds exact NEFTune")
         self.attach(model)
+        seed_rank_stream(args)  # each rank its own noise, as in tunesmith's own trainers
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -301,6 +301,7 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
               "num_gpus": num_gpus, "rows_per_micro_batch": rows_per_step, "max_length": length,
               "gradient_checkpointing": checkpointing, "optim": optim, "attn_implementation": attn,
               "master_bytes": precision.master, "compute_bytes": precision.compute, "strategies": {}}
+    result["weights_by_kind"] = weight_kinds(shape, precision, bool(values.get("use_peft")) or quantize or lora)
     activations = activation_bytes(shape, rows_per_step, length, act, checkpointing, attn,
                                    lean_logits=recipe in ("sft", "spin"))
     for strategy in STRATEGIES:
@@ -311,21 +312,63 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
     return result
 
 
+DTYPE_NAMES = {4: "float32", 2: "16-bit"}
+
+
+def weight_kinds(shape: Shape, precision: Precision, lora: bool, double_quant: bool = True) -> list[dict]:
+    """The stored weights by kind, as the Trainer holds them under ddp: how many parameters, in what format, at how
+    many bytes each. QLoRA's 4-bit weights are counted at their real size (4-bit codes plus the quantization
+    constants), not at the compute dtype."""
+    kinds = []
+    if shape.quantized:
+        kinds.append({"kind": "4-bit NF4 linear weights" + (" (double quantization)" if double_quant else ""),
+                      "params": shape.quantized, "bytes_per_param": NF4_BITS[double_quant] / 8})
+    frozen = shape.params - shape.trainable - shape.quantized
+    if frozen:
+        kinds.append({"kind": ("other frozen weights" if shape.quantized else "frozen weights")
+                      + f" in {DTYPE_NAMES.get(precision.master, precision.master)}",
+                      "params": frozen, "bytes_per_param": precision.master})
+    if shape.trainable:
+        width = precision.adapter if shape.lora else precision.master
+        kinds.append({"kind": ("LoRA adapters" if shape.lora else "trained weights")
+                      + f" in {DTYPE_NAMES.get(width, width)}", "params": shape.trainable, "bytes_per_param": width})
+    return kinds
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
 def format_plan(result: dict, gpu_memory_gib: float) -> str:
     r = result
+    kinds = r.get("weights_by_kind") or []
+    stored = sum(k["params"] * k["bytes_per_param"] for k in kinds)
     lines = [f"{r['model']}: {r['params'] / 1e9:.3f}B parameters, {r['trainable'] / 1e6:.2f}M trainable "
              f"({r['method']}, {r['recipe']}), {r['num_gpus']} GPU(s)",
              f"per GPU and micro-batch: {r['rows_per_micro_batch']} rows x {r['max_length']} tokens, "
              f"{'with' if r['gradient_checkpointing'] else 'without'} gradient checkpointing, optim {r['optim']}, "
-             f"weights {r['master_bytes']} B/param, compute {r['compute_bytes']} B/element",
-             "", "| strategy | weights | gradients | optimizer | param buffers | activations | total GiB | fits "
-             f"{gpu_memory_gib:g} GiB |", "|---|---|---|---|---|---|---|---|"]
+             f"compute in {DTYPE_NAMES.get(r['compute_bytes'], r['compute_bytes'])}"]
+    if kinds:
+        lines.append("weights as stored (ddp): " + "; ".join(
+            f"{_count(k['params'])} {k['kind']} ({k['bytes_per_param']:.3g} B/param)" for k in kinds)
+            + f" = {stored / r['params']:.3g} B/param on average")
+    lines += ["", "| strategy | weights | gradients | optimizer | param buffers | activations | total GiB | fits "
+              f"{gpu_memory_gib:g} GiB |", "|---|---|---|---|---|---|---|---|"]
     for name, p in r["strategies"].items():
         fits = "yes" if p["total"] <= 0.9 * gpu_memory_gib * GiB else "no"
         lines.append(f"| {name} | " + " | ".join(f"{p[k] / GiB:.2f}" for k in (
             "weights", "gradients", "optimizer", "buffers", "activations", "total")) + f" | {fits} |")
-    lines += ["", "Estimates (see `tunesmith.plan`): CUDA context and allocator fragmentation (1-3 GiB) are not "
-              "included; 'fits' keeps 10% headroom."]
+    lines += ["", "How the strategies store a model: ddp keeps the weights as listed above, gradients in their "
+              "dtype and, under mixed precision, a 16-bit copy of the trained weights; fsdp keeps float32 master "
+              "shards (accelerate upcasts a 16-bit model) and gathers 16-bit copies ('param buffers'); zero2 / zero3 "
+              "(DeepSpeed) keep 16-bit weights and gradients and put the float32 master copy with the optimizer "
+              "state (12 B per trained parameter with Adam)."]
+    if r["num_gpus"] == 1:
+        lines.append("On 1 GPU nothing is sharded: the strategies differ only in that bookkeeping (and ZeRO-3's "
+                     "gather buffers), not in what is split; sharding (fsdp_*, zero*) saves memory from 2 GPUs on "
+                     "(--num_gpus N).")
+    lines.append("Estimates (see `tunesmith.plan`): CUDA context and allocator fragmentation (1-3 GiB) are not "
+                 "included; 'fits' keeps 10% headroom.")
     return "\n".join(lines) + "\n"
 
 
@@ -349,12 +392,15 @@ def cli(argv: list[str]) -> int:
     config_path, overrides = parse_overrides(argv)
     path = path or config_path
     values = read_yaml(path) if path else {}
-    num_gpus = int(overrides.pop("num_gpus", 1))
-    gpu_memory = float(overrides.pop("gpu_memory_gib", 80))
-    as_json = bool(overrides.pop("json", False))
+    from tunesmith import checks
+    from tunesmith.config import _coerce
+
+    num_gpus = _coerce(overrides.pop("num_gpus", 1), int, "field 'num_gpus'")
+    gpu_memory = _coerce(overrides.pop("gpu_memory_gib", 80), float, "field 'gpu_memory_gib'")
+    as_json = _coerce(overrides.pop("json", False), bool, "field 'json'")
     values.update(overrides)
-    if num_gpus < 1:
-        raise UserError("--num_gpus must be at least 1")
+    checks.at_least("num_gpus", num_gpus, 1)
+    checks.positive("gpu_memory_gib", gpu_memory)
     result = plan(values, num_gpus, source=path or "command line")
     print(json.dumps(result, indent=1) if as_json else format_plan(result, gpu_memory), end="" if not as_json else "\n")
     return 0

@@ -51,28 +51,180 @@ OWNER_FILE = "tunesmith_run.json"  # written into every directory tunesmith crea
 FINISHED_FILE = "tunesmith.yaml"  # the resolved config, written last: its presence marks a finished run
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_BOOKKEEPING = {LOCK_FILE, OWNER_FILE}
+_BOOKKEEPING = {LOCK_FILE, OWNER_FILE, ".tunesmith_outputs.json"}
 
 
 # ---------------------------------------------------------------- output files
 
-def check_output_file(path: str | os.PathLike, key: str = "output") -> Path:
+OUTPUTS_FILE = ".tunesmith_outputs.json"  # per folder: the files tunesmith commands wrote there, and which command
+# Names a training run (or merge) writes into its directory: no other command may write them there, even when they
+# do not exist yet (a `tunesmith.yaml` written into an unfinished run would mark it finished).
+RUN_FILES = frozenset({FINISHED_FILE, OWNER_FILE, LOCK_FILE, OUTPUTS_FILE, TRAINER_STATE, "config.json",
+                       "generation_config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                       "README.md", "metrics.jsonl", "tunesmith_template.json", "training_args.bin"})
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(?:tmp|partial|old)$")
+_LEGACY_TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.(?:tmp|partial|old)$")
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary file or directory that will become ``name``: ``.NAME.HOST-PID.`` (the writer's
+    host and pid, so that a later run can tell a temp file left by a kill from one being written right now)."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{name}.{host}-{os.getpid()}."
+
+
+def clean_stale_temps(folder: str | os.PathLike, name: str | None = None, *, legacy: bool = False) -> list[str]:
+    """Remove temporary files and directories in ``folder`` (``name``'s only, when given) left by a tunesmith process
+    that is gone (killed mid-write). ``legacy``: also those without a writer's pid (older tunesmith versions) — only
+    where this process holds the folder's run lock. Returns the names removed."""
+    folder, removed = Path(folder), []
+    me = temp_prefix("x")[3:11]
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TEMP.match(p.name)
+        if m is not None:
+            if name is not None and m["name"] != name:
+                continue
+            if m["host"] != me or _alive(int(m["pid"]), None):
+                continue
+        elif not (legacy and (lm := _LEGACY_TEMP.match(p.name)) and (name is None or lm["name"] == name)):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p.name)
+        except OSError:
+            pass
+    if removed:
+        log.warning(f"{folder}: removed {len(removed)} temporary file(s) left by an interrupted run "
+                    f"({', '.join(sorted(removed)[:3])}{', ...' if len(removed) > 3 else ''})")
+    return removed
+
+
+def _enclosing_run(p: Path) -> Path | None:
+    """The nearest folder holding ``p`` that is a training (or merge) run directory, or None."""
+    for d in p.parents:
+        if (d / OWNER_FILE).is_file() or (d / FINISHED_FILE).is_file() or (d / LOCK_FILE).exists():
+            return d
+    return None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _input_paths(inputs: dict | None):
+    for key, value in (inputs or {}).items():
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if v and isinstance(v, (str, os.PathLike)) and not str(v).startswith("pkg:"):
+                yield key, Path(v)
+
+
+def _written_by(p: Path) -> str | None:
+    """The command that wrote the file ``p`` (as recorded by :func:`record_output`), if the file is unchanged since."""
+    entry = _read_outputs(p.parent).get(p.name)
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    if isinstance(entry, dict) and [entry.get("size"), entry.get("mtime_ns"), entry.get("ino")] == \
+            [st.st_size, st.st_mtime_ns, st.st_ino]:
+        return entry.get("command")
+    return None
+
+
+def _read_outputs(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / OUTPUTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_output(path: str | os.PathLike, command: str) -> None:
+    """Note in the folder's ``.tunesmith_outputs.json`` that ``command`` wrote ``path`` (its size, mtime and inode):
+    the same command may replace it later without ``--overwrite``; a file changed since counts as the user's."""
+    import fcntl
+
+    from tunesmith.io import atomic_write_json
+
+    p = Path(path)
+    st = p.stat()
+    fd = os.open(p.parent, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # two commands writing into one folder at once keep both records
+        except OSError:
+            pass
+        data = {k: v for k, v in _read_outputs(p.parent).items() if (p.parent / k).exists()}
+        data[p.name] = {"command": command, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        atomic_write_json(p.parent / OUTPUTS_FILE, data)
+    finally:
+        os.close(fd)
+
+
+def check_output_file(path: str | os.PathLike, key: str = "output", *, command: str | None = None,
+                      inputs: dict | None = None, overwrite: bool = False) -> Path:
     """Refuse, in one line and before any work, an output file path that cannot be written: a directory, a path
-    under a file, or a folder without write permission. Returns the path."""
+    under a file, or a folder without write permission. With ``command`` (the command that writes it), also refuse a
+    path that is one of the command's ``inputs`` ({key: path or paths}), a run's own file inside a training run
+    directory (its weights, config, marker, checkpoints), or an existing file that ``command`` did not write (unless
+    ``overwrite``). Temporary files a killed writer left for this path are removed. Returns the path."""
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{p}: '{key}' names a directory; give a file path (e.g. {p / 'out.jsonl'})")
     _check_writable(p, p.parent, key)
+    if command is not None:
+        _check_owned(p, key, command, inputs, overwrite)
+        clean_stale_temps(p.parent, p.name)
     return p
 
 
-def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
-    """The same for an output directory: not a file, not under a file, writable. Creates nothing."""
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir", *, command: str | None = None,
+                     files=(), inputs: dict | None = None, overwrite: bool = False) -> Path:
+    """The same for an output directory: not a file, not under a file, writable; with ``command``, not one of its
+    ``inputs``, and each of the ``files`` it writes there checked as :func:`check_output_file` does. Creates
+    nothing."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{p}: '{key}' is a file, not a directory")
     _check_writable(p, p, key)
+    if command is not None:
+        for other, q in _input_paths(inputs):
+            if _same_path(p, q):
+                raise UserError(f"{p}: '{key}' is also this command's input '{other}'; choose another directory")
+        for name in files:
+            _check_owned(p / name, key, command, inputs, overwrite)
+            clean_stale_temps(p, name)
     return p
+
+
+def _check_owned(p: Path, key: str, command: str, inputs: dict | None, overwrite: bool) -> None:
+    for other, q in _input_paths(inputs):
+        if _same_path(p, q):
+            raise UserError(f"{p}: '{key}' is also this command's input '{other}'; write the output to another file")
+    real = p.resolve()
+    run = _enclosing_run(real)
+    if run is not None:
+        rel = real.relative_to(run)
+        if p.name in RUN_FILES or p.name.endswith(_WEIGHT_SUFFIXES) or any(_CHECKPOINT.match(x) for x in rel.parts):
+            raise UserError(f"{p}: '{key}' would write over a file of the training run in {run} (a run's weights, "
+                            f"config, checkpoints and marker are its own); write the output under another name")
+    if p.exists():
+        by = _written_by(p)
+        if by != command and not overwrite:
+            made = f"written by tunesmith {by}" if by else "not written by tunesmith " + command
+            raise UserError(f"{p}: '{key}' exists and was {made}; choose another path, or pass --overwrite true "
+                            f"to replace it")
 
 
 def _check_writable(p: Path, folder: Path, key: str) -> None:
@@ -129,6 +281,14 @@ def _callback_class():
 
         def state(self) -> dict:
             return {"args": {"fingerprint": self.fingerprint, "config": self.config}, "attributes": {}}
+
+        def on_save(self, args, state, control, **kwargs):
+            # safetensors writes 0600: a checkpoint's files get the modes the umask gives plain files
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                from tunesmith.io import follow_umask
+
+                follow_umask(ckpt)
 
     return TunesmithRun
 
@@ -411,7 +571,7 @@ def staging_dir(directory: str | os.PathLike) -> Path:
     d = Path(directory)
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".partial", dir=d.parent))
+        return Path(tempfile.mkdtemp(prefix=temp_prefix(d.name), suffix=".partial", dir=d.parent))
     except OSError as e:
         raise UserError(f"{d}: cannot write beside it ({e.strerror or e})") from None
 
@@ -425,7 +585,7 @@ def publish_dir(staging: str | os.PathLike, directory: str | os.PathLike, comman
     check_replaceable(d, command)
     old = None
     if d.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".old", dir=d.parent))
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(d.name), suffix=".old", dir=d.parent))
         os.replace(d, old / d.name)
     os.replace(staging, d)
     if old is not None:
@@ -548,6 +708,9 @@ def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resum
             raise UserError(f"{d}: cannot write in output_dir (no write permission)")
         lock = RunLock(d, command).acquire()
     try:
+        if lock is not None:  # ours alone now: what an interrupted run left half-written goes
+            for folder in [d] + [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]:
+                clean_stale_temps(folder, legacy=True)
         if continues:
             run = _continue(d, command, fp) if main else RunDir(d, command, fp, main=False)
         else:

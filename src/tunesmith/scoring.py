@@ -33,6 +33,34 @@ def model_inputs(batch: dict) -> dict:
     return {**{k: v for k, v in batch.items() if k in keep}, "use_cache": False}
 
 
+def needs_one_row(model, batch: dict) -> bool:
+    """Whether ``batch`` holds packed rows (position ids, no attention mask) that must reach the model as ONE row.
+
+    Under FlashAttention transformers finds the examples of a packed batch from its position ids only when the batch
+    has a single row (``_is_packed_sequence`` in ``modeling_flash_attention_utils``); with more rows it runs plain
+    causal attention over each whole row, and packed examples attend to each other. Joined into one row, every row
+    starts a new segment (its position ids restart at 0, as do those of its padding tail), so the variable-length
+    kernel gets each example as a sequence of its own. sdpa, eager and flex attention build a block-diagonal mask
+    from the position ids of every row and need nothing."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    ids = batch.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.shape[0] < 2:
+        return False
+    if "position_ids" not in batch or batch.get("attention_mask") is not None:
+        return False
+    config = getattr(unwrap_distributed(model), "config", None)
+    return config is not None and is_flash_attention_requested(config)
+
+
+def one_row(batch: dict) -> dict:
+    """``batch`` with every (batch, seq[, ...]) tensor joined into one row of batch x seq positions (a view, no copy).
+    The label of each row's first token is -100 (packing), so no row is trained to follow the one before."""
+    b, w = batch["input_ids"].shape[:2]
+    return {k: v.reshape(1, b * w, *v.shape[2:]) if torch.is_tensor(v) and v.shape[:2] == (b, w) else v
+            for k, v in batch.items()}
+
+
 def _sharded(model) -> bool:
     """True when parameters live sharded outside the forward (FSDP, DeepSpeed ZeRO-3): the head cannot be applied
     after the forward returns."""
@@ -118,6 +146,10 @@ def target_logprobs(model, batch: dict, targets: torch.Tensor, greedy: bool = Fa
     """log p(``targets[b, t]`` | the row's tokens up to t) wherever the target is not -100, 0 elsewhere: shape
     (batch, seq), like ``batch["input_ids"]``. ``greedy`` (no gradients) also returns a bool tensor of that shape:
     whether the target is the model's most likely next token there (lm-eval's exact match)."""
+    if needs_one_row(model, batch):  # FlashAttention: the rows go in as one, the results come back per row
+        b, w = targets.shape
+        out = target_logprobs(model, one_row(batch), targets.reshape(1, b * w), greedy)
+        return tuple(x.reshape(b, w) for x in out) if greedy else out.reshape(b, w)
     mask = targets != IGNORE
     lean = _final_hidden(model, batch)
     if lean is None:  # the model's own logits
@@ -150,6 +182,8 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
     """The causal-LM loss the model itself computes from ``labels`` — the sum of -log p over label tokens divided by
     ``num_items_in_batch`` (the trained tokens of the whole accumulated batch), or the mean over this batch's label
     tokens when it is None — with lean logits."""
+    if needs_one_row(model, batch):  # FlashAttention: the same tokens and labels as one row (see needs_one_row)
+        batch = one_row(batch)
     labels = batch["labels"][:, 1:]
     lean = _final_hidden(model, batch)
     if lean is None:
@@ -164,15 +198,18 @@ def causal_lm_loss(model, batch: dict, num_items_in_batch=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dataset_loss(model, batches, device=None) -> dict:
+def dataset_loss(model, batches, device=None, desc: str | None = None) -> dict:
     """Token-weighted mean NLL over all trained tokens of ``batches`` (an iterable of collated batches), noise-free.
 
     Under torch.distributed each rank passes its own shard; sums are all-reduced so every rank gets the total.
+    ``desc``: show a progress bar with this label (None: none).
     """
+    from tunesmith.progress import bar
+
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
+    for batch in bar(batches, desc, total=len(batches) if hasattr(batches, "__len__") else None):
         if device is not None:
             batch = {k: v.to(device) for k, v in batch.items()}
         logp, mask = token_logprobs(model, batch)
@@ -185,12 +222,15 @@ def dataset_loss(model, batches, device=None) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(n)}
 
 
-def rows_loss(model, rows, collate, batch_size: int, device=None, rank: int = 0, world_size: int = 1) -> dict:
+def rows_loss(model, rows, collate, batch_size: int, device=None, rank: int = 0, world_size: int = 1,
+              desc: str | None = None) -> dict:
     """:func:`dataset_loss` of tokenized ``rows`` (a list or a ``datasets.Dataset``), batched by ``collate``.
 
     Under torch.distributed every rank passes all rows and scores its share (rows rank, rank + world_size, ...); the
-    sums are all-reduced, so every rank returns the loss of the whole set.
+    sums are all-reduced, so every rank returns the loss of the whole set. Rows are batched in order of length (the
+    token-weighted sum does not depend on the order, and batches of like lengths carry little padding).
+    ``desc``: show a progress bar with this label.
     """
-    shard = [rows[i] for i in range(rank, len(rows), world_size)]
+    shard = sorted((rows[i] for i in range(rank, len(rows), world_size)), key=lambda r: len(r["input_ids"]))
     batches = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate)
-    return dataset_loss(model, batches, device=device)
+    return dataset_loss(model, batches, device=device, desc=desc)

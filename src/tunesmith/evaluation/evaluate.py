@@ -45,8 +45,9 @@ class EvalConfig:
     references: str | list = field("", "dataset whose answers are the references, matched by "
                                 "instruction and input (default: each row's 'reference' "
                                 "field)")
-    n_tokens: int = field(50, "rep-n / diversity use the first N whitespace tokens "
-                              "(paper: 50 Alpaca, 100 Evol-Instruct, 150 ShareGPT)")
+    n_tokens: int | Literal["auto"] = field("auto", "rep-n / diversity use the first N whitespace tokens of each answer; auto: per generation file, the "
+                                                    "largest N that keeps at least 80% of the answers (the paper's fixed N: 50 Alpaca, 100 "
+                                                    "Evol-Instruct, 150 ShareGPT)")
     diversity_mode: Literal["formula", "paper"] = field("formula", "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
                                                                    "each answer's last n-gram skipped, rep-n rounded to 2 decimals)")
     run_name: str = field("", "name shown in reports (default: the output's folder)")
@@ -55,6 +56,8 @@ class EvalConfig:
                                              "YAML files")
     num_fewshot: int | None = field(None, "lm-eval few-shot examples (task default)")
     task_limit: int = field(0, "lm-eval: only the first N documents per task (0: all)")
+    overwrite: bool = field(False, "replace an existing output file that this command "
+                                   "did not write (never an input, never a run's own file)")
 
     def __post_init__(self):
         if not self.output:
@@ -63,17 +66,26 @@ class EvalConfig:
         from tunesmith.io import resolve_path
         from tunesmith.rundir import check_output_file
 
-        check_output_file(self.output, "output")
         check_sources(self.dataset, "dataset", weights=False)
         check_sources(self.references, "references", weights=False)
         if self.model_name_or_path:
             self.model_name_or_path = resolve_path(self.model_name_or_path)
+        check_output_file(self.output, "output", command="eval", overwrite=self.overwrite, inputs={
+            "model_name_or_path": self.model_name_or_path, "dataset": self.dataset, "generations": self.generations,
+            "references": self.references, "tasks": [t for t in self.tasks if t.endswith((".yaml", ".yml"))],
+            "task_include_path": self.task_include_path})
         if (self.dataset or self.tasks) and not self.model_name_or_path:
             raise UserError("'dataset' and 'tasks' need 'model_name_or_path' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:
             raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
+        from tunesmith import checks
+
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("max_length", self.max_length, 2)
+        checks.non_negative("num_fewshot", self.num_fewshot, optional=True)
+        checks.non_negative("task_limit", self.task_limit, why="0 = all")
         least = 5 if self.diversity_mode == "paper" else 4
-        if self.n_tokens < least:
+        if self.n_tokens != "auto" and self.n_tokens < least:
             raise UserError(f"n_tokens must be at least {least} (rep-4 needs a 4-gram"
                             f"{', and paper mode skips the last one' if least == 5 else ''}), got {self.n_tokens}")
 
@@ -90,7 +102,7 @@ def dataset_loss_of(model, tokenizer, template, source, cfg: EvalConfig) -> dict
     rows, summary = tokenize_sources([source], tokenizer, template, cfg.max_length)
     rows = rows[np.argsort(rows.lengths, kind="stable")]  # less padding; the token-weighted sum is order-free
     result = rows_loss(model, rows, Collator(tokenizer.pad_token_id), cfg.batch_size,
-                       device=next(model.parameters()).device)
+                       device=next(model.parameters()).device, desc=f"noise-free loss on {source.name}")
     return result | {"examples": summary.kept, "dropped": len(summary.dropped), "truncated": summary.truncated}
 
 
@@ -107,7 +119,7 @@ def reference_map(value, cfg: EvalConfig) -> dict[tuple[str, str], str]:
     return refs
 
 
-def generation_stats(path: str, n_tokens: int, refs: dict[tuple[str, str], str] | None = None,
+def generation_stats(path: str, n_tokens: int | str, refs: dict[tuple[str, str], str] | None = None,
                      diversity_mode: str = "formula") -> dict:
     gens = read_generations(path)
     outputs = [g.output for g in gens]
@@ -166,7 +178,7 @@ def run(cfg: EvalConfig) -> dict:
         while name in result["generations"]:  # two files with the same name from different folders
             name, k = f"{Path(path).stem}-{k}", k + 1
         result["generations"][name] = stats
-    atomic_write_json(cfg.output, result)
+    atomic_write_json(cfg.output, result, command="eval")
     print(format_result(result))
     return result
 
@@ -184,11 +196,12 @@ def format_result(r: dict) -> str:
         lines.append(f"  {task}: " + "  ".join(f"{k} {_fmt(v, 4)}" for k, v in ms.items()))
     for name, g in r["generations"].items():
         d, ln = g["diversity"], g["length"]
-        lines.append(f"  {name}: n={g['n']} chars {_fmt(ln.get('chars_mean'), 1)} "
-                     f"words {_fmt(ln.get('words_mean'), 1)} "
+        lines.append(f"  {name}: n={g['n']} chars {_fmt(ln.get('chars_mean'), 1)} words {_fmt(ln.get('words_mean'), 1)} "
                      f"rep-2 {_fmt(d['rep_2'])} rep-3 {_fmt(d['rep_3'])} rep-4 {_fmt(d['rep_4'])} "
                      f"diversity {_fmt(d['diversity'], 3)} log-div {_fmt(d['log_diversity'])} "
-                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words; {d['n_too_short']} shorter left "
+                     f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words"
+                     f"{' (auto)' if str(d.get('n_tokens_rule', '')).startswith('auto') else ''}; "
+                     f"{d['n_too_short']} shorter left "
                      f"out; cut at budget "
                      f"{g['truncated']})")
         if g["overlap"]:

@@ -3,11 +3,15 @@
 Judges (all answer "1", "2" or "tie" for one instruction and two answers):
 
 * ``endpoint``: any OpenAI-compatible chat-completions server (hosted, vLLM, llama.cpp). The API key is read from the
-  environment variable named by ``api_key_env`` and is never logged or written anywhere: whatever the server sends
-  back (error bodies, replies, redirect targets) is redacted before it reaches a log line, ``judgements.jsonl`` or
-  an error message, and redirects are not followed, so the key is only ever sent to ``base_url``'s host (a redirect
-  stops the step, naming where it points: set ``base_url`` to that address). Timeouts, retries with exponential
-  backoff; a reply that cannot be parsed (or whose content is not text) is retried too, then counted unjudged.
+  environment variable named by ``api_key_env`` (whitespace around it removed; a key a header cannot carry is refused
+  without showing it) and is never logged or written anywhere: whatever the server sends back (error bodies,
+  replies, redirect targets) is redacted — the key raw, JSON-escaped, URL-encoded or base64-encoded — before it
+  reaches a log line, ``judgements.jsonl`` or an error message, and redirects are not followed, so the key is only
+  ever sent to ``base_url``'s host (a redirect stops the step, naming where it points: set ``base_url`` to that
+  address); a ``base_url`` with a user name or password is refused. ``timeout`` bounds each request's whole time
+  (connect, send, the entire reply; a watchdog closes the socket at the deadline) and a reply over
+  :data:`MAX_REPLY_BYTES` is refused. Retries with exponential backoff; a reply that cannot be parsed (or whose
+  content is not text) is retried too, then counted unjudged.
 * ``local``: a local causal LM run with transformers (greedy, a few tokens).
 * ``python``: any callable ``f(instruction, output_1, output_2) -> "1" | "2" | "tie"`` (``module:function``).
 * ``sheet_export`` / ``sheet_import``: a human sheet. Export writes shuffled, blinded pairs as CSV (to fill in) and
@@ -34,7 +38,6 @@ import random
 import re
 import sys
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,46 +106,168 @@ def _sha(*parts) -> str:
 
 # ---------------------------------------------------------------- judges
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would resend the Authorization header to whatever host it points at."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises the 3xx as an HTTPError, handled in EndpointJudge._post
+MAX_REPLY_BYTES = 1 << 20  # a verdict is a few bytes; an error page a few KB: a larger reply is refused unread
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\/")
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+def check_base_url(base_url: str) -> None:
+    """A ``base_url`` must be http(s), and carry no user name or password (``user:secret@host``): tunesmith would
+    send and echo it. Refused without showing what was before the '@'."""
+    rest = base_url.split("//", 1)[1] if "//" in base_url else base_url
+    if "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]:
+        raise UserError("base_url holds a user name or password before '@' (not shown); remove it and give the key "
+                        "through api_key_env")
+    if not base_url.startswith(("http://", "https://")):
+        raise UserError(f"base_url must start with http:// or https://, got {base_url!r}")
+
+
+def read_api_key(api_key_env: str) -> str:
+    """The API key from the environment variable ``api_key_env``, surrounding whitespace removed (keys read from
+    files end in a newline). A key an HTTP header cannot carry is a one-line error that does not show the key."""
+    key = (os.environ.get(api_key_env) or "").strip()
+    if not key:
+        raise UserError(f"environment variable {api_key_env} (api_key_env) is not set; set it to the API key, "
+                        f"or pass --api_key_env '' for a server without a key")
+    for i, c in enumerate(key):
+        if not (32 <= ord(c) < 127 or c == "\t"):
+            what = ("a line break" if c in "\r\n" else "a control character" if ord(c) < 32 or ord(c) == 127
+                    else "a non-ASCII character")
+            raise UserError(f"environment variable {api_key_env} (api_key_env): the key holds {what} at character "
+                            f"{i + 1} of {len(key)}, which an HTTP header cannot carry; check what the variable holds "
+                            f"(the key is not shown)")
+    return key
+
+
+def key_forms(key: str) -> list[str]:
+    """The forms in which a server may echo ``key``: as sent, JSON-escaped (also with '\\/'), URL-encoded, and
+    base64 (standard and URL-safe alphabets, with or without padding, and — for a key inside a longer encoded text
+    such as a whole header — the part of the encoding that depends on the key alone, at each of the three byte
+    offsets). Longest first, so a longer form is replaced before a shorter one inside it."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    raw = key.encode()
+    forms = {key, json.dumps(key)[1:-1], json.dumps(key)[1:-1].replace("/", "\\/"), quote(key, safe=""),
+             quote(key), quote_plus(key)}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        whole = encode(raw).decode()
+        forms |= {whole, whole.rstrip("=")}
+        for offset in range(3):
+            encoded = encode(b"\0" * offset + raw).decode()
+            core = encoded[4 if offset else 0: 4 * ((offset + len(raw)) // 3)]
+            if len(core) >= 8:
+                forms.add(core)
+    return sorted((f for f in forms if f), key=len, reverse=True)
 
 
 class EndpointJudge:
-    """OpenAI-compatible ``POST {base_url}/chat/completions``. The key goes to that URL only (no redirects)."""
+    """OpenAI-compatible ``POST {base_url}/chat/completions``. The key goes to that URL only (no redirects); each
+    request, from connecting to the last byte of the reply, takes at most ``timeout`` seconds, and a reply larger
+    than :data:`MAX_REPLY_BYTES` is refused."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 4, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 8,
                  user_prompt: str = USER_PROMPT):
-        if not base_url.startswith(("http://", "https://")):
-            raise UserError(f"base_url must start with http:// or https://, got {base_url!r}")
+        check_base_url(base_url)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
         self.temperature, self.max_tokens, self.user_prompt = temperature, max_tokens, user_prompt
-        self._key = None
-        if api_key_env:
-            self._key = os.environ.get(api_key_env)
-            if not self._key:
-                raise UserError(f"environment variable {api_key_env} (api_key_env) is not set; set it to the API key, "
-                                f"or pass --api_key_env '' for a server without a key")
+        self._key = read_api_key(api_key_env) if api_key_env else None
+        self._forms: tuple[str | None, list[str]] = (None, [])
         self.id = _sha("endpoint", self.url, model, temperature, max_tokens, SYSTEM_PROMPT, user_prompt)
 
     def redact(self, text: str) -> str:
-        """``text`` with the API key (as sent, and as a JSON string would escape it) replaced by ``***``. Apply it to
-        whole server texts BEFORE shortening them, so no fragment of the key survives a cut."""
+        """``text`` with the API key replaced by ``***`` in every form a server may echo it (see :func:`key_forms`;
+        JSON ``\\uXXXX`` / ``\\/`` escapes and URL %-escapes are decoded first, so partly escaped echoes are caught
+        too). Apply it to whole server texts BEFORE shortening them, so no fragment of the key survives a cut."""
         if not self._key:
             return text
-        for form in {self._key, json.dumps(self._key)[1:-1]}:
+        from urllib.parse import unquote
+
+        if self._forms[0] != self._key:
+            self._forms = (self._key, key_forms(self._key))
+        for _ in range(3):  # escapes within escapes
+            decoded = _JSON_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if m.group(1) else "/", text)
+            decoded = unquote(decoded) if "%" in decoded else decoded
+            if decoded == text:
+                break
+            text = decoded
+        for form in self._forms[1]:
             text = text.replace(form, "***")
         return text
 
     def _body(self, raw: bytes) -> str:
         return self.redact(raw[:65536].decode("utf-8", "replace")).strip()
+
+    def _connection(self):
+        """An HTTP(S) connection to the endpoint (through the environment's proxy, as urllib would use it) and the
+        request target."""
+        import ssl
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        https = parts.scheme == "https"
+        host, port = parts.hostname, parts.port or (443 if https else 80)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        context = ssl.create_default_context() if https else None
+        if proxy and not urllib.request.proxy_bypass(host):
+            pp = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            auth = {}
+            if pp.username:
+                import base64
+
+                token = base64.b64encode(f"{pp.username}:{pp.password or ''}".encode()).decode()
+                auth = {"Proxy-Authorization": f"Basic {token}"}
+            if https:
+                conn = http.client.HTTPSConnection(pp.hostname, pp.port or 8080, timeout=self.timeout,
+                                                   context=context)
+                conn.set_tunnel(host, port, headers=auth)
+                return conn, target, {}
+            conn = http.client.HTTPConnection(pp.hostname, pp.port or 8080, timeout=self.timeout)
+            return conn, self.url, auth
+        if https:
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context), target, {}
+        return http.client.HTTPConnection(host, port, timeout=self.timeout), target, {}
+
+    def _exchange(self, body: bytes, headers: dict) -> tuple[int, object, bytes]:
+        """POST ``body``; (status, headers, reply body). The whole exchange — connect, send, the status line and
+        headers, the body — must end within ``timeout`` seconds: a watchdog shuts the socket at the deadline (a
+        server that sends one byte a second would otherwise never time out: socket timeouts are per read)."""
+        import socket
+        import threading
+
+        conn, target, extra = self._connection()
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            conn.request("POST", target, body=body, headers=headers | extra)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_REPLY_BYTES + 1)
+            if len(raw) > MAX_REPLY_BYTES:
+                raise JudgeFailure(f"the reply is larger than {MAX_REPLY_BYTES} bytes; refused")
+            if resp.length:  # the server hung up before the Content-Length it promised
+                raise http.client.IncompleteRead(raw, resp.length)
+            return resp.status, resp.headers, raw
+        except (http.client.HTTPException, OSError, ValueError) as e:
+            if expired.is_set():
+                raise JudgeFailure(f"timed out: no complete reply within {self.timeout:g} s") from None
+            raise JudgeFailure(f"{type(e).__name__}: {self.redact(str(e))[:200]}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
 
     def _post(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -150,28 +275,22 @@ class EndpointJudge:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with _OPENER.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = self._body(e.read())
-            if 300 <= e.code < 400:  # never followed: the key must not travel to another address
-                where = self.redact(str(e.headers.get("Location", "?") if e.headers else "?"))[:200]
-                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} redirects to {where}; tunesmith "
+        status, reply_headers, raw = self._exchange(body, headers)
+        if status >= 300:
+            detail = self._body(raw)
+            if status < 400:  # never followed: the key must not travel to another address
+                where = self.redact(str(reply_headers.get("Location", "?")))[:200]
+                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {status} redirects to {where}; tunesmith "
                                      f"does not follow redirects (the API key would go along): set base_url to "
-                                     f"the final address") from None
-            if e.code in (401, 403, 404):  # the same request will never work: stop the step
-                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {e.code} ({detail[:200]})") from None
+                                     f"the final address")
+            if status in (401, 403, 404):  # the same request will never work: stop the step
+                raise JudgeStepError(f"judge endpoint {self.url}: HTTP {status} ({detail[:200]})")
             retry_after = None
             try:  # 429 / 503 servers may say how long to wait (seconds form only)
-                retry_after = float(e.headers.get("Retry-After", "")) if e.headers else None
-            except ValueError:
+                retry_after = float(reply_headers.get("Retry-After", ""))
+            except (TypeError, ValueError):
                 pass
-            raise JudgeFailure(f"HTTP {e.code} ({detail[:100]})", retry_after) from None
-        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise JudgeFailure(f"{type(reason).__name__}: {self.redact(str(reason))[:200]}") from None
+            raise JudgeFailure(f"HTTP {status} ({detail[:100]})", retry_after)
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -258,6 +377,30 @@ class PythonJudge:
 
 
 # ---------------------------------------------------------------- cache
+
+RESULT_FILES = ("judgements.jsonl", "winrate.json")
+PARTIAL_FILES = ("judgements.partial.jsonl",)
+SHEET_FILES = ("sheet.csv", "sheet.html", "sheet_key.json")
+
+
+def check_cache_file(path: str | Path) -> None:
+    """An existing verdict cache must be one (lines of ``{"key", "verdict"}``; a torn last line is fine): verdicts
+    are appended to it, so a user's file given as ``cache`` is refused before any work."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and set(row) == {"key", "verdict"}
+        except ValueError:
+            ok = i == len(lines) - 1  # a line torn by a kill
+        if not ok:
+            raise UserError(f"{path}:{i + 1}: 'cache' is not a judge cache (lines of key and verdict); verdicts "
+                            f"would be appended to it: choose another file")
+
 
 class VerdictCache:
     """Append-only JSONL of verdicts keyed by (judge, instruction, answer 1, answer 2). Each verdict is one line
@@ -382,7 +525,7 @@ def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path
     w = csv.DictWriter(buf, fieldnames=SHEET_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    atomic_write_text(out_dir / "sheet.csv", buf.getvalue())
+    atomic_write_text(out_dir / "sheet.csv", buf.getvalue(), command="judge")
     cells = "".join(
         f"<tr><td>{r['id']}</td><td>{html.escape(r['instruction'])}</td><td>{html.escape(r['answer_1'])}</td>"
         f"<td>{html.escape(r['answer_2'])}</td></tr>\n" for r in rows)
@@ -393,8 +536,8 @@ def export_sheet(pairs: list[tuple[Generation, Generation]], out_dir: str | Path
         "<h1>Which answer is better?</h1><p>For each id, write <b>1</b>, <b>2</b> or <b>tie</b> in the "
         "<code>verdict</code> column of <code>sheet.csv</code>. Judge helpfulness and correctness; ignore the order."
         "</p><table><tr><th>id</th><th>instruction</th><th>answer 1</th><th>answer 2</th></tr>\n"
-        f"{cells}</table>\n"))
-    atomic_write_json(out_dir / "sheet_key.json", key)
+        f"{cells}</table>\n"), command="judge")
+    atomic_write_json(out_dir / "sheet_key.json", key, command="judge")
     return {"sheet": str(out_dir / "sheet.csv"), "html": str(out_dir / "sheet.html"),
             "key": str(out_dir / "sheet_key.json"), "n": len(rows)}
 
@@ -453,14 +596,14 @@ class JudgeConfig:
                        "alpaca_eval JSON); the win rate is A's")
     b: str = field("", "generations of model B (same prompts)")
     output_dir: str = field("", "where judgements.jsonl, winrate.json and the cache go")
-    judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field(
-        "endpoint", "endpoint | local | python | sheet_export | sheet_import")
+    judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field("endpoint", "endpoint | local | python | sheet_export | sheet_import")
     base_url: str = field("", "endpoint: e.g. https://api.openai.com/v1 or "
                               "http://127.0.0.1:8000/v1")
     model: str = field("", "endpoint: model name; local: model directory")
-    api_key_env: str = field("OPENAI_API_KEY", "endpoint: NAME of the environment variable holding the API key ('' "
-                                               "for none); the key itself is never logged or saved")
-    timeout: float = field(60.0, "endpoint: seconds per request")
+    api_key_env: str = field("OPENAI_API_KEY", "endpoint: NAME of the environment variable holding the API key ('' for none); the key itself is "
+                                               "never logged or saved")
+    timeout: float = field(60.0, "endpoint: seconds per request, all of it (connect, send, "
+                                 "the whole reply)")
     max_retries: int = field(4, "endpoint: retries per call (exponential backoff)")
     backoff: float = field(1.0, "endpoint: first retry delay in seconds (doubles; a "
                                 "server's Retry-After, up to 60 s, wins if longer)")
@@ -481,6 +624,8 @@ class JudgeConfig:
     seed: int = field(0, "seed for the bootstrap and the sheet shuffle")
     name_a: str = field("", "display name of A (default: its 'generator' field)")
     name_b: str = field("", "display name of B")
+    overwrite: bool = field(False, "replace existing output files that this command did "
+                                  "not write (never an input)")
 
     def __post_init__(self):
         for key in ("output_dir",) + (() if self.judge == "sheet_import" else ("a", "b")):
@@ -488,19 +633,39 @@ class JudgeConfig:
                 raise UserError(f"'{key}' is required")
         if self.judge == "endpoint" and not (self.base_url and self.model):
             raise UserError("judge endpoint needs 'base_url' and 'model'")
+        if self.judge == "endpoint":
+            check_base_url(self.base_url)
+            if self.api_key_env:
+                read_api_key(self.api_key_env)  # a missing or malformed key is refused before any work
         if self.judge == "local" and not self.model:
             raise UserError("judge local needs 'model' (a model directory)")
         if self.judge == "python" and not self.python_judge:
             raise UserError("judge python needs 'python_judge' (module:function)")
         if self.workers < 1:
             raise UserError(f"workers must be at least 1, got {self.workers}")
+        from tunesmith import checks
+
+        checks.number("timeout", self.timeout, low=0, high=3600, low_open=True, why="seconds per request")
+        checks.number("max_retries", self.max_retries, low=0, high=100)
+        checks.number("backoff", self.backoff, low=0, high=600)
+        checks.non_negative("max_consecutive_failures", self.max_consecutive_failures, why="0 = never stop")
+        checks.at_least("n_bootstrap", self.n_bootstrap, 1)
+        checks.number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
+        checks.seed("seed", self.seed)
         if self.judge == "sheet_import" and not self.sheet:
             raise UserError("judge sheet_import needs 'sheet' (the filled sheet.csv)")
         from tunesmith.rundir import check_output_dir, check_output_file
 
-        check_output_dir(self.output_dir)
-        if self.cache:
-            check_output_file(self.cache, "cache")
+        files = {"sheet_export": SHEET_FILES, "sheet_import": RESULT_FILES}.get(self.judge,
+                                                                                  RESULT_FILES + PARTIAL_FILES)
+        inputs = {"a": self.a, "b": self.b, "sheet": self.sheet, "judge_prompt": self.judge_prompt,
+                  "model": self.model if self.judge == "local" else ""}
+        check_output_dir(self.output_dir, command="judge", files=files, inputs=inputs, overwrite=self.overwrite)
+        if self.judge not in ("sheet_export", "sheet_import"):
+            cache = self.cache or str(Path(self.output_dir) / "judge_cache.jsonl")
+            if self.cache:
+                check_output_file(self.cache, "cache", inputs=inputs, command="judge", overwrite=True)
+            check_cache_file(cache)
 
 
 def make_judge(cfg: JudgeConfig):
@@ -536,15 +701,15 @@ def run(cfg: JudgeConfig) -> dict:
             judge_pairs(pairs, judge, cache, cfg.both_orders, cfg.max_consecutive_failures, on_row=rows.append,
                         workers=cfg.workers)
         except JudgeStepError:
-            atomic_write_jsonl(out / "judgements.partial.jsonl", rows)
+            atomic_write_jsonl(out / "judgements.partial.jsonl", rows, command="judge")
             print(f"judgements obtained so far: {out / 'judgements.partial.jsonl'} (and the cache; a rerun "
                   f"resumes)", file=sys.stderr)
             raise
     summary = win_rate([r["outcome"] for r in rows], cfg.n_bootstrap, cfg.confidence, cfg.seed)
     summary.update(name_a=name_a, name_b=name_b, judge=cfg.judge, judge_model=cfg.model or cfg.python_judge or None,
                    both_orders=cfg.both_orders if cfg.judge != "sheet_import" else False)
-    atomic_write_jsonl(out / "judgements.jsonl", rows)
-    atomic_write_json(out / "winrate.json", summary)
+    atomic_write_jsonl(out / "judgements.jsonl", rows, command="judge")
+    atomic_write_json(out / "winrate.json", summary, command="judge")
     print(format_summary(summary, name_a, name_b))
     if summary["n"] == 0:
         raise JudgeStepError(f"no prompt could be judged ({summary['unjudged']} unjudged); see "

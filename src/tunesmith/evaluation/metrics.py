@@ -28,6 +28,17 @@ import statistics
 
 LOG_DIVERSITY_CAP = 20.0
 DIVERSITY_MODES = ("formula", "paper")
+AUTO_KEEP = 0.8  # n_tokens "auto": the largest N that keeps at least this share of the answers
+
+
+def auto_n_tokens(texts: list[str], least: int = 4, keep: float = AUTO_KEEP) -> int:
+    """The largest N such that at least ``keep`` of ``texts`` have N or more whitespace tokens (never below
+    ``least``, the shortest N the measure is defined for: then fewer answers are kept, and ``n_used`` says so)."""
+    counts = sorted((len(t.split()) for t in texts), reverse=True)
+    if not counts:
+        return least
+    need = max(1, math.ceil(round(keep * len(counts), 9)))  # answers that must be kept
+    return max(least, counts[need - 1])
 
 
 # ---------------------------------------------------------------- ROUGE-L and BLEU (rouge-score, sacrebleu)
@@ -105,21 +116,26 @@ def log_diversity_from(diversity: float) -> float:
     return min(-math.log(1.0 - diversity), LOG_DIVERSITY_CAP)
 
 
-def rep_diversity(texts: list[str], n_tokens: int = 50, orders: tuple[int, ...] = (2, 3, 4),
+def rep_diversity(texts: list[str], n_tokens: int | str = 50, orders: tuple[int, ...] = (2, 3, 4),
                   mode: str = "formula") -> dict:
     """rep-n, diversity and log-diversity on the first ``n_tokens`` whitespace tokens of each answer.
 
     ``mode``: ``formula`` (the definition as written) or ``paper`` (SimCTG's code behind the NEFTune paper's numbers:
     each answer's last n-gram is skipped and rep-n is rounded to 2 decimals). Answers with fewer than ``n_tokens``
-    tokens are left out; ``n_used`` and ``n_too_short`` say how many."""
+    tokens are left out; ``n_used`` and ``n_too_short`` say how many. ``n_tokens="auto"``: :func:`auto_n_tokens`
+    (the result's ``n_tokens`` is the N used, ``n_tokens_rule`` says how it was chosen)."""
     if mode not in DIVERSITY_MODES:
         raise ValueError(f"diversity mode must be one of {', '.join(DIVERSITY_MODES)}, got {mode!r}")
     paper = mode == "paper"
     least = max(orders) + int(paper)  # paper mode needs one token more for a single n-gram of the top order
-    if n_tokens < least:
+    rule = "fixed"
+    if n_tokens == "auto":
+        n_tokens, rule = auto_n_tokens(texts, least), f"auto (the largest N keeping >= {AUTO_KEEP:.0%} of answers)"
+    if not isinstance(n_tokens, int) or n_tokens < least:
         raise ValueError(f"n_tokens must be at least {least} in {mode} mode, got {n_tokens}")
     kept = [t.split()[:n_tokens] for t in texts if len(t.split()) >= n_tokens]
-    out = {"mode": mode, "n_tokens": n_tokens, "n_used": len(kept), "n_too_short": len(texts) - len(kept),
+    out = {"mode": mode, "n_tokens": n_tokens, "n_tokens_rule": rule, "n_used": len(kept),
+           "n_too_short": len(texts) - len(kept),
            "log_diversity_cap": LOG_DIVERSITY_CAP}
     if not kept:
         out.update({f"rep_{n}": None for n in orders} | {"diversity": None, "log_diversity": None})

@@ -27,6 +27,9 @@ CURVES = (("loss", "training loss (as optimised; noisy if NEFTune)", "-"),
           ("eval_eval_loss", "held-out loss", ":"))
 
 
+REPORT_FILES = ("report.md", "report.html", "loss_curves.png", "overlap.png", "winrates.png")
+
+
 @dataclass
 class ReportConfig:
     runs: list[str] = field([], "run directories (positional arguments)")
@@ -34,13 +37,16 @@ class ReportConfig:
     winrate: list[str] = field([], "winrate.json file(s) or judge output "
                                    "dir(s)")
     title: str = field("tunesmith report", "report title")
+    overwrite: bool = field(False, "replace an existing output file that this command "
+                                   "did not write (never an input, never a run's own file)")
 
     def __post_init__(self):
         if not self.runs and not self.winrate:
             raise UserError("nothing to report: give run directories (tunesmith report RUN_A RUN_B ...)")
         from tunesmith.rundir import check_output_dir
 
-        check_output_dir(self.output, "output")
+        check_output_dir(self.output, "output", command="report", files=REPORT_FILES, overwrite=self.overwrite,
+                         inputs={"runs": self.runs, "winrate": self.winrate})
 
 
 def read_metrics_log(path: Path) -> list[dict]:
@@ -106,49 +112,115 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write a plot atomically (a kill never leaves half a PNG), recorded as the report's."""
+    from tunesmith.io import atomic_path
+
+    with atomic_path(path, command="report") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def run_groups(runs: list[dict], per_panel: int = 4) -> list[list[tuple[str, list[dict]]]]:
+    """Runs grouped for the loss panels: the seeds of one variant (``sft-seed0``, ``sft-seed1``) share a colour and a
+    legend entry; at most ``per_panel`` entries a panel (more variants: more rows of panels)."""
+    import re
+
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(re.sub(r"-seed\d+$", "", run["name"]), []).append(run)
+    items = list(groups.items())
+    return [items[i:i + per_panel] for i in range(0, len(items), per_panel)]
+
+
+CURVE_TITLES = {"loss": "training loss as optimised\n(with the noise when NEFTune is on)",
+                "eval_train_loss": "training loss, noise-free\n(lower: closer fit to the training set)",
+                "eval_eval_loss": "held-out loss\n(lower is better)"}
+
+
 def plot_losses(runs: list[dict], path: Path) -> bool:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    drawn = False
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, run in enumerate(runs):
-        for key, label, style in CURVES:
-            pts = [(r["step"], r[key]) for r in run["log"] if isinstance(r.get(key), (int, float))
-                   and math.isfinite(r[key])]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, color=colors[i % len(colors)], marker="." if len(pts) < 30 else None,
-                        label=f"{run['name']}: {label}")
-                drawn = True
-    if not drawn:
-        plt.close(fig)
+    fig = loss_figure(runs)
+    if fig is None:
         return False
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / response token)")
-    ax.set_title("Loss curves")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+    pyplot().close(fig)
     return True
+
+
+def loss_figure(runs: list[dict]):
+    """One panel per curve (as optimised, noise-free training, held-out), one row per four run groups; each panel's
+    legend names at most four groups. None when no run logged a loss."""
+    def points(run, key):
+        return [(r["step"], r[key]) for r in run["log"] if isinstance(r.get(key), (int, float))
+                and math.isfinite(r[key])]
+
+    keys = [key for key, _, _ in CURVES if any(points(run, key) for run in runs)]
+    if not keys:
+        return None
+    plt = pyplot()
+    rows = run_groups(runs)
+    fig, axes = plt.subplots(len(rows), len(keys), figsize=(4.2 * len(keys), 3.4 * len(rows)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, row in enumerate(rows):
+        for c, key in enumerate(keys):
+            ax = axes[r][c]
+            for g, (group, members) in enumerate(row):
+                for m, run in enumerate(members):
+                    pts = points(run, key)
+                    if pts:
+                        xs, ys = zip(*pts)
+                        ax.plot(xs, ys, color=colors[g % len(colors)], marker="." if len(pts) < 30 else None,
+                                alpha=0.85, label=group if m == 0 else None)
+            ax.set_title(CURVE_TITLES[key], fontsize=9)
+            ax.set_xlabel("optimizer step", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("loss (nats / response token)", fontsize=8)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _horizontal_boxplot(ax, data):
+    """A horizontal box plot with mean markers, through the keyword this matplotlib has (``orientation`` from 3.10,
+    where ``vert`` is deprecated)."""
+    import inspect
+
+    kwargs = ({"orientation": "horizontal"} if "orientation" in inspect.signature(ax.boxplot).parameters
+              else {"vert": False})
+    return ax.boxplot(data, showmeans=True, **kwargs)
 
 
 def plot_overlap(sets: list[tuple[str, dict]], path: Path) -> bool:
+    fig = overlap_figure(sets)
+    if fig is None:
+        return False
+    save_figure(fig, path)
+    pyplot().close(fig)
+    return True
+
+
+def overlap_figure(sets: list[tuple[str, dict]]):
+    """ROUGE-L and BLEU distributions per generation set, the median and mean markers named in a legend."""
     sets = [(name, g["overlap"]) for name, g in sets if g.get("overlap")]
     if not sets:
-        return False
+        return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(sets) + 2.5))
-    for ax, key, title in ((axes[0], "rouge_l", "ROUGE-L F vs reference"), (axes[1], "bleu", "sentence BLEU vs reference")):
-        ax.boxplot([o[key] for _, o in sets], vert=False, showmeans=True)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.6 * len(sets) + 2.9))
+    for ax, key, title in ((axes[0], "rouge_l", "ROUGE-L F vs reference"),
+                           (axes[1], "bleu", "sentence BLEU vs reference")):
+        boxes = _horizontal_boxplot(ax, [o[key] for _, o in sets])
         ax.set_yticks(range(1, len(sets) + 1), [n for n, _ in sets], fontsize=8)
-        ax.set_title(title)
+        ax.set_title(title + "\n(higher: closer to the reference; on training prompts, more copying)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
+        median, mean = boxes["medians"][0], boxes["means"][0]
+        ax.legend([Line2D([], [], color=median.get_color(), lw=median.get_linewidth()),
+                   Line2D([], [], ls="", marker=mean.get_marker(), color=mean.get_markerfacecolor())],
+                  ["median", "mean"], fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def plot_winrates(wrs: list[dict], path: Path) -> bool:
@@ -165,14 +237,54 @@ def plot_winrates(wrs: list[dict], path: Path) -> bool:
     ax.axvline(50, color="gray", lw=1, ls="--")
     ax.set_yticks(list(ys), [f"{w.get('name_a', 'A')} vs {w.get('name_b', 'B')}" for w in wrs], fontsize=8)
     ax.set_xlim(0, 100)
-    ax.set_xlabel("win rate 100·(wins + ½·draws)/n, with bootstrap interval")
+    ax.set_xlabel("win rate of A over B, 100·(wins + ½·draws)/n, with bootstrap interval\n(above 50: A preferred; "
+                  "50: no preference)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
 
 # ---------------------------------------------------------------- document
+
+def _setting(v, code: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return ", ".join(_setting(x, code) for x in v)
+    text = f"{v:g}" if isinstance(v, float) else str(v)
+    return f"`{text}`" if code else text
+
+
+def run_settings(run: dict) -> dict | None:
+    """How a run was trained, from the ``tunesmith.yaml`` of its directory or of the model its eval.json scored:
+    method, weights trained, NEFTune alpha, learning rate, epochs, data. None when neither is there."""
+    import yaml
+
+    from tunesmith.rundir import read_owner
+
+    candidates = [Path(run["dir"])] + [Path(m) for m in [(run["eval"] or {}).get("model")] if m]
+    for d in candidates:
+        if (d / "tunesmith.yaml").is_file():
+            try:
+                cfg = yaml.safe_load((d / "tunesmith.yaml").read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                return None
+            break
+    else:
+        return None
+    owner = next((o for o in (read_owner(x) for x in [d, d.parent, d.parent.parent]) if o), None)
+    method = (owner or {}).get("command") or ("spin" if "num_iterations" in cfg else
+                                              "classify" if "label_column" in cfg else "sft")
+    if method == "spin":
+        method = f"spin ({cfg.get('num_iterations', '?')} iteration(s), beta {cfg.get('beta')})"
+    r = cfg.get("lora_r")
+    weights = (f"QLoRA r {r}" if cfg.get("load_in_4bit") else f"LoRA r {r}" if cfg.get("use_peft") else "full")
+    steps = cfg.get("max_steps")
+    epochs = f"{steps} steps" if isinstance(steps, int) and steps > 0 else cfg.get("num_train_epochs")
+    return {"method": method, "weights": weights, "neftune": cfg.get("neftune_noise_alpha") or "off",
+            "learning rate": cfg.get("learning_rate"), "epochs": epochs, "data": cfg.get("dataset")}
+
 
 def _fmt(x, nd=2):
     if x is None:
@@ -183,6 +295,13 @@ def _fmt(x, nd=2):
 def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path) -> list[tuple]:
     blocks: list[tuple] = [("h1", cfg.title)]
     blocks.append(("p", "Runs: " + ", ".join(f"{r['name']} ({r['dir']})" for r in runs) if runs else "No runs."))
+    settings = [(r["name"], run_settings(r)) for r in runs]
+    if any(s for _, s in settings):
+        head = ["method", "weights", "neftune", "learning rate", "epochs", "data"]
+        blocks += [("h2", "Settings"),
+                   ("table", ["run"] + [h if h != "neftune" else "NEFTune alpha" for h in head],
+                    [[name] + ([_setting(s[h], code=h == "data") for h in head] if s else ["–"] * len(head))
+                     for name, s in settings])]
 
     if runs and plot_losses(runs, out / "loss_curves.png"):
         blocks += [("h2", "Loss"), ("p", "Solid: the training loss as optimised (with NEFTune noise when the run "
@@ -225,8 +344,13 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
             ln, d = g["length"], g["diversity"]
             rows.append([name, str(g["n"]), _fmt(ln.get("chars_mean"), 1), _fmt(ln.get("words_mean"), 1),
                          _fmt(d["rep_2"]), _fmt(d["rep_3"]), _fmt(d["rep_4"]), _fmt(d["diversity"], 3),
-                         _fmt(d["log_diversity"]), f"{d['n_used']} / {d['n_too_short']}", str(g["truncated"])])
+                         _fmt(d["log_diversity"]), str(d["n_tokens"]), f"{d['n_used']} / {d['n_too_short']}",
+                         str(g["truncated"])])
         n_tok = sorted({g["diversity"]["n_tokens"] for _, g in sets})
+        auto = any(str(g["diversity"].get("n_tokens_rule", "")).startswith("auto") for _, g in sets)
+        auto_note = "; auto: per generation file, the largest N that keeps at least 80% of its answers" if auto else ""
+        mixed_note = (". N differs between rows: rep-n and diversity compare only at one N (set --n_tokens to one "
+                      "value in every eval)") if len(n_tok) > 1 else ""
         modes = sorted({g["diversity"].get("mode", "formula") for _, g in sets})
         how = {"formula": "formula mode: rep-n = 100·(1 − unique n-grams / n-grams) over all n-grams of each answer",
                "paper": "paper mode: as the NEFTune paper's numbers were computed by SimCTG's code — each answer's "
@@ -236,11 +360,11 @@ def build_blocks(cfg: ReportConfig, runs: list[dict], wrs: list[dict], out: Path
                          f"{' (the runs do not all use the same mode: compare with care)' if len(modes) > 1 else ''}"
                          f"; diversity = "
                          f"∏(1 − rep-n/100) for n = 2..4; log-diversity = −log(1 − diversity), capped at 20. These "
-                         f"use the first {', '.join(map(str, n_tok))} whitespace tokens of each answer; shorter "
-                         f"answers are left out (column 'used / too short'). 'cut' = outputs that hit the "
+                         f"use the first N whitespace tokens of each answer (column N{auto_note}); shorter answers "
+                         f"are left out (column 'used / too short'){mixed_note}. 'cut' = outputs that hit the "
                          f"generation budget."),
                    ("table", ["run / generations", "n", "chars", "words", "rep-2", "rep-3", "rep-4", "diversity",
-                              "log-div", "used / too short", "cut"], rows)]
+                              "log-div", "N", "used / too short", "cut"], rows)]
         ov = [(n, g) for n, g in sets if g.get("overlap")]
         if ov:
             rows = [[n, str(g["overlap"]["n"]), _fmt(g["overlap"]["rouge_l_mean"], 4),
@@ -321,8 +445,8 @@ def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(cfg, runs, wrs, out)
-    atomic_write_text(out / "report.md", to_markdown(blocks))
-    atomic_write_text(out / "report.html", to_html(blocks, cfg.title))
+    atomic_write_text(out / "report.md", to_markdown(blocks), command="report")
+    atomic_write_text(out / "report.html", to_html(blocks, cfg.title), command="report")
     print(f"report: {out / 'report.md'} and {out / 'report.html'} "
           f"({sum(1 for b in blocks if b[0] == 'img')} plots)")
     return out

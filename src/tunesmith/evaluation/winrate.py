@@ -57,6 +57,42 @@ def win_rate(outcomes: list[str], n_bootstrap: int = 2000, confidence: float = 0
     return out
 
 
+def win_rate_clustered(outcomes: list[str], clusters: list, n_bootstrap: int = 2000, confidence: float = 0.95,
+                       seed: int = 0) -> dict:
+    """:func:`win_rate` of outcomes that come in clusters — the same prompt judged for several seeds — with the
+    bootstrap resampling whole clusters (a prompt with all its seeds), not single outcomes: outcomes of one prompt are
+    correlated, and resampling them as independent gives too narrow an interval. ``clusters[i]`` names the cluster of
+    ``outcomes[i]``. The point estimates are :func:`win_rate`'s; the intervals are percentile intervals over cluster
+    resamples (each resample's rate over the outcomes it holds)."""
+    if len(clusters) != len(outcomes):
+        raise ValueError(f"{len(outcomes)} outcomes but {len(clusters)} cluster labels")
+    out = win_rate(outcomes, n_bootstrap, confidence, seed)
+    keep = [(c, o) for c, o in zip(clusters, outcomes) if o != "unjudged"]
+    names = sorted({c for c, _ in keep}, key=str)
+    out["clusters"] = len(names)
+    if not keep:
+        return out
+    index = {c: i for i, c in enumerate(names)}
+    counts = np.zeros((len(names), 3))  # per cluster: wins, draws, judged
+    for c, o in keep:
+        counts[index[c]] += (o == "A", o == "tie", 1)
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, len(names), size=(n_bootstrap, len(names)))
+    totals = counts[draw].sum(axis=1)  # (n_bootstrap, 3)
+    wins, draws, n = totals[:, 0], totals[:, 1], totals[:, 2]
+    alpaca = 100.0 * (wins + 0.5 * draws) / n
+    decided = n - draws
+    with np.errstate(divide="ignore", invalid="ignore"):
+        human = np.where(decided > 0, 100.0 * wins / np.maximum(decided, 1), np.nan)
+    lo, hi = 100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2
+    out["ci_low"], out["ci_high"] = (float(v) for v in np.percentile(alpaca, [lo, hi]))
+    human = human[~np.isnan(human)]
+    if out["win_rate_excluding_draws"] is not None and len(human):
+        out["ci_excluding_draws_low"], out["ci_excluding_draws_high"] = (
+            float(v) for v in np.percentile(human, [lo, hi]))
+    return out
+
+
 def combine_orders(first: str | None, second: str | None) -> str:
     """Outcome of one prompt judged in both orders.
 

@@ -29,28 +29,106 @@ class TrainingPart(TrainingArguments):
     logging_steps: float = field(10, "Log every N steps.")
     include_num_input_tokens_seen: str | bool = field("non_padding", "Count non-padding tokens (for tokens/s).")
     remove_unused_columns: bool = field(False, "Keep tunesmith's columns.")
+    ddp_find_unused_parameters: bool | None = field(False, "DDP: look for parameters a step leaves unused (true for "
+                                                           "mixture-of-experts models; false, the default, skips that "
+                                                           "graph walk and its notice).")
 
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("field 'output_dir' is required")
-        check_training_values(self)
         if isinstance(self.report_to, str) and self.report_to == "tensorboard" and not _has_tensorboard():
             self.report_to = "none"
+        check_training_values(self)
         super().__post_init__()
 
 
 def check_training_values(args) -> None:
-    """One-line errors for training settings that would crash later or train nothing and call the run finished."""
+    """One-line errors for training settings that would crash later, train nothing, or train to NaN and call the
+    run finished: every numeric TrainingArguments key finite and in range, a scheduler's keyword arguments, and the
+    loggers of ``report_to`` installed."""
+    from tunesmith import checks
+
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, key) < 1:
-            raise UserError(f"field '{key}' must be at least 1, got {getattr(args, key)}")
-    if not args.learning_rate > 0:
-        raise UserError(f"field 'learning_rate' must be > 0, got {args.learning_rate}")
+        checks.at_least(key, getattr(args, key), 1)
+    checks.positive("learning_rate", args.learning_rate)
+    checks.number("learning_rate", args.learning_rate, high=10, why="fine-tuning rates are around 1e-6 .. 1e-3")
     if args.max_steps == 0 or args.max_steps < -1:
         raise UserError(f"field 'max_steps' must be a positive number of optimizer steps (or -1: train "
                         f"num_train_epochs), got {args.max_steps}")
-    if args.max_steps == -1 and not args.num_train_epochs > 0:
-        raise UserError(f"field 'num_train_epochs' must be > 0, got {args.num_train_epochs}")
+    checks.positive("num_train_epochs", args.num_train_epochs)
+    checks.non_negative("weight_decay", args.weight_decay)
+    checks.non_negative("max_grad_norm", args.max_grad_norm, why="0 turns clipping off")
+    checks.fraction("adam_beta1", args.adam_beta1)
+    checks.fraction("adam_beta2", args.adam_beta2)
+    checks.positive("adam_epsilon", args.adam_epsilon)
+    checks.fraction("label_smoothing_factor", args.label_smoothing_factor)
+    checks.non_negative("warmup_steps", args.warmup_steps, why="a number of steps, or a fraction of them below 1")
+    checks.seed("seed", args.seed)
+    checks.seed("data_seed", args.data_seed, optional=True)
+    for key in ("logging_steps", "save_steps"):
+        checks.positive(key, getattr(args, key), why="every N steps, or a fraction of the run below 1")
+    checks.positive("eval_steps", args.eval_steps, optional=True)
+    checks.non_negative("eval_delay", args.eval_delay)
+    for key in ("save_total_limit", "eval_accumulation_steps", "torch_empty_cache_steps"):
+        checks.at_least(key, getattr(args, key), 1, optional=True)
+    checks.non_negative("dataloader_num_workers", args.dataloader_num_workers)
+    checks.at_least("dataloader_prefetch_factor", args.dataloader_prefetch_factor, 1, optional=True)
+    checks.positive("ddp_timeout", args.ddp_timeout)
+    check_scheduler(args)
+    check_report_to(args.report_to)
+
+
+def check_scheduler(args) -> None:
+    """Build the learning-rate schedule on a throwaway optimizer, so an unknown ``lr_scheduler_kwargs`` key (or a
+    schedule that needs one) is a one-line error now, not a traceback after the model and data are loaded."""
+    import torch
+    from transformers import get_scheduler
+
+    kwargs = args.lr_scheduler_kwargs or {}
+    if isinstance(kwargs, str):  # TrainingArguments parses a JSON string itself
+        import json
+
+        try:
+            kwargs = json.loads(kwargs) if kwargs.strip() else {}
+        except ValueError:
+            raise UserError(f"field 'lr_scheduler_kwargs': not a mapping or JSON object: {kwargs!r}") from None
+    if not isinstance(kwargs, dict):
+        raise UserError(f"field 'lr_scheduler_kwargs' must be a mapping, got {kwargs!r}")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), optimizer,
+                      num_warmup_steps=1, num_training_steps=10, scheduler_specific_kwargs=dict(kwargs))
+    except (TypeError, ValueError, KeyError) as e:
+        from tunesmith.errors import first_line
+
+        raise UserError(f"field 'lr_scheduler_kwargs' {dict(kwargs)} does not fit lr_scheduler_type "
+                        f"'{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}': {first_line(e)}") \
+            from None
+
+
+# report_to name -> the module(s) it needs (any one of them); transformers' own list, without importing its
+# integrations module (slow: it imports every integration's helpers)
+REPORTERS = {"azure_ml": ("azureml",), "comet_ml": ("comet_ml",), "dagshub": ("dagshub",), "dvclive": ("dvclive",),
+             "mlflow": ("mlflow",), "neptune": ("neptune",), "tensorboard": ("tensorboard", "tensorboardX"),
+             "wandb": ("wandb",), "codecarbon": ("codecarbon",), "clearml": ("clearml",), "swanlab": ("swanlab",),
+             "trackio": ("trackio",), "kubeflow": ("kubeflow",), "flyte": ("flytekit",)}
+
+
+def check_report_to(report_to) -> None:
+    """Each logger of ``report_to`` must be known and installed (transformers fails with a traceback at the
+    Trainer)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in REPORTERS:
+            raise UserError(f"field 'report_to': unknown logger {name!r} (choose none or "
+                            f"{', '.join(sorted(REPORTERS))})")
+        if not any(importlib.util.find_spec(m) for m in REPORTERS[name]):
+            raise UserError(f"field 'report_to': {name} is not installed here (pip install {REPORTERS[name][0]}), "
+                            f"or set report_to: none")
 
 
 # TrainingArguments keys that change what training computes (logging, saving, evaluation and paths do not).

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from tunesmith.config import Config, LoraArgs, ModelArgs, NEFTuneArgs, field
+from tunesmith.config import Config, LoraArgs, ModelArgs, NEFTuneArgs, check_lora_values, field
 from tunesmith.errors import UserError
 from tunesmith.recipes.training import check_training_values
 
@@ -55,6 +55,8 @@ class ClassifyDataArgs:
             raise UserError(f"field 'labels': names must be distinct, got {self.labels}")
         if not 0 < self.threshold < 1:
             raise UserError(f"field 'threshold': must be between 0 and 1, got {self.threshold}")
+        if self.max_length < 2:
+            raise UserError(f"field 'max_length' must be at least 2, got {self.max_length}")
 
 
 @dataclass
@@ -73,7 +75,7 @@ class ClassifyLoraArgs(LoraArgs):
               "always are)")
 
     def __post_init__(self):  # no all-linear default: the query projection is found in the model
-        pass
+        check_lora_values(self)
 
 
 @dataclass

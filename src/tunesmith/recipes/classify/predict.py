@@ -90,6 +90,7 @@ class PredictConfig:
     max_length: int = field(256, "truncate texts to this many tokens")
     threshold: float = field(0.5, "multi-label: a label is predicted when its probability >= threshold")
     trust_remote_code: bool = field(False, "allow model code from the model directory")
+    overwrite: bool = field(False, "replace an existing output file that this command did not write (never an input)")
 
     def __post_init__(self):
         if not self.model_name_or_path:
@@ -98,12 +99,26 @@ class PredictConfig:
             raise UserError("give --text SENTENCE or --dataset DATA to label")
         if isinstance(self.text, str):
             self.text = [self.text]
+        from tunesmith import checks
+
+        checks.at_least("batch_size", self.batch_size, 1)
+        checks.at_least("max_length", self.max_length, 2)
+        checks.number("threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
+        if self.output:
+            from tunesmith.rundir import check_output_file
+
+            check_output_file(self.output, "output", command="predict", overwrite=self.overwrite,
+                              inputs={"dataset": self.dataset, "model_name_or_path": self.model_name_or_path})
 
 
 def predict(cfg: PredictConfig | dict) -> list[dict]:
     """Label the texts of ``cfg`` with a trained classifier; returns one row per text."""
     cfg = cfg if isinstance(cfg, PredictConfig) else build_config(PredictConfig, dict(cfg), "config")
-    model, tokenizer, _ = load_classifier(resolve_path(cfg.model_name_or_path), trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer, untrained = load_classifier(resolve_path(cfg.model_name_or_path),
+                                                  trust_remote_code=cfg.trust_remote_code)
+    if untrained:  # a causal LM's run, a bare encoder: the head would be new random weights
+        raise UserError(f"{cfg.model_name_or_path}: no trained classification head (the checkpoint lacks "
+                        f"{', '.join(untrained[:3])}); give a directory `tunesmith classify` wrote")
     texts = list(cfg.text or [])
     records = load_split(cfg.dataset, "test") if cfg.dataset else []
     texts += [text_of(r, cfg.text_column) for r in records]
@@ -123,7 +138,7 @@ def predict(cfg: PredictConfig | dict) -> list[dict]:
                                    cfg.threshold)
         print(f"{cfg.dataset}: accuracy {m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f} on {len(records)} texts")
     if cfg.output:
-        atomic_write_jsonl(cfg.output, rows)
+        atomic_write_jsonl(cfg.output, rows, command="predict")
     return rows
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from tunesmith.callbacks import readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, resolve_path
@@ -38,8 +39,9 @@ from tunesmith.recipes.training import run_fingerprint
 from tunesmith.rundir import open_run
 
 
-def train(config: ClassifyConfig | dict) -> str:
-    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``."""
+def train(config: ClassifyConfig | dict, callbacks=()) -> str:
+    """Train a classifier; returns the output directory holding the final model (HF layout) and ``metrics.json``.
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
     args = cfg.training
     out = Path(args.output_dir)
@@ -48,10 +50,10 @@ def train(config: ClassifyConfig | dict) -> str:
         if run.finished:
             print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
             return str(out)
-        return _train(cfg, run, out)
+        return _train(cfg, run, out, callbacks)
 
 
-def _train(cfg: ClassifyConfig, run, out: Path) -> str:
+def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
     data, args, m = cfg.data, cfg.training, cfg.model
     transformers.set_seed(args.seed)
     model_path = resolve_path(m.model_name_or_path)
@@ -92,8 +94,11 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         model = add_lora(model, cfg.lora, new_modules)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"tunesmith classify: {len(names)} labels ({', '.join(names)}); "
-          f"{trainable:,} of {total:,} parameters train ({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
+    if cfg.training.process_index == 0:
+        fresh = f"; freshly initialized, as expected: {', '.join(new_modules)}" if new_modules else ""
+        print(f"tunesmith classify: new classification head: {len(names)} labels ({', '.join(names)}){fresh}")
+        print(f"tunesmith classify: {trainable:,} of {total:,} parameters train "
+              f"({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
 
     from transformers import DataCollatorWithPadding
 
@@ -106,8 +111,15 @@ def _train(cfg: ClassifyConfig, run, out: Path) -> str:
         eval_dataset=tokenized_dataset(tokenizer, *splits["validation"], data.max_length) if val_records else None,
         compute_metrics=compute_metrics if val_records else None, neftune=cfg.neftune)
     started = time.perf_counter()
+    readable_logs(trainer)  # numbers as numbers, rank 0 only
     trainer.add_callback(run.checkpoint_callback())
-    trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence, polite = stop_callbacks("classify")
+    for callback in [divergence, polite] + list(callbacks):
+        trainer.add_callback(callback)
+    with polite:  # its signal handlers are put back even when training fails
+        trainer.train(resume_from_checkpoint=run.checkpoint)
+    divergence.check()  # a diverged or stopped run writes no finished model
+    polite.check()
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
@@ -163,7 +175,8 @@ def cli(argv: list[str]) -> int:
     if cfg is None:
         return 0
     out = train(cfg)
-    print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"tunesmith classify: model saved to {out} (metrics in {out}/metrics.json)")
     return 0
 
 

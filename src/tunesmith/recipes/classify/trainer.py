@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+from contextlib import nullcontext
 
 import torch
 import transformers
 from transformers import Trainer
 
 from tunesmith.errors import UserError, first_line
-from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer, resolve_dtype, wrap_lora
+from tunesmith.models import (check_finite_weights, check_vocabulary, check_weights, ensure_pad_token, load_tokenizer,
+                              resolve_dtype, wrap_lora)
 from tunesmith.neftune import NEFTuneTrainerMixin
 
 QUERY_PROJECTION_NAMES = ("query", "q_lin", "q_proj", "q")
@@ -41,17 +44,26 @@ def load_classifier(path: str, names: list[str] | None = None, multi_label: bool
     ensure_pad_token(tokenizer, eos_pads=True)  # decoder-only models: EOS pads (the head reads the last real token)
     config.pad_token_id = tokenizer.pad_token_id
     check_weights(path)
+    from tunesmith.quiet import logger_level
+
+    # A head for new labels starts fresh on purpose: transformers' load report (a table of MISSING weights) would read
+    # as a failure, so it is held back and the caller says what is new in plain words (from new_modules). Loading a
+    # trained classifier (names None) keeps the report: a missing weight there is a real problem.
+    quiet = logger_level("transformers.modeling_utils", logging.ERROR) if names is not None else nullcontext()
     try:  # safetensors only: a pickle (.bin) checkpoint can run code when loaded
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
-            trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
-            output_loading_info=True, use_safetensors=True,
-            **({"attn_implementation": attn_implementation} if attn_implementation else {}))
+        with quiet:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=resolve_dtype(dtype, getattr(config, "dtype", None)),
+                trust_remote_code=trust_remote_code, revision=revision, ignore_mismatched_sizes=True,
+                output_loading_info=True, use_safetensors=True,
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load the model ({first_line(e)})") from None
     missing = set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
                                                       for k in info.get("mismatched_keys") or ()}
     new_modules = sorted({k.rsplit(".", 1)[0] for k in missing if "." in k})
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
     return model, tokenizer, new_modules
 
 

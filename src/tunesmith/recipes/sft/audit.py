@@ -8,7 +8,7 @@ from tunesmith.config import field
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 from tunesmith.recipes.sft.config import SFTConfig
-from tunesmith.recipes.sft.run import prepare_data
+from tunesmith.recipes.sft.run import prepare_data, training_tokenizer
 
 START, END = "⟦", "⟧"  # trained spans are shown between these marks
 
@@ -49,15 +49,13 @@ class AuditConfig(SFTConfig):
 
 def cli(argv: list[str]) -> int:
     from tunesmith.config import parse_cli
-    from tunesmith.models import ensure_pad_token, load_tokenizer
 
     cfg = parse_cli(AuditConfig, argv, "audit", "Show rendered training examples with trained tokens marked "
                     f"{START}like this{END}, and a summary of the data.")
     if cfg is None:
         return 0
     show = cfg.audit.show
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-    ensure_pad_token(tokenizer)
+    tokenizer = training_tokenizer(cfg)  # the revision and chat_template training uses
     _, train_set, summary, _, eval_summaries = prepare_data(cfg, tokenizer)
     for i, ex in enumerate(train_set[:show]):
         print(f"--- example {i} ({len(ex['input_ids'])} tokens)")

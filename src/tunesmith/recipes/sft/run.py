@@ -9,11 +9,12 @@ configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passe
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics
+from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.source import describe, open_sources, template_for, tokenize_sources
@@ -21,6 +22,16 @@ from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.sft.trainer import TunesmithTrainer
 
 log = logging.getLogger("tunesmith")
+
+
+def training_tokenizer(cfg: SFTConfig):
+    """The tokenizer SFT trains with — the model's at ``model_revision``, with ``chat_template`` when given, and the
+    pad-token rule — so that ``tunesmith audit`` shows exactly the text training sees."""
+    from tunesmith.models import ensure_pad_token, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model.model_revision, cfg.data.chat_template)
+    ensure_pad_token(tokenizer)
+    return tokenizer
 
 
 def prepare_data(cfg: SFTConfig, tokenizer):
@@ -80,6 +91,41 @@ def write_model_card(cfg: SFTConfig, out: Path, metrics: dict, template) -> None
     atomic_write_text(out / "README.md", str(card))
 
 
+def train_loss_sample(n_examples: int, n_wanted: int, seed: int) -> list[int]:
+    """Indices of the training examples scored noise-free at every evaluation: ``n_wanted`` drawn with ``seed``, never
+    more than there are (the whole set, in a fixed order, when it has fewer)."""
+    n = min(n_wanted, n_examples)
+    return torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def final_metrics(trainer, evals: dict) -> dict:
+    """The noise-free losses of the trained model. Under an eval_strategy the Trainer has just evaluated at the last
+    step: those numbers are taken, not computed a second time. Otherwise the evaluation runs now, announced with
+    its size and duration (it used to be silent minutes after the training bar reached 100%)."""
+    if not evals:
+        return {}
+    step = trainer.state.global_step
+    logged = {}
+    for row in trainer.state.log_history:
+        if row.get("step") == step:
+            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
+    if all(f"eval_{name}_loss" in logged for name in evals):
+        return logged
+    from tunesmith.progress import duration
+
+    speak = trainer.is_world_process_zero()
+    sizes = ", ".join(f"{len(rows)} training examples" if name == "train" else
+                      f"{len(rows)} held-out examples" + (f" ({name})" if name != "eval" else "")
+                      for name, rows in evals.items())
+    if speak:
+        log.info(f"final noise-free evaluation: {sizes}")
+    start = time.perf_counter()
+    metrics = trainer.evaluate()
+    if speak:
+        log.info(f"final noise-free evaluation: done in {duration(time.perf_counter() - start)}")
+    return metrics
+
+
 def train(config, callbacks: list | None = None) -> str:
     """Run SFT from an SFTConfig or a dict of config keys. Returns the output directory.
 
@@ -90,8 +136,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import (check_weights, ensure_pad_token, gathered_state_dict, load_model_and_tokenizer,
-                                  load_tokenizer, save_model_dir)
+    from tunesmith.models import check_weights, gathered_state_dict, load_model_and_tokenizer, save_model_dir
     from tunesmith.recipes.training import check_max_length, run_fingerprint
     from tunesmith.rundir import open_run, training_done
 
@@ -103,10 +148,9 @@ def train(config, callbacks: list | None = None) -> str:
             log.warning(f"{out}: this run has finished already; nothing to resume")
             return str(out)
         check_max_length(cfg)
-        set_seed(args.seed)
-        tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
-        check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
-        ensure_pad_token(tokenizer)
+        set_seed(cfg.training.seed)
+        tokenizer = training_tokenizer(cfg)
+        check_weights(cfg.model.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
         template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer)
         if args.process_index == 0:
             for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
@@ -122,19 +166,24 @@ def train(config, callbacks: list | None = None) -> str:
 
         evals = {}
         if cfg.sft.train_loss_eval_samples:
-            g = torch.Generator().manual_seed(args.seed)
-            idx = torch.randperm(len(train_set), generator=g)[: cfg.sft.train_loss_eval_samples].tolist()
+            idx = train_loss_sample(len(train_set), cfg.sft.train_loss_eval_samples, args.seed)
             evals["train"] = [train_set[i] for i in idx]  # scored one by one, even when training rows are packed
         evals.update(eval_sets)
         trainer = TunesmithTrainer(
             model=model, args=args, train_dataset=rows, eval_dataset=evals or None,
             data_collator=Collator(tokenizer.pad_token_id, cfg.data.padding_free), processing_class=tokenizer,
             neftune=cfg.neftune)
-        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
+        divergence, polite = stop_callbacks("sft")
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
+                list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
-            trainer.train(resume_from_checkpoint=run.checkpoint)
-        metrics = trainer.evaluate() if evals else {}
+            with polite:  # its signal handlers are put back even when training fails
+                trainer.train(resume_from_checkpoint=run.checkpoint)
+            divergence.check()  # a diverged or stopped run writes no finished model
+            polite.check()
+        metrics = final_metrics(trainer, evals)
 
         state = gathered_state_dict(trainer.model, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
         if trainer.is_world_process_zero():
@@ -153,5 +202,6 @@ def cli(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = train(cfg)
-    print(f"model saved to {out}")
+    if cfg.training.process_index == 0:  # rank 0 speaks for the run
+        print(f"model saved to {out}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Trainer
 
 from tunesmith.neftune import NEFTuneTrainerMixin
-from tunesmith.scoring import causal_lm_loss, rows_loss
+from tunesmith.scoring import causal_lm_loss, needs_one_row, one_row, rows_loss
 
 
 class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
@@ -19,6 +19,8 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if needs_one_row(model, inputs):  # packed rows under FlashAttention: one row, before the noise reads it
+            inputs = one_row(inputs)
         with self.noise(model, inputs):
             # No KV cache (scoring.model_inputs): packed rows are isolated by position_ids only without one.
             loss = causal_lm_loss(model, inputs, num_items_in_batch)
@@ -36,9 +38,12 @@ class TunesmithTrainer(NEFTuneTrainerMixin, Trainer):
         if not isinstance(sets, dict):
             sets = {"": sets}
         metrics = {}
+        show = self.is_world_process_zero() and not self.args.disable_tqdm
         for name, data in sets.items():
+            what = {"train": "training examples", "eval": "held-out examples"}.get(name, f"{name or 'eval'} examples")
             result = rows_loss(self.model, data, self.data_collator, self.args.per_device_eval_batch_size,
-                               self.args.device, self.args.process_index, self.args.world_size)
+                               self.args.device, self.args.process_index, self.args.world_size,
+                               desc=f"noise-free loss, {len(data)} {what}" if show else None)
             prefix = f"{metric_key_prefix}_{name}_" if name else f"{metric_key_prefix}_"
             metrics[prefix + "loss"] = result["loss"]
             metrics[prefix + "perplexity"] = result["perplexity"]

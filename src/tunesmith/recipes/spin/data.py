@@ -128,6 +128,20 @@ def shard_seed(seed: int, t: int, k: int) -> int:
     return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
 
 
+def generation_settings(cfg, model=None, model_path: str | None = None) -> dict:
+    """The decoding settings theta_t generates with (:meth:`SPINArgs.sampling`), read from ``model``'s
+    generation_config, or from the one saved at ``model_path`` (the vLLM backend)."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None and model_path is not None:
+        from transformers import GenerationConfig
+
+        try:
+            gc = GenerationConfig.from_pretrained(model_path)
+        except (OSError, ValueError):
+            gc = None
+    return cfg.spin.sampling(gc)
+
+
 def generate_shards(cfg, model, tokenizer, prompts, t: int, directory: Path, on_event=None,
                     model_path: str | None = None) -> None:
     """Answer every prompt of the prompt table with theta_t; each missing shard of this rank is generated and written
@@ -142,8 +156,7 @@ def generate_shards(cfg, model, tokenizer, prompts, t: int, directory: Path, on_
     size = spin.shard_size
     todo = [k for k in range(args.process_index, n_shards(len(prompts), size), args.world_size)
             if not shard_path(directory, k).exists()]
-    settings = dict(max_new_tokens=spin.max_new_tokens, do_sample=spin.do_sample, temperature=spin.temperature,
-                    top_p=spin.top_p, repetition_penalty=spin.repetition_penalty)
+    settings = {"max_new_tokens": spin.max_new_tokens, **generation_settings(cfg, model, model_path)}
 
     def chunk(k: int) -> dict:
         return prompts[k * size:(k + 1) * size]  # columns of the shard's prompts, read from the memory map

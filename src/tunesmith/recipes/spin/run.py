@@ -111,20 +111,25 @@ class SpinRun:
 
     def model_to_train(self, t: int, loaded):
         """theta_t ready to train: ``loaded`` (theta_t as loaded for generation) under a new LoRA adapter or as it
-        is; a LoRA SFT output is reloaded with its adapter trainable (use_peft) or merged (full training)."""
+        is; a LoRA SFT output is reloaded with its adapter trainable (use_peft) or merged (full training). Dropout
+        off with ``disable_dropout``."""
         from transformers import set_seed
 
-        from tunesmith.models import is_adapter_dir, load_for_training, wrap_lora
+        from tunesmith.models import disable_dropout, is_adapter_dir, load_for_training, wrap_lora
 
         cfg = self.cfg
         set_seed(cfg.training.seed)
         if loaded is None or is_adapter_dir(self.model_dir(t)):
             del loaded
-            return load_for_training(cfg, self.model_dir(t), revision=None if t else cfg.model.model_revision)
-        if cfg.lora.use_peft:
-            return wrap_lora(loaded, cfg.lora, quantized=cfg.model.load_in_4bit,
-                             gradient_checkpointing=cfg.training.gradient_checkpointing)
-        return loaded
+            model = load_for_training(cfg, self.model_dir(t), revision=None if t else cfg.model.model_revision)
+        elif cfg.lora.use_peft:
+            model = wrap_lora(loaded, cfg.lora, quantized=cfg.model.load_in_4bit,
+                              gradient_checkpointing=cfg.training.gradient_checkpointing)
+        else:
+            model = loaded
+        if cfg.spin.disable_dropout:  # the policy passes run without dropout, as in the authors' trainer
+            disable_dropout(model)
+        return model
 
     def sources(self, t: int) -> list[int]:
         """Iterations whose generated answers iteration t trains on."""
@@ -163,6 +168,7 @@ class SpinRun:
 
     def train(self) -> str:
         """Run or resume every iteration, holding the output directory's lock (rank 0) throughout."""
+        from tunesmith.progress import Stages
         from tunesmith.rundir import barrier, open_run
 
         cfg, main = self.cfg, self.cfg.training.process_index == 0
@@ -170,23 +176,31 @@ class SpinRun:
             if self.dirs.finished:
                 log.warning(f"{self.out}: this SPIN run has finished already; nothing to do")
                 return str(self.iter_dir(cfg.spin.num_iterations - 1) / "model")
+            progress = Stages(cfg.spin.num_iterations * len(STAGES), speak=main, say=log.info)
             for t in range(cfg.spin.num_iterations):
-                self.run_iteration(t)
+                self.run_iteration(t, progress)
             if main:
                 self.write_summary()
                 save_yaml(cfg, self.out / "tunesmith.yaml")  # written last: the whole run is finished
             barrier()
         return str(self.iter_dir(cfg.spin.num_iterations - 1) / "model")
 
-    def run_iteration(self, t: int) -> None:
+    def run_iteration(self, t: int, progress) -> None:
+        """The stages of iteration t that are not recorded as finished, each recorded when it finishes."""
         cfg, main = self.cfg, self.cfg.training.process_index == 0
-        todo = [s for s in STAGES if self.dirs.stage(f"iteration-{t}/{s}") is None]
-        if not self.loss(t).needs_reference and "reference" in todo:
-            todo.remove("reference")  # simpo / orpo compare the policy's own log-probs
+        what = {"generate": f"generate answers to {len(self.prompts)} prompts",
+                "reference": "score real and generated answers (reference log-probs)",
+                "train": "train on the pairs and save the model"}
         loaded = []  # theta_t, loaded once per iteration when a stage first needs it
-        for stage in todo:
-            if main:
-                log.info(f"spin: iteration {t}: {stage}")
+        for stage in STAGES:
+            label = f"SPIN iteration {t + 1} of {cfg.spin.num_iterations}: {what[stage]}"
+            if self.dirs.stage(f"iteration-{t}/{stage}") is not None:
+                progress.skip(label)
+                continue
+            if stage == "reference" and not self.loss(t).needs_reference:
+                progress.skip(label, "not needed (the loss has no reference)")
+                continue
+            progress.start(label)
             if stage == "train":  # training takes theta_t over: no other reference to it stays alive
                 metrics = stages.train(self, t, lambda: self.model_to_train(t, loaded.pop() if loaded else None))
                 if main:  # checkpoints are no longer needed once the model is saved
@@ -199,10 +213,11 @@ class SpinRun:
                     loaded.append(self.load_model(t))
                 metrics = getattr(stages, stage)(self, t, loaded[0])
             self.dirs.finish_stage(f"iteration-{t}/{stage}", metrics)
+            progress.end()
             if main:
                 self.write_summary()
-                log.info(f"spin: iteration {t}: {stage} done: " + ", ".join(
-                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+                log.info("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
             if self.on_event:
                 self.on_event(stage + "_done", t, None)
 

@@ -21,7 +21,7 @@ from tunesmith.config import save_yaml
 from tunesmith.io import atomic_write_json
 from tunesmith.preference.loss import PairLogps, preference_loss
 from tunesmith.preference.pairs import n_shards, score_reference, shard_seconds
-from tunesmith.recipes.spin.data import generate_shards, generation_metrics, read_generations
+from tunesmith.recipes.spin.data import generate_shards, generation_metrics, generation_settings, read_generations
 
 log = logging.getLogger("tunesmith")
 
@@ -40,8 +40,8 @@ def generate(run, t: int, model) -> dict:
     spin = cfg.spin
     return {**generation_metrics(run.prompts, gens),
             "seconds": shard_seconds(directory, n_shards(len(gens), spin.shard_size)),
-            "max_new_tokens": spin.max_new_tokens, "do_sample": spin.do_sample, "temperature": spin.temperature,
-            "top_p": spin.top_p, "repetition_penalty": spin.repetition_penalty, "seed": cfg.training.seed,
+            "max_new_tokens": spin.max_new_tokens, "generation": spin.generation,
+            **generation_settings(cfg, model, run.model_dir(t)), "seed": cfg.training.seed,
             "backend": spin.generation_backend}
 
 
@@ -93,7 +93,7 @@ def train_and_save(run, t: int, model, pairs) -> None:
     checkpoint of the iteration, and save it with :func:`save_model`."""
     from transformers import set_seed
 
-    from tunesmith.callbacks import JsonlMetrics
+    from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
     from tunesmith.models import gathered_state_dict, load_model_and_tokenizer
     from tunesmith.preference.trainer import PreferenceTrainer
     from tunesmith.rundir import barrier, check_checkpoint, checkpoint_state, newest_complete_checkpoint, \
@@ -105,7 +105,10 @@ def train_and_save(run, t: int, model, pairs) -> None:
     trainer = PreferenceTrainer(model=model, args=cfg.iteration_args(t, it / "trainer"), train_dataset=pairs,
                                 data_collator=run.collator, processing_class=run.tokenizer, neftune=cfg.neftune,
                                 loss=run.loss(t))
-    for callback in [JsonlMetrics(it / "metrics.jsonl"), run.dirs.checkpoint_callback()] + run.callbacks:
+    readable_logs(trainer)  # numbers as numbers, rank 0 only
+    divergence, polite = stop_callbacks("spin")
+    for callback in [JsonlMetrics(it / "metrics.jsonl"), run.dirs.checkpoint_callback(), divergence, polite] + \
+            run.callbacks:
         trainer.add_callback(callback)
     ckpt = newest_complete_checkpoint(it / "trainer")
     if ckpt is not None:
@@ -117,7 +120,10 @@ def train_and_save(run, t: int, model, pairs) -> None:
         trained, _ = load_model_and_tokenizer(str(ckpt), m.dtype, m.load_in_4bit, m.trust_remote_code)
         result = {"train_loss": None, "steps": checkpoint_state(ckpt)["global_step"]}
     else:
-        output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        with polite:  # its signal handlers are put back even when training fails
+            output = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        divergence.check()  # a diverged or stopped iteration saves no model
+        polite.check()
         trained, result = trainer.model, {"train_loss": output.training_loss, "steps": output.global_step}
         sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     state = gathered_state_dict(trained, trainer.accelerator)  # every rank takes part (FSDP / ZeRO-3)
