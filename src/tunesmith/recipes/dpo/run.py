@@ -156,7 +156,7 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.callbacks import JsonlMetrics
+    from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
     from tunesmith.data.source import open_sources
     from tunesmith.models import (
         check_weights,
@@ -206,10 +206,16 @@ def train(config, callbacks: list | None = None) -> str:
         trainer = PreferenceTrainer(model=model, args=cfg.training, train_dataset=sets["train"],
                                     eval_dataset=evals, data_collator=collator, processing_class=tokenizer,
                                     neftune=cfg.neftune, loss=loss_settings(cfg.dpo, cfg.dpo.beta))
-        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback()] + list(callbacks or []):
+        readable_logs(trainer)  # numbers as numbers, rank 0 only
+        divergence, polite = stop_callbacks("dpo")
+        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
+                list(callbacks or []):
             trainer.add_callback(callback)
         if not done:
-            trainer.train(resume_from_checkpoint=run.checkpoint)
+            with polite:  # its signal handlers are put back even when training fails
+                trainer.train(resume_from_checkpoint=run.checkpoint)
+            divergence.check()  # a diverged or stopped run writes no finished model
+            polite.check()
         metrics = trainer.evaluate() if evals is not None else {}
         save(cfg, trainer, tokenizer, template, metrics)
     return str(out)
