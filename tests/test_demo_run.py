@@ -21,11 +21,12 @@ def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--spin", "1", "--dpo", "true", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "win rate vs SFT" in printed
-    # the stages are named and numbered as they run (issue 23.3): 2 trainings, SPIN, 3 evaluations, the report
-    for line in ("[1/7] SFT run", "[2/7] NEFTune run (alpha 5)", "[3/7] SPIN run: 1 iteration(s) on the SFT model",
-                 "[4/7] evaluate sft: generate answers, losses, facts", "[7/7] report"):
+    # the stages are named and numbered as they run (issue 23.3): 2 trainings, SPIN, DPO, 4 evaluations, the report
+    for line in ("[1/9] SFT run", "[2/9] NEFTune run (alpha 5)", "[3/9] SPIN run: 1 iteration(s) on the SFT model",
+                 "[4/9] DPO run on the SFT model, pairs with one wrong fact",
+                 "[5/9] evaluate sft: generate answers, losses, facts", "[9/9] report"):
         assert line in printed.splitlines(), printed
-    assert "[7/7] report: done in " in printed
+    assert "[9/9] report: done in " in printed
     state = json.loads((out / "demo.json").read_text())
     assert state["complete"] is True
     assert set(state["per_variant"]) == {"sft", "neftune", "spin1", "dpo"}
