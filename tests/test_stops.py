@@ -90,6 +90,9 @@ def test_sigterm_ends_sft_at_the_step_with_a_checkpoint_and_resumes(tiny_model_d
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "SIGTERM at step 3" in msg and "resume_from_checkpoint true" in msg, msg
     assert [c.name for c in checkpoints(out)] == ["checkpoint-3"] and checkpoint_problem(out / "checkpoint-3") is None
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "checkpoint-3" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
     assert not (out / FINISHED_FILE).exists()
     sft.train(cfg | {"resume_from_checkpoint": True})
     assert (out / FINISHED_FILE).exists()
