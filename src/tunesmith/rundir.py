@@ -498,6 +498,11 @@ class RunLock:
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
             os.fsync(fd)
             self._fd = fd
+            # ours alone now: what an interrupted run left half-written here goes (also temp files without a
+            # writer's pid, from older tunesmith versions: under the lock nobody else is writing them)
+            for folder in [self.directory] + [c for c in self.directory.iterdir()
+                                              if c.is_dir() and not c.name.startswith(".")]:
+                clean_stale_temps(folder, legacy=True)
             return self
         raise UserError(f"{self.directory}: could not take the lock {self.path} (it keeps changing hands)")
 
@@ -650,9 +655,6 @@ def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resum
             raise UserError(f"{d}: cannot write in output_dir (no write permission)")
         lock = RunLock(d, command).acquire()
     try:
-        if lock is not None:  # ours alone now: what an interrupted run left half-written goes
-            for folder in [d] + [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]:
-                clean_stale_temps(folder, legacy=True)
         run = _resolve(d, command, fp, _wants_resume(resume), main)
     except BaseException:
         if lock is not None:
