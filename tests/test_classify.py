@@ -167,6 +167,10 @@ def test_lora_trains_adapters_and_head_only(tiny_encoder, tmp_path):
     assert len(changed) == 4  # 2 layers x (query, value)
     adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
     assert any("classifier" in k for k in adapter) and any("lora_A" in k for k in adapter)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):  # the umask's mode, not 0600
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_lora_all_linear_targets_every_linear_layer_but_the_head(tiny_encoder):

@@ -163,7 +163,9 @@ def test_spin_zephyr_7b_ultrachat():
     assert args.optim.value == "rmsprop" and args.weight_decay == 0 and args.lr_scheduler_type.value == "linear"
     assert cfg.training.warmup_steps == 0.1 and cfg.data.max_length == 2048
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * num_processes("zero3") == 64
-    assert spin.do_sample and spin.temperature == 0.8 and spin.top_p == 0.95 and spin.max_new_tokens == 256
+    # decoded as the authors' HF script: the checkpoint's generation config, 256 new tokens; dropout off in training
+    assert spin.generation == "checkpoint" and spin.max_new_tokens == 256 and spin.disable_dropout
+    assert cfg.model.model_revision == "ac6e600eefcce74f5e8bae1035d4f66019e93190"
     assert cfg.data.template == "### Instruction: {prompt}\n\n### Response: {response}"
     model = meta_model("mistral", MISTRAL_7B, resolve_dtype(cfg.model.dtype))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == full_count(MISTRAL_7B)

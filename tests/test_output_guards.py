@@ -133,7 +133,7 @@ def _dead_pid():
 
 
 def test_stale_temp_files_are_cleaned_by_the_next_run_in_that_place(tmp_path):
-    from tunesmith.rundir import Fingerprint, check_output_file, open_run, temp_prefix
+    from tunesmith.rundir import Fingerprint, RunLock, check_output_file, open_run, temp_prefix
 
     dead = _dead_pid()
     stale = temp_prefix("out.jsonl").replace(f"-{os.getpid()}.", f"-{dead}.") + "abc123.tmp"
@@ -155,6 +155,11 @@ def test_stale_temp_files_are_cleaned_by_the_next_run_in_that_place(tmp_path):
         pass
     assert not (run / ".README.md.k2j4h5g6.tmp").exists()
     assert list((run / "iteration-0").iterdir()) == []
+    # SPIN takes the run lock itself: the lock is where the cleaning happens
+    (run / ".m0.abcd1234.partial").mkdir()
+    with RunLock(run, "spin"):
+        pass
+    assert not (run / ".m0.abcd1234.partial").exists()
 
 
 def test_saved_files_follow_the_umask(tmp_path, tiny_model_dir):

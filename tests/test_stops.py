@@ -90,6 +90,9 @@ def test_sigterm_ends_sft_at_the_step_with_a_checkpoint_and_resumes(tiny_model_d
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "SIGTERM at step 3" in msg and "resume_from_checkpoint true" in msg, msg
     assert [c.name for c in checkpoints(out)] == ["checkpoint-3"] and checkpoint_problem(out / "checkpoint-3") is None
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "checkpoint-3" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not 0600
     assert not (out / FINISHED_FILE).exists()
     sft.train(cfg | {"resume_from_checkpoint": True})
     assert (out / FINISHED_FILE).exists()
@@ -161,3 +164,44 @@ def test_cli_sigterm_from_outside_exits_143_with_one_line(tiny_model_dir, alpaca
     assert "Traceback" not in err
     [ckpt] = checkpoints(out)
     assert checkpoint_problem(ckpt) is None
+
+
+@pytest.mark.slow  # a 2-process torchrun (~60 s on a loaded 2-core machine)
+def test_under_ddp_a_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, alpaca_file, tmp_path):
+    """The ranks agree every step: SIGTERM reaching only rank 1 still stops rank 0 at the same step, the checkpoint
+    (a collective save) is complete, and nothing hangs."""
+    import socket
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "run"
+    cfg = sft_config(tiny_model_dir, alpaca_file, out, max_steps=100_000, save_strategy="no",
+                     train_loss_eval_samples=0, per_device_train_batch_size=2)
+    cfg.pop("use_cpu")  # the launcher and the machine decide
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "tunesmith.cli", "sft"] + [
+        x for k, v in cfg.items() for x in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    ranks = {}
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(e.split(b"=")[1]) for e in environ if e.startswith(b"RANK="))
+        ranks[rank] = pid
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+    _, err = proc.communicate(timeout=300)
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stopped) == 2, err[-4000:]  # both ranks stopped ...
+    steps = {line.split("at step ")[1].split(";")[0] for line in stopped}
+    assert len(steps) == 1, stopped  # ... at the same step
+    [ckpt] = checkpoints(out)
+    assert ckpt.name == f"checkpoint-{steps.pop()}" and checkpoint_problem(ckpt) is None
+    assert not (out / FINISHED_FILE).exists()

@@ -26,13 +26,17 @@ def number(key: str, value, *, low=None, high=None, low_open: bool = False, high
                         + (f" ({why})" if why else ""))
 
 
+def _show(bound) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
+
+
 def _describe(low, high, low_open, high_open) -> str:
     if low is not None and high is not None:
         left, right = ("(" if low_open else "["), (")" if high_open else "]")
-        return f"in {left}{low:g}, {high:g}{right}"
+        return f"in {left}{_show(low)}, {_show(high)}{right}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'>' if low_open else '>='} {_show(low)}"
+    return f"{'<' if high_open else '<='} {_show(high)}"
 
 
 def positive(key: str, value, **kw) -> None:

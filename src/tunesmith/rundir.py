@@ -501,6 +501,11 @@ class RunLock:
             os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
             os.fsync(fd)
             self._fd = fd
+            # ours alone now: what an interrupted run left half-written here goes (also temp files without a
+            # writer's pid, from older tunesmith versions: under the lock nobody else is writing them)
+            for folder in [self.directory] + [c for c in self.directory.iterdir()
+                                              if c.is_dir() and not c.name.startswith(".")]:
+                clean_stale_temps(folder, legacy=True)
             return self
         raise UserError(f"{self.directory}: could not take the lock {self.path} (it keeps changing hands)")
 

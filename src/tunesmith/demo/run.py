@@ -580,7 +580,13 @@ def cli(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    state = run(cfg)
+    from tunesmith.errors import Stopped
+
+    try:
+        state = run(cfg)
+    except Stopped as e:  # the demo does not resume a run: say what rerunning it does
+        raise Stopped(f"{str(e).split(';')[0]} in one of its training runs; rerun the demo to start it afresh "
+                      f"(it replaces what it wrote in {cfg.output})", e.exit_code) from None
     print()
     print(format_summary(state))
     print(f"\nreport: {state['report']} (and report.html); total {state['timings_s']['total'] / 60:.1f} min")

@@ -29,7 +29,7 @@ import transformers
 from tunesmith.callbacks import readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.errors import UserError
-from tunesmith.io import atomic_write_json, resolve_path
+from tunesmith.io import atomic_write_json, follow_umask, resolve_path
 from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.classify.data import encode_split, label_names, load_split, tokenized_dataset
@@ -136,6 +136,7 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         # under LoRA, the whole model otherwise); score the saved model with `tunesmith predict`.
         if cfg.lora.use_peft:
             model.save_pretrained(out / "adapter", state_dict=state)
+            follow_umask(out / "adapter")
         else:
             save_model_dir(model, tokenizer, out, state_dict=state)
         save_yaml(cfg, out / "tunesmith.yaml")
@@ -143,6 +144,7 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         return str(out)
     if cfg.lora.use_peft:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
+        follow_umask(out / "adapter")  # safetensors writes 0600
         model = model.merge_and_unload()
     for split in held_out:
         report["after"][split] = score(split)

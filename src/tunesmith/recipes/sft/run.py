@@ -29,7 +29,9 @@ def training_tokenizer(cfg: SFTConfig):
     pad-token rule — so that ``tunesmith audit`` shows exactly the text training sees."""
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model.model_revision, cfg.data.chat_template)
+    model = cfg.model
+    tokenizer = load_tokenizer(model.model_name_or_path, model.trust_remote_code, model.model_revision,
+                               cfg.data.chat_template)
     ensure_pad_token(tokenizer)
     return tokenizer
 
