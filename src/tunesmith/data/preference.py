@@ -9,8 +9,8 @@ Shapes (``dataset_format``; ``auto`` detects from the first record):
                   texts sharing their start (cut, as TRL does, where they first differ, before a space there)
   ultrafeedback   UltraFeedback-binarized: ``prompt`` as text and ``chosen`` / ``rejected`` as whole conversations
                   (user turn included); the prompt must be the conversations' last user message
-  hh              Anthropic HH: ``chosen`` / ``rejected`` texts of ``\\n\\nHuman: ...\\n\\nAssistant: ...`` turns sharing
-                  every turn but the last answer
+  hh              Anthropic HH: ``chosen`` / ``rejected`` texts of ``\\n\\nHuman: ...\\n\\nAssistant: ...``
+                  turns sharing every turn but the last answer
 
 Every record becomes a :class:`Pair`: the conversation as an :class:`~tunesmith.data.formats.Example` whose last
 turn has no response yet, and the two answers. Its tokens come from the same template segments SFT trains on, so
@@ -345,7 +345,9 @@ def mix_tables(tables: list, sources: list, mixture: str, seed: int, columns: li
     path = root / f"mixture-{key}.arrow"
     if not path.exists():
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.name}.", suffix=".partial")
+        from tunesmith.rundir import temp_prefix
+
+        fd, tmp = tempfile.mkstemp(dir=root, prefix=temp_prefix(path.name), suffix=".partial")
         os.close(fd)
         try:
             concatenate_datasets(tables).select(indices).flatten_indices(cache_file_name=tmp)

@@ -7,8 +7,8 @@ from tunesmith.errors import UserError
 from tunesmith.preference.loss import LOSS_TYPES
 
 LOSS_HELP = {
-    "loss_type": "sigmoid (DPO), hinge (SLiC), ipo (IPO, per-token averaged as TRL), dpop (DPO-Positive), simpo or orpo "
-                 "(both reference-free).",
+    "loss_type": "sigmoid (DPO), hinge (SLiC), ipo (IPO, per-token averaged as TRL), dpop (DPO-Positive), simpo "
+                 "or orpo (both reference-free).",
     "label_smoothing": "sigmoid only: the chance a pair's preference is flipped (conservative DPO), in [0, 0.5).",
     "dpop_lambda": "dpop only: the weight of the penalty on the chosen answer losing likelihood (paper: 5 to 500).",
     "simpo_gamma": "simpo only: the target reward margin gamma (paper: around 0.5 to 1.5 with beta 2 to 2.5).",

@@ -2,14 +2,19 @@
 
 With Δ(y) = log π_θ(y|x) − log π_ref(y|x) summed over the answer's tokens, w the chosen and l the rejected answer:
 
-    sigmoid  −(1−ε)·log σ(z) − ε·log σ(−z),  z = β·(Δ_w − Δ_l)           DPO (Rafailov et al. 2023); ε label_smoothing
-    hinge    max(0, 1 − β·(Δ_w − Δ_l))                                    SLiC, as TRL defines it
-    ipo      ((Δ_w/|y_w| − Δ_l/|y_l|) − 1/(2β))²                          IPO (Azar et al. 2023), Δ averaged per answer
-                                                                          token as TRL does (its authors' normalised form)
-    dpop     −log σ(β·(Δ_w − Δ_l − λ·max(0, log π_ref(y_w|x) − log π_θ(y_w|x))))   DPO-Positive (Pal et al. 2024)
-    simpo    −log σ(β/|y_w|·log π_θ(y_w|x) − β/|y_l|·log π_θ(y_l|x) − γ)         SimPO (Meng et al. 2024), no reference
-    orpo     −log π_θ(y_w|x)/|y_w| − β·log σ(log odds(y_w) − log odds(y_l))        ORPO (Hong et al. 2024), no reference;
-             odds(y) = P/(1−P) with P = exp(log π_θ(y|x)/|y|) the per-token geometric mean; β is the paper's λ
+    sigmoid  −(1−ε)·log σ(z) − ε·log σ(−z),  z = β·(Δ_w − Δ_l)
+             DPO (Rafailov et al. 2023); ε is label_smoothing (conservative DPO)
+    hinge    max(0, 1 − β·(Δ_w − Δ_l))
+             SLiC, as TRL defines it
+    ipo      ((Δ_w/|y_w| − Δ_l/|y_l|) − 1/(2β))²
+             IPO (Azar et al. 2023), Δ averaged per answer token as TRL does (its authors' normalised form)
+    dpop     −log σ(β·(Δ_w − Δ_l − λ·max(0, log π_ref(y_w|x) − log π_θ(y_w|x))))
+             DPO-Positive (Pal et al. 2024)
+    simpo    −log σ(β/|y_w|·log π_θ(y_w|x) − β/|y_l|·log π_θ(y_l|x) − γ)
+             SimPO (Meng et al. 2024), no reference
+    orpo     −log π_θ(y_w|x)/|y_w| − β·log σ(log odds(y_w) − log odds(y_l))
+             ORPO (Hong et al. 2024), no reference; odds(y) = P/(1−P) with P = exp(log π_θ(y|x)/|y|) the per-token
+             geometric mean; β is the paper's λ
 
 Rewards (what metrics.jsonl reports): β·Δ for the losses with a reference, β·log π_θ(y|x)/|y| for simpo and orpo.
 """

@@ -98,9 +98,11 @@ def write_shard(path: Path, columns: dict) -> None:
 
     import pyarrow as pa
 
+    from tunesmith.rundir import temp_prefix
+
     table = pa.table(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             with pa.ipc.new_stream(f, table.schema) as writer:
@@ -145,8 +147,8 @@ def n_shards(n: int, shard_size: int) -> int:
 
 def score_reference(model, pairs, directory: Path, collator: PairCollator, *, shard_size: int, batch_size: int,
                     device, rank: int = 0, world_size: int = 1, on_shard=None) -> None:
-    """The reference's log-probs of every pair of ``pairs`` (a Dataset), noise-free, in Arrow shards of ``shard_size`` pairs
-    (``ref_chosen``, ``ref_rejected``, ``seconds``). Shards already on disk are kept (a killed run resumes); under
+    """The reference's log-probs of every pair of ``pairs`` (a Dataset), noise-free, in Arrow shards of ``shard_size``
+    pairs (``ref_chosen``, ``ref_rejected``, ``seconds``). Shards already on disk are kept (a killed run resumes); under
     torch.distributed rank r scores shards r, r + world, ... . ``on_shard(k)`` is called after each shard written."""
     from tunesmith.models import eval_mode
 

@@ -1,4 +1,5 @@
-"""DPO and its kin on the user's own preference pairs: pairs -> reference log-probs (once) -> PreferenceTrainer -> model.
+"""DPO and its kin on the user's own preference pairs: pairs -> reference log-probs (once) -> PreferenceTrainer ->
+model.
 
 :func:`train` reads top to bottom:
 
