@@ -67,9 +67,9 @@ class DemoConfig:
                              "answer against the same answer with one wrong fact, TRAIN people only.")
     # DPO's recipe was chosen on the same validation people as SPIN's (scripts/dpo_sweep.py)
     dpo_loss: str = field("sigmoid", "DPO loss_type (sigmoid, hinge, ipo, dpop, simpo, orpo).")
-    dpo_learning_rate: float = field(2e-5, "DPO learning rate (AdamW, linear, 10% warmup).")
+    dpo_learning_rate: float = field(1e-4, "DPO learning rate (AdamW, linear, 10% warmup).")
     dpo_beta: float = field(0.1, "DPO beta.")
-    dpo_epochs: float = field(1.0, "DPO epochs over the pairs.")
+    dpo_epochs: float = field(2.0, "DPO epochs over the pairs.")
     data_seed: int = field(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
     base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
     threads: int = field(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
