@@ -215,7 +215,7 @@ def _bad(tmp_path, content: bytes, **over):
     (b"", {}, r"bad\.jsonl: the dataset is empty"),
     (b'{"instruction": "a", "output": "b"}\n', {"dataset": "/nonexistent/x.jsonl"}, r"x\.jsonl: file not found"),
     (b'{"instruction": "a", "output": "b"}\n', {"learning_rate": "fast"}, r"field 'learning_rate': expected a number"),
-    (b'{"instruction": "a", "output": "b"}\n', {"lerning_rate": "1"}, r"unknown key 'lerning_rate'"),
+    (b'{"instruction": "a", "output": "b"}\n', {"lerning_rate": "1"}, r"unknown flag --lerning_rate \(did you mean --learning_rate\?\)"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_finished_run(tiny_model_dir, tmp_path, capsys, content, over, expected):
     import re
