@@ -136,6 +136,86 @@ def test_field_helper_documents_a_key_and_copies_list_defaults():
     assert "--names (default: ['a'])\n      Names." in text and "hidden_key" not in text
 
 
+def test_a_misspelt_yaml_key_names_file_and_line_and_suggests_the_key(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("model_name_or_path: m\ndataset: d.jsonl\nlerning_rate: 1.0e-4\noutput_dir: o\n")
+    with pytest.raises(UserError) as e:
+        parse_cli(SFTConfig, ["--config", str(run)], "sft", "")
+    assert str(e.value) == f"{run}:3: unknown key 'lerning_rate' (did you mean learning_rate?)"
+    run.write_text("model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\nlora_r: many\n")
+    with pytest.raises(UserError, match=r"run\.yaml:4: field 'lora_r': expected an integer"):
+        parse_cli(SFTConfig, ["--config", str(run)], "sft", "")
+    with pytest.raises(UserError, match=r"^command line: field 'lora_r': expected an integer"):  # the flag's fault
+        parse_cli(SFTConfig, ["--config", str(run), "--lora_r", "x"], "sft", "")
+
+
+def test_an_unknown_key_with_control_characters_stays_one_escaped_line(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text('model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\n"bad\\nkey\\x1b[31m": 1\n')
+    with pytest.raises(UserError) as e:
+        parse_cli(SFTConfig, ["--config", str(run)], "sft", "")
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    assert str(e.value).endswith(r":4: unknown key 'bad\nkey\x1b[31m'")
+    with pytest.raises(UserError) as e:
+        build_config(SFTConfig, dict(BASE, **{"x\ry": 1}))
+    assert r"unknown key 'x\ry'" in str(e.value)
+
+
+def test_list_flags_take_every_value_up_to_the_next_flag_as_trl_writes_them():
+    argv = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--report_to", "none"]
+    cfg = parse_cli(SFTConfig, argv + ["--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8"], "sft", "")
+    assert cfg.lora.lora_target_modules == ["q_proj", "v_proj"] and cfg.lora.lora_r == 8
+    cfg = parse_cli(SFTConfig, argv + ["--lora_target_modules", "q_proj,v_proj"], "sft", "")  # the old spelling
+    assert cfg.lora.lora_target_modules == ["q_proj", "v_proj"]
+    cfg = parse_cli(SPINConfig, argv + ["--num_iterations", "2", "--beta", "0.1", "5.0"], "spin", "")
+    assert cfg.spin.beta == [0.1, 5.0]
+    with pytest.raises(UserError, match="unexpected argument 'v_proj'"):  # a scalar key takes one value
+        parse_cli(SFTConfig, argv + ["--lora_r", "8", "v_proj"], "sft", "")
+
+
+def test_no_key_sets_a_boolean_false():
+    argv = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--report_to", "none"]
+    cfg = parse_cli(SFTConfig, argv + ["--packing", "--no_train_on_prompt", "--no-use_peft"], "sft", "")
+    assert cfg.data.packing is True and cfg.data.train_on_prompt is False and cfg.lora.use_peft is False
+    cfg = parse_cli(ClassifyConfig, argv + ["--no_use_peft", "--no_load_best_model_at_end"], "classify", "")
+    assert cfg.lora.use_peft is False and cfg.training.load_best_model_at_end is False
+    with pytest.raises(UserError, match="--no_packing takes no value"):
+        parse_cli(SFTConfig, argv + ["--no_packing", "true"], "sft", "")
+    with pytest.raises(UserError, match="unknown flag --no_lora_r"):  # not a boolean
+        parse_cli(SFTConfig, argv + ["--no_lora_r"], "sft", "")
+
+
+def test_the_committed_reference_and_docs_are_current():
+    """config_reference.json (what --help prints) and docs/configuration.md match the config parts of today; after
+    changing a key, a default, a help text or a command: python scripts/gen_config_reference.py"""
+    import json
+
+    import transformers
+
+    from tunesmith import reference
+
+    committed = json.loads(reference.REFERENCE.read_text(encoding="utf-8"))
+    assert committed.get("transformers") == transformers.__version__, "generated with another transformers version"
+    fresh = reference.build()
+    stale = sorted(n for n in fresh["commands"].keys() | committed["commands"].keys()
+                   if fresh["commands"].get(n) != committed["commands"].get(n))
+    assert not stale, f"stale reference for {stale}: run python scripts/gen_config_reference.py"
+    assert reference.REFERENCE.read_text(encoding="utf-8") == reference.dumps(fresh), \
+        "config_reference.json is not as the script writes it: run python scripts/gen_config_reference.py"
+    assert reference.DOCS.read_text(encoding="utf-8") == reference.markdown(fresh), \
+        "docs/configuration.md is stale: run python scripts/gen_config_reference.py"
+
+
+def test_fast_help_is_what_the_command_itself_prints(capsys):
+    from tunesmith import reference
+    from tunesmith.recipes.sft import run as sft_run
+
+    assert sft_run.cli(["--help"]) == 0
+    own = capsys.readouterr().out
+    assert own == reference.command_help("sft") and "--learning_rate (default: 5e-05)" in own
+    assert "\nModel:\n" in own and "Old key names" in own
+
+
 def test_saved_yaml_is_flat_and_builds_the_same_config(tmp_path):
     cfg = build_config(SPINConfig, dict(BASE, num_iterations=2, beta=[0.1, 5.0], lora_r=8, use_peft=True))
     save_yaml(cfg, tmp_path / "t.yaml")

@@ -130,12 +130,12 @@ def _config_class(module):
     return None
 
 
-def _split(argv: list[str]):
+def _split(argv: list[str], known: dict):
     """(leading bare arguments, config path, {key: value}) as the command's parser reads them."""
     bare = []
     while argv and not argv[0].startswith("--"):
         bare.append(argv.pop(0))
-    cfg_path, overrides = config.parse_overrides(argv)
+    cfg_path, overrides = config.parse_overrides(argv, known)  # list keys take several values, --no_KEY
     return bare, cfg_path, overrides
 
 
@@ -145,7 +145,7 @@ def test_documented_command_parses(page, no, name, argv):
     where = f"{page.relative_to(ROOT)}:{no}: tunesmith {name} {' '.join(argv)}"
     assert name in cli.COMMANDS, f"{where}: no such command"
     known, aliases = _keys_and_types(name)
-    bare, cfg_path, values = _split(list(argv))
+    bare, cfg_path, values = _split(list(argv), known)
     files = [p for p in [cfg_path, *bare] if p and p.endswith((".yaml", ".yml"))]
     for path in files:  # a config of this repository: its keys count too (placeholders such as run.yaml do not)
         if (ROOT / path).is_file():

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from tunesmith.config import printable
 from tunesmith.errors import Stopped, UserError, write_failure
 
 # name -> (module, one-line help). Modules are imported lazily so `tunesmith --help` stays fast.
@@ -29,11 +30,20 @@ COMMANDS = {
     "selftest": ("tunesmith.selftest.run", "check training works here (GPU or --quick CPU form): table + selftest.json"),
 }
 
-USAGE = "usage: tunesmith COMMAND [--config FILE] [--key value ...]\n\ncommands:\n"
+USAGE = ("usage: tunesmith COMMAND [--config FILE] [--key value ...]\n"
+         "       tunesmith COMMAND --help     (its keys)\n"
+         "       tunesmith --version\n\ncommands:\n")
 
 
 def _usage() -> str:
     return USAGE + "".join(f"  {name:<10} {helptext}\n" for name, (_, helptext) in COMMANDS.items())
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, COMMANDS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage(), end="")
         return 0
+    if argv[0] in ("-V", "--version"):
+        from tunesmith import __version__
+
+        print(f"tunesmith {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"tunesmith: unknown command '{name}'\n" + _usage(), end="", file=sys.stderr)
+        print(f"tunesmith: unknown command '{printable(name)}'{_suggest(name)}\n" + _usage(), end="", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        from tunesmith.reference import command_help
+
+        text = command_help(name)  # from the committed reference: no torch / transformers import
+        if text is not None:
+            print(text, end="")
+            return 0
+    try:
+        from tunesmith.reference import check_flags
+
+        check_flags(name, rest)  # a misspelt flag fails here, in a fraction of a second, not after torch loads
+    except UserError as e:
+        print(f"tunesmith {name}: error: {e}", file=sys.stderr)
         return 2
     # Offline by default: nothing reaches the hub unless the user opts in.
     if os.environ.get("TUNESMITH_ONLINE") != "1":

@@ -11,8 +11,10 @@ part (classify's LoRA: r 4 on the query projection). Every documented key is dec
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import difflib
 import logging
 import os
 import types
@@ -42,19 +44,59 @@ ALIASES = {
 }
 
 
-def canonical_keys(values: dict, known, source: str) -> dict:
-    """``values`` with old key names replaced by the new ones (a one-line deprecation warning for each)."""
+FLAG = "command line"  # the origin of a key set by a --flag (see build_config's ``origins``)
+
+
+def canonical_keys(values: dict, known, source: str, origins: dict | None = None) -> dict:
+    """``values`` with old key names replaced by the new ones (a one-line deprecation warning for each).
+    ``origins`` (key -> where it was set), when given, is updated to the new names."""
     out = {}
     for key, value in values.items():
         new = ALIASES.get(key)
         if new is not None and key not in known and new in known:
-            log.warning(f"tunesmith: {source}: key '{key}' is deprecated, use '{new}' (the old name goes after the "
+            where = _origin(origins, key, source)
+            shown = f"--{key}" if where == FLAG else f"'{key}'"
+            log.warning(f"tunesmith: {where}: key {shown} is deprecated, use '{new}' (the old name goes after the "
                         "next release)")
             if new in values:
-                raise UserError(f"{source}: both '{key}' and '{new}' are given; keep '{new}'")
+                raise UserError(f"{where}: both '{key}' and '{new}' are given; keep '{new}'")
+            if origins is not None and key in origins:
+                origins[new] = origins.pop(key)
             key = new
         out[key] = value
     return out
+
+
+def _origin(origins: dict | None, key, source: str) -> str:
+    return (origins or {}).get(key, source)
+
+
+def printable(text) -> str:
+    """``text`` for a one-line message: newlines and other control characters escaped (``\\n``, ``\\x1b``)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def unknown_key_error(key, known, source: str, origins: dict | None = None) -> UserError:
+    """The one-line error for a key the command does not have, naming where it was set (the flag, or the config
+    file and line) and suggesting the closest key."""
+    where = _origin(origins, key, source)
+    close = closest_key(key, known)
+    if where == FLAG:
+        return UserError(f"unknown flag --{printable(key)}" + (f" (did you mean --{close}?)" if close else ""))
+    return UserError(f"{where}: unknown key '{printable(key)}'" + (f" (did you mean {close}?)" if close else ""))
+
+
+def closest_key(key, known) -> str | None:
+    """The known key ``key`` most likely misspells: the same letters without underscores, else the closest by
+    difflib's ratio (at least 0.75), else None."""
+    key = str(key).lower().replace("-", "_")
+    known = [k for k in known if isinstance(k, str)]
+    squashed = key.replace("_", "")
+    for k in known:
+        if k.replace("_", "") == squashed:
+            return k
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -77,7 +119,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str | Path) -> dict:
+class ConfigFile(dict):
+    """A config file's top-level mapping (a dict), which also knows the line of each key: ``where(key)`` is
+    ``path:line``."""
+
+    def __init__(self, data: dict, path: str | Path, lines: dict):
+        super().__init__(data)
+        self.path, self.lines = str(path), lines
+
+    def where(self, key) -> str:
+        line = self.lines.get(key)
+        return f"{self.path}:{line}" if line else self.path
+
+
+def read_yaml(path: str | Path) -> ConfigFile:
+    """The mapping in a YAML config file, with one-line errors (file:line) for unreadable or invalid YAML."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -85,17 +141,22 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read config ({e.__class__.__name__}: {e})") from None
+    loader = _UniqueKeyLoader(text)
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    finally:
+        loader.dispose()
     if data is None:
-        return {}
+        return ConfigFile({}, path, {})
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of key: value, got {type(data).__name__}")
-    return data
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    return ConfigFile(data, path, lines)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -118,6 +179,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except UserError as e:
                 errors.append(str(e))
+        # every alternative refused it: name them all ("expected an integer or auto, got 'many'")
+        wants = [e[len(where) + 2:].rsplit(", got ", 1)[0].removeprefix("expected ").replace("must be one of ", "")
+                 for e in errors if e.startswith(f"{where}: ")]
+        if len(wants) > 1 and len(wants) == len(errors):
+            raise UserError(f"{where}: expected {' or '.join(wants)}, got {value!r}")
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -173,28 +239,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build_config(cls: type[T], values: dict, source: str = "config") -> T:
-    """Instantiate ``cls`` (a dataclass or a :class:`Config`) from a dict, naming the source and the key on any error."""
+def build_config(cls: type[T], values: dict, source: str = "config", origins: dict | None = None) -> T:
+    """Instantiate ``cls`` (a dataclass or a :class:`Config`) from a dict, naming the source and the key on any error.
+
+    ``origins``: where each key was set (``run.yaml:3``, or :data:`FLAG` for a --flag); an error about one key names
+    that place instead of ``source``."""
     if isinstance(cls, type) and issubclass(cls, Config):
-        return cls.from_dict(values, source)
+        return cls.from_dict(values, source, origins)
     fields = _field_types(cls)
-    values = canonical_keys(values, fields, source)
+    origins = dict(origins or {})
+    values = canonical_keys(values, fields, source, origins)
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, fields)}")
-        kwargs[key] = _coerce(value, fields[key], f"{source}: field '{key}'")
+            raise unknown_key_error(key, fields, source, origins)
+        kwargs[key] = _coerce(value, fields[key], f"{_origin(origins, key, source)}: field '{key}'")
     try:
         return cls(**kwargs)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
     except (ValueError, TypeError) as e:
         raise UserError(f"{source}: {first_line(e)}") from None
-
-
-def _did_you_mean(key, known) -> str:
-    close = [f for f in known if f.replace("_", "") == str(key).replace("_", "").lower()]
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "", *, hidden: bool = False) -> Any:
@@ -228,20 +293,30 @@ class Config:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config"):
+    def key_types(cls) -> dict[str, Any]:
+        """Every key with its annotated type (the owning part's)."""
+        out: dict[str, Any] = {}
+        for _, part in cls.PARTS:
+            for key, tp in _field_types(part).items():
+                out.setdefault(key, tp)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config", origins: dict | None = None):
         owners = cls.owners()
-        values = canonical_keys(dict(values), owners, source)
+        origins = dict(origins or {})
+        values = canonical_keys(dict(values), owners, source, origins)
         by_part: dict[str, dict] = {name: {} for name, _ in cls.PARTS}
         for key, value in values.items():
             if key not in owners:
-                raise UserError(f"{source}: unknown key '{key}'{_did_you_mean(key, owners)}")
+                raise unknown_key_error(key, owners, source, origins)
             by_part[owners[key]][key] = value
         launched_on_cpu(by_part)
         device_mixed_precision(by_part)
         cls.prepare(by_part)
         self = object.__new__(cls)
         for name, part in cls.PARTS:
-            self.__dict__[name] = build_config(part, by_part[name], source)
+            self.__dict__[name] = build_config(part, by_part[name], source, origins)
         try:
             self.validate()
         except UserError as e:
@@ -460,86 +535,196 @@ def device_mixed_precision(by_part: dict[str, dict]) -> None:
         training["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
-    """``--config F --a 1 --b x`` -> (F, {'a': 1, 'b': 'x'}); values are YAML-parsed (``5`` -> 5, ``true`` -> True)."""
+def parse_overrides(argv: list[str], types: dict | None = None) -> tuple[str | None, dict]:
+    """``--config F --a 1 --b x`` -> (F, {'a': 1, 'b': 'x'}); values are YAML-parsed (``5`` -> 5, ``true`` -> True).
+
+    ``types``: the command's keys with their types (:func:`key_types`). As TRL and transformers' parsers read them,
+    a list key takes every value up to the next flag (``--lora_target_modules q_proj v_proj``), a bare flag is true,
+    and ``--no_KEY`` sets a boolean key to false."""
+    types = {k: tp for k, tp in (types or {}).items() if tp is not None}
+    list_keys = {k for k, tp in types.items() if _takes_list(tp)}
+    bool_keys = {k for k, tp in types.items() if _is_bool(tp)}
     config_path, overrides = None, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise UserError(f"unexpected argument '{arg}' (options are --key value)")
+            raise UserError(f"unexpected argument '{printable(arg)}' (options are --key value)")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:
-            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-                i += 1
-            else:
-                value = "true"  # a bare flag
         i += 1
+        following = []
+        while not eq and i + len(following) < len(argv) and not argv[i + len(following)].startswith("--"):
+            following.append(argv[i + len(following)])
+            if key not in list_keys:
+                break
+        i += len(following)
+        negated = key.startswith("no_") and key[3:] in bool_keys and key not in bool_keys
+        if negated:
+            if eq or following:
+                raise UserError(f"--{key} takes no value (it sets {key[3:]} to false)")
+            key, value = key[3:], "false"
+        elif len(following) > 1:
+            value = following
+        elif following:
+            value = following[0]
+        elif not eq:
+            value = "true"  # a bare flag
         if key == "config":
             config_path = value
             continue
-        try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            parsed = value
-        overrides[key] = value if isinstance(parsed, (dict,)) else parsed
+        overrides[key] = value if isinstance(value, list) else _parse_value(value)
     return config_path, overrides
 
 
-def _help_lines(fields) -> list[str]:
-    lines = []
-    for f in fields:
-        doc = f.metadata.get("help", "")
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = "(required)"
-        lines.append(f"  --{f.name} (default: {default})")
-        if doc:
-            lines.append(f"      {doc.splitlines()[0]}")
-    return lines
+def _parse_value(value: str):
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        return value
+    return value if isinstance(parsed, dict) else parsed
 
 
-def help_text(cls, command: str, description: str) -> str:
-    lines = [f"usage: tunesmith {command} --config FILE.yaml [--key value ...]", "", description, "",
-             "Options (YAML keys; a --key flag overrides the file):"]
+def _takes_list(tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp in (list, tuple) or origin in (list, tuple):
+        return True
+    return origin in (typing.Union, types.UnionType) and any(_takes_list(a) for a in typing.get_args(tp))
+
+
+def _is_bool(tp) -> bool:
+    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp))
+
+
+def key_types(cls) -> dict[str, Any]:
+    """Every key of a command's config class (a dataclass or a :class:`Config`) with its annotated type, old names
+    (:data:`ALIASES`) included under the type of the key they name."""
+    types_ = cls.key_types() if isinstance(cls, type) and issubclass(cls, Config) else _field_types(cls)
+    for old, new in ALIASES.items():
+        if new in types_ and old not in types_:
+            types_[old] = types_[new]
+    return types_
+
+
+def _default_text(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return str(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return str(f.default_factory())  # type: ignore[misc]
+    return "(required)"
+
+
+def type_name(tp) -> str:
+    """A key's type as a reader writes it: ``int``, ``str | None``, ``list[str]``, ``formula | paper``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "None"
+    if tp is Any:
+        return "any"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(dict.fromkeys(type_name(a) for a in args))
+    if origin is typing.Literal:
+        return " | ".join(map(str, args))
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]" if args else origin.__name__
+    if isinstance(tp, type) and issubclass(tp, str) and hasattr(tp, "__members__"):  # str Enums: their values
+        return "str"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _key_rows(cls, names) -> list[dict]:
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return [{"key": name, "default": _default_text(fields[name]), "type": type_name(hints[name]),
+             "help": (fields[name].metadata.get("help") or "").strip().split("\n")[0].strip()} for name in names]
+
+
+def describe(cls, command: str, description: str) -> dict:
+    """What ``--help`` shows for a command, as data: usage, description, the keys grouped by part (key, default,
+    type, help) and the old key names. :func:`render_help` prints it; the committed reference
+    (:mod:`tunesmith.reference`) stores it for every command, so help needs no heavy import."""
+    groups = []
     if isinstance(cls, type) and issubclass(cls, Config):
         owners = cls.owners()
         for name, part in cls.PARTS:
             title = (part.__doc__ or name).strip().splitlines()[0]
-            mine = [f for f in dataclasses.fields(part) if f.init and owners.get(f.name) == name
+            mine = [f.name for f in dataclasses.fields(part) if f.init and owners.get(f.name) == name
                     and not f.metadata.get("hidden")]
-            lines += ["", f"{title}:"] + _help_lines(mine)
-        old = {k: v for k, v in ALIASES.items() if v in owners and k not in owners}
-        if old:
-            lines += ["", "Old key names (still accepted for one release): "
-                      + ", ".join(f"{k} -> {v}" for k, v in old.items())]
-        return "\n".join(lines) + "\n"
-    fields = [f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")]
-    return "\n".join(lines + _help_lines(fields)) + "\n"
+            groups.append({"part": name, "title": title, "keys": _key_rows(part, mine)})
+    else:
+        owners = _field_types(cls)
+        mine = [f.name for f in dataclasses.fields(cls) if f.init and not f.metadata.get("hidden")]
+        groups.append({"part": None, "title": None, "keys": _key_rows(cls, mine)})
+    aliases = {k: v for k, v in ALIASES.items() if v in owners and k not in owners}
+    shown = {row["key"] for group in groups for row in group["keys"]}
+    return {"usage": f"tunesmith {command} --config FILE.yaml [--key value ...]", "description": description,
+            "groups": groups, "aliases": aliases, "hidden": sorted(set(owners) - shown)}
+
+
+def render_help(desc: dict) -> str:
+    """The ``--help`` text of a command described by :func:`describe` (ends with one newline)."""
+    lines = [f"usage: {desc['usage']}", "", desc["description"], "",
+             "Options (YAML keys; a --key flag overrides the file):"]
+    for group in desc["groups"]:
+        if group["title"]:
+            lines += ["", f"{group['title']}:"]
+        for row in group["keys"]:
+            lines.append(f"  --{row['key']} (default: {row['default']})")
+            if row["help"]:
+                lines.append(f"      {row['help']}")
+    if desc["aliases"]:
+        lines += ["", "Old key names (still accepted for one release): "
+                  + ", ".join(f"{k} -> {v}" for k, v in desc["aliases"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def help_text(cls, command: str, description: str) -> str:
+    return render_help(describe(cls, command, description))
+
+
+_help_collectors: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def collecting_help():
+    """For tools that build the help reference (:mod:`tunesmith.reference`): inside this block, a ``--help`` handled
+    by :func:`parse_cli` records :func:`describe`'s data in the yielded list instead of printing it."""
+    seen: list[dict] = []
+    _help_collectors.append(seen)
+    try:
+        yield seen
+    finally:
+        _help_collectors.remove(seen)
 
 
 def parse_cli(cls: type[T], argv: list[str], command: str, description: str, positional: str | None = None) -> T | None:
     """Parse a command line (``--config FILE`` plus ``--key value`` overrides). Returns None after printing help.
 
-    ``positional``: a list key that also takes the leading bare arguments (``tunesmith report RUN_DIR ...``)."""
+    ``positional``: a list key that also takes the leading bare arguments (``tunesmith report RUN_DIR ...``).
+    An unknown or misspelt key is named where it was given: the flag, or the config file and its line."""
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text(cls, command, description), end="")
+        if _help_collectors:
+            _help_collectors[-1].append(describe(cls, command, description))
+        else:
+            print(help_text(cls, command, description), end="")
         return None
     argv, bare = list(argv), []
     if positional:
         while argv and not argv[0].startswith("--"):
             bare.append(argv.pop(0))
-    config_path, overrides = parse_overrides(argv)
-    values = read_yaml(config_path) if config_path else {}
+    known = key_types(cls)
+    config_path, overrides = parse_overrides(argv, known)
+    values: dict = {}
+    origins: dict = {}
+    if config_path:
+        file = read_yaml(config_path)
+        values.update(file)
+        origins.update({key: file.where(key) for key in file})
     values.update(overrides)
+    origins.update(dict.fromkeys(overrides, FLAG))
     if bare:
         values[positional] = list(values.get(positional) or []) + bare
-    return build_config(cls, values, source=config_path or "command line")
+    return build_config(cls, values, source=config_path or "command line", origins=origins)
 
 
 def save_yaml(config, path: str | Path) -> None:
