@@ -28,6 +28,16 @@ def _root_log_handlers_restored():
 def pytest_sessionfinish(session, exitstatus):
     __import__("shutil").rmtree(_DATASETS_CACHE, ignore_errors=True)
 
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: torchrun's --master_port (other sessions run torchrun at the same time, so a
+    fixed port collides), or an endpoint that must refuse connections."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}<|im_end|>{% endif %}\n{% endfor %}"

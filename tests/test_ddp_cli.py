@@ -5,23 +5,16 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import alpaca_rows, write_jsonl
+from conftest import alpaca_rows, free_port, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 DDP_LINE = "torchrun --nproc_per_node 2 -m tunesmith.cli sft --config run.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_docs_show_the_ddp_command_as_tested():

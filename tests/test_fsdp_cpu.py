@@ -9,12 +9,13 @@ training"). torch's FSDP2 itself runs on gloo, so the pieces tunesmith adds for 
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 WORKER = Path(__file__).parent / "fsdp_worker.py"
 SRC = Path(__file__).parent.parent / "src"
@@ -25,11 +26,8 @@ def run(out: Path, processes: int) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(WORKER), str(out)]
     if processes > 1:
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(port), str(WORKER), str(out)]
+               "--master_port", str(free_port()), str(WORKER), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "result.json").read_text())

@@ -2,13 +2,13 @@
 import json
 import logging
 import re
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import free_port
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.evaluation import judge as J
@@ -202,9 +202,7 @@ def test_auth_error_stops_at_once(tmp_path, server, monkeypatch, capsys):
 
 def test_unreachable_endpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TS_JUDGE_KEY", KEY)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     a, b = files(tmp_path, BASIC_A, BASIC_B)
     code = main(judge_args(tmp_path, a, b, f"http://127.0.0.1:{port}/v1", "--max_retries", "1",
                            "--max_consecutive_failures", "2"))

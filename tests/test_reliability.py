@@ -8,19 +8,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import alpaca_rows, sft_config, write_jsonl
+from conftest import alpaca_rows, free_port, sft_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.recipes import sft
 from tunesmith.rundir import LOCK_FILE, RunLock, checkpoints
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fails(capsys, argv, pattern):

@@ -100,6 +100,13 @@ def test_eval_references_file_and_errors(tmp_path):
         EvalConfig(output="x", generations=[gens], n_tokens=3)
 
 
+def test_a_bad_n_tokens_names_every_accepted_value(tmp_path, capsys):
+    gens = write_jsonl(tmp_path / "g.jsonl", [{"instruction": "q1", "output": "a b c d e"}])
+    assert main(["eval", "--generations", gens, "--output", str(tmp_path / "e.json"), "--n_tokens", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "tunesmith eval: error: command line: field 'n_tokens': expected an integer or auto, got 'many'"
+
+
 def test_eval_references_match_instruction_and_input(tmp_path):
     """Alpaca rows that share an instruction differ by their input: each generation gets its own reference."""
     refs = write_jsonl(tmp_path / "r.jsonl", [

@@ -4,7 +4,6 @@ logits (the same losses, log-probs and gradients as full logits, without a batch
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ScaledLogits, alpaca_rows, write_jsonl
+from conftest import ScaledLogits, alpaca_rows, free_port, write_jsonl
 
 from tunesmith import scoring
 from tunesmith.data.collate import Collator, concat, first_fit_decreasing, pack
@@ -143,11 +142,8 @@ def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path
         dist.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]))
-    with socket.socket() as sock:  # a free port for the rendezvous (other runs may use torchrun at the same time)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script)], env=env, capture_output=True, text=True, timeout=300)
+                           str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["builds"] + r1["builds"] == 1  # one process tokenized, the other mapped its result

@@ -10,7 +10,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from conftest import alpaca_rows, sft_config, write_jsonl
+from conftest import alpaca_rows, free_port, sft_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.data.collate import Collator, pack
 from tunesmith.recipes import sft
@@ -119,7 +119,7 @@ def test_packing_run_trains(tiny_model_dir, alpaca_file, tmp_path):
 
 def _worker(cfg_path, *extra, torchrun=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(SRC)]))
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
            if torchrun else [sys.executable])
     return subprocess.run(cmd + [str(HERE / "sft_worker.py"), str(cfg_path), *extra], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import alpaca_rows, sft_config, write_jsonl
+from conftest import alpaca_rows, free_port, sft_config, write_jsonl
 from tunesmith.errors import Stopped, UserError
 from tunesmith.recipes import sft
 from tunesmith.rundir import FINISHED_FILE, checkpoint_problem, checkpoints
@@ -170,7 +170,6 @@ def test_cli_sigterm_from_outside_exits_143_with_one_line(tiny_model_dir, alpaca
 def test_under_ddp_a_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_model_dir, alpaca_file, tmp_path):
     """The ranks agree every step: SIGTERM reaching only rank 1 still stops rank 0 at the same step, the checkpoint
     (a collective save) is complete, and nothing hangs."""
-    import socket
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
@@ -178,10 +177,7 @@ def test_under_ddp_a_sigterm_to_one_rank_stops_both_at_the_same_step(tiny_model_
     cfg = sft_config(tiny_model_dir, alpaca_file, out, max_steps=100_000, save_strategy="no",
                      train_loss_eval_samples=0, per_device_train_batch_size=2)
     cfg.pop("use_cpu")  # the launcher and the machine decide
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             "-m", "tunesmith.cli", "sft"] + [
         x for k, v in cfg.items() for x in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
     env = dict(os.environ, OMP_NUM_THREADS="1",

@@ -179,6 +179,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except UserError as e:
                 errors.append(str(e))
+        # every alternative refused it: name them all ("expected an integer or auto, got 'many'")
+        wants = [e[len(where) + 2:].rsplit(", got ", 1)[0].removeprefix("expected ").replace("must be one of ", "")
+                 for e in errors if e.startswith(f"{where}: ")]
+        if len(wants) > 1 and len(wants) == len(errors):
+            raise UserError(f"{where}: expected {' or '.join(wants)}, got {value!r}")
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
         if value not in args:
