@@ -1,7 +1,8 @@
 """Generation throughput: tunesmith's batched `generate` vs a per-prompt `model.generate` loop vs one raw
 `model.generate` call on the same left-padded batch. Same model, same prompts, one process; greedy decoding with
 every sequence forced to exactly ``--new`` new tokens (min_new_tokens = max_new_tokens), so all three produce the same
-number of tokens. Each figure is the best of ``--repeats`` interleaved runs. Targets: >= 5x the loop, >= 0.9x the raw call.
+number of tokens. Each figure is the best of ``--repeats`` interleaved runs. Targets: >= 5x the loop, >= 0.9x the
+raw call.
 
     OMP_NUM_THREADS=1 python bench/bench_generate.py [--prompts 32] [--new 32] [--hidden 256] [--layers 4]
 """

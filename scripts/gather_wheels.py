@@ -74,7 +74,8 @@ def dependencies(item: dict, env: dict | None = None) -> list[str]:
     return out
 
 
-def missing(report: dict, have: set[str] | None = None, roots=BOX_HAS, env: dict | None = None) -> list[tuple[str, str]]:
+def missing(report: dict, have: set[str] | None = None, roots=BOX_HAS,
+            env: dict | None = None) -> list[tuple[str, str]]:
     """(name, version) of the packages in pip's installation ``report`` that the box lacks: those not in ``have``
     (canonical names), or, without ``have``, those outside the dependency closure of ``roots``."""
     items = {canonical(i["metadata"]["name"]): i for i in report["install"]}

@@ -220,7 +220,8 @@ embeddings, float32) with a {len(tokenizer)}-token byte-level BPE tokenizer (`<|
 |---|---|
 {per}
 
-`SHA256SUMS.txt` lists the sha256 (`sha256sum -c SHA256SUMS.txt`) of every file here; `tunesmith.demo.base.verify` checks it before loading.
+`SHA256SUMS.txt` lists the sha256 (`sha256sum -c SHA256SUMS.txt`) of every file here; `tunesmith.demo.base.verify`
+checks it before loading.
 """)
     write_manifest(tmp)
     if out.exists():

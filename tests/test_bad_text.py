@@ -31,6 +31,7 @@ def test_surrogate_pairs_are_fine(tmp_path):
 
 def test_generation_files_are_checked_too(tmp_path):
     f = tmp_path / "g.jsonl"
-    f.write_text(json.dumps({"instruction": "q", "output": "ok"}) + "\n" + '{"instruction": "q2", "output": "\\ud800"}\n')
+    bad = '{"instruction": "q2", "output": "\\ud800"}\n'
+    f.write_text(json.dumps({"instruction": "q", "output": "ok"}) + "\n" + bad)
     with pytest.raises(UserError, match=r"g.jsonl:2: field 'output': lone surrogate escape"):
         read_generations(f)

@@ -76,7 +76,8 @@ def test_classify_and_predict_load_safetensors_only(decoder_classifier, tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot load the model" in err
     rows = tmp_path / "t.jsonl"
-    rows.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in (("good", "pos"), ("bad", "neg"))))
+    pairs = (("good", "pos"), ("bad", "neg"))
+    rows.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in pairs))
     assert main(["classify", "--model_name_or_path", str(pickled), "--dataset", str(rows), "--output_dir",
                  str(tmp_path / "out"), "--use_cpu", "true"]) == 2
     assert "cannot load the model" in capsys.readouterr().err

@@ -37,7 +37,8 @@ def test_a_have_list_decides_by_canonical_name():
 
 def test_read_pins(tmp_path):
     f = tmp_path / "have.txt"
-    f.write_text("# comment\nTorch==2.5.1+cu124\nhuggingface_hub==2.4.0\nsomething>=1\npkg[extra]==1.0 ; python_version>'3'\n")
+    f.write_text("# comment\nTorch==2.5.1+cu124\nhuggingface_hub==2.4.0\nsomething>=1\npkg[extra]==1.0 ; "
+                 "python_version>'3'\n")
     assert gw.read_pins(f) == {"torch": "2.5.1+cu124", "huggingface-hub": "2.4.0", "pkg": "1.0"}
 
 

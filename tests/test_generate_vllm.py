@@ -74,8 +74,9 @@ def hf_prompts_seen(argv, pad_id: int) -> list[list[int]]:
 
 
 def test_vllm_gets_the_hf_prompt_ids_and_a_seed_per_request(templated_model_dir, alpaca_file, tmp_path, fake_vllm):
-    base = ["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--limit", "7", "--max_new_tokens", "3",
-            "--batch_size", "3", "--repetition_penalty", "1.2", "--min_new_tokens", "1", "--seed", "5"]
+    base = ["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--limit", "7",
+            "--max_new_tokens", "3", "--batch_size", "3", "--repetition_penalty", "1.2", "--min_new_tokens", "1",
+            "--seed", "5"]
     hf_out, vllm_out = tmp_path / "hf.jsonl", tmp_path / "vllm.jsonl"
     from tunesmith.models import ensure_pad_token, load_tokenizer
 
@@ -144,6 +145,6 @@ def test_explicit_request_seeds_and_adapter_refusal(templated_model_dir, tmp_pat
 
 def test_missing_vllm_is_a_one_line_error(templated_model_dir, alpaca_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    code = main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file, "--output", str(tmp_path / "o.jsonl"),
-                 "--backend", "vllm"])
+    code = main(["generate", "--model", templated_model_dir, "--prompts", alpaca_file,
+                 "--output", str(tmp_path / "o.jsonl"), "--backend", "vllm"])
     assert code == 2 and "vllm package is not installed" in capsys.readouterr().err

@@ -239,7 +239,8 @@ def test_n_tokens_auto_keeps_most_short_answers(tmp_path, capsys):
     lengths = [5 + i % 10 for i in range(20)]
     (tmp_path / "run").mkdir()
     gens = write_jsonl(tmp_path / "run" / "g.jsonl", [
-        {"instruction": f"q{i}", "output": " ".join(rng.choice(words) for _ in range(n))} for i, n in enumerate(lengths)])
+        {"instruction": f"q{i}", "output": " ".join(rng.choice(words) for _ in range(n))}
+        for i, n in enumerate(lengths)])
     # the same rule by brute force: the largest N with at least 16 of the 20 answers this long
     expect = max(n for n in range(4, 20) if sum(k >= n for k in lengths) >= 16)
     assert expect == M.auto_n_tokens([" ".join(["w"] * k) for k in lengths]) == 7

@@ -133,7 +133,8 @@ def test_processes_of_a_distributed_run_share_one_build(tiny_model_dir, tmp_path
         real = prepare._build_entry
         prepare._build_entry = lambda *a, **k: (builds.append(1), real(*a, **k))
         tok = AutoTokenizer.from_pretrained({tiny_model_dir!r})
-        data, summary = open_source({data!r}).tokenized(tok, get_template("alpaca"), {ML}, cache_dir={str(tmp_path / "c")!r})
+        data, summary = open_source({data!r}).tokenized(tok, get_template("alpaca"), {ML},
+                                                        cache_dir={str(tmp_path / "c")!r})
         out = {{"builds": len(builds), "rows": [r["input_ids"] for r in data], "kept": summary.kept}}
         with open(os.path.join({str(tmp_path)!r}, f"rank{{dist.get_rank()}}.json"), "w") as f:
             json.dump(out, f)

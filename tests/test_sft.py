@@ -169,7 +169,8 @@ def test_two_process_ddp_matches_one_process(tiny_model_dir, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     worlds = [json.loads((tmp_path / "two" / f"world.rank{r}").read_text()) for r in (0, 1)]
     assert all((w["world_size"], w["args_world_size"]) == (2, 2) for w in worlds)
-    assert worlds[0]["rng"] == worlds[1]["rng"]  # without NEFTune the ranks' generators are left as the Trainer set them
+    # without NEFTune the ranks' generators are left as the Trainer set them
+    assert worlds[0]["rng"] == worlds[1]["rng"]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 4
     assert l1 == pytest.approx(l2, abs=2e-4)
@@ -215,7 +216,8 @@ def _bad(tmp_path, content: bytes, **over):
     (b"", {}, r"bad\.jsonl: the dataset is empty"),
     (b'{"instruction": "a", "output": "b"}\n', {"dataset": "/nonexistent/x.jsonl"}, r"x\.jsonl: file not found"),
     (b'{"instruction": "a", "output": "b"}\n', {"learning_rate": "fast"}, r"field 'learning_rate': expected a number"),
-    (b'{"instruction": "a", "output": "b"}\n', {"lerning_rate": "1"}, r"unknown flag --lerning_rate \(did you mean --learning_rate\?\)"),
+    (b'{"instruction": "a", "output": "b"}\n', {"lerning_rate": "1"}, r"unknown flag --lerning_rate \(did you mean "
+                                                                      r"--learning_rate\?\)"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_finished_run(tiny_model_dir, tmp_path, capsys, content, over, expected):
     import re

@@ -359,10 +359,12 @@ class Config:
 class ModelArgs:
     """Model"""
 
-    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path (required).")
-    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main branch.")
-    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where supported, "
-                               "with bf16 mixed precision), float32, bfloat16 or float16.")
+    model_name_or_path: str | None = field(None, "Base model: a local directory, a hub id or pkg:PACKAGE/path "
+                                                 "(required).")
+    model_revision: str | None = field(None, "Hub revision of the model (branch, tag or commit); default the main "
+                                             "branch.")
+    dtype: str = field("auto", "auto (float32 on CPU; on a GPU the checkpoint's 16-bit dtype as bfloat16 where "
+                               "supported, with bf16 mixed precision), float32, bfloat16 or float16.")
     attn_implementation: str = field("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention (the "
                                              "flash kernels when installed; a packed batch then reaches them as one "
                                              "row, which sends them to their variable-length kernels, and padding_free "
@@ -386,10 +388,10 @@ class ModelArgs:
 class DataArgs:
     """Data"""
 
-    dataset: str | list | None = field(None, "Training data: a .json/.jsonl/.csv/.parquet file, a pipe, pkg:PACKAGE/path "
-                                             "or a hub dataset name; or a list of sources (a.jsonl,b.jsonl, or YAML "
-                                             "mappings {path, split, format, template, weight, num_samples}) mixed by "
-                                             "'mixture' (required).")
+    dataset: str | list | None = field(None, "Training data: a .json/.jsonl/.csv/.parquet file, a pipe, "
+                                             "pkg:PACKAGE/path or a hub dataset name; or a list of sources "
+                                             "(a.jsonl,b.jsonl, or YAML mappings {path, split, format, template, "
+                                             "weight, num_samples}) mixed by 'mixture' (required).")
     eval_dataset: str | list | None = field(None, "Held-out data (same forms), scored noise-free at evaluations, each "
                                                   "source on its own.")
     mixture: str = field("concat", "How several training sources mix: concat (all of each) or interleave (drawn by "
@@ -399,8 +401,8 @@ class DataArgs:
     template: str | None = field("auto", "auto (the tokenizer's chat template for chat data when it has one, else "
                                          "alpaca), alpaca, instruction_response, qa, chat, or a format string with "
                                          "{prompt} once, then {response} once, last.")
-    chat_template: str | None = field(None, "A Jinja chat-template file that replaces the tokenizer's (used by template "
-                                            "chat, saved with the model).")
+    chat_template: str | None = field(None, "A Jinja chat-template file that replaces the tokenizer's (used by "
+                                            "template chat, saved with the model).")
     max_length: int = field(512, "Maximum tokens per example (truncated from the end: the prompt's start is kept).")
     train_on_prompt: bool = field(False, "Also train on prompt tokens (default: responses only).")
     packing: bool = field(False, "Pack several examples per row (no attention or position leakage between them: a "
@@ -735,7 +737,7 @@ def save_yaml(config, path: str | Path) -> None:
         f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     data = {}
     for key, v in items.items():
-        if hasattr(v, "value") and isinstance(getattr(v, "value"), str):
+        if hasattr(v, "value") and isinstance(v.value, str):
             v = v.value
         if isinstance(v, (str, int, float, bool, type(None))) or (isinstance(v, (list, dict)) and _plain(v)):
             data[key] = v

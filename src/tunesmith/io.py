@@ -26,7 +26,7 @@ def follow_umask(path: str | os.PathLike) -> None:
     temp files and directories (``mkstemp``, ``mkdtemp``, safetensors' writer) are created 0600 / 0700."""
     path, mask = Path(path), umask()
     if path.is_dir():
-        for root, dirs, files in os.walk(path):
+        for root, _dirs, files in os.walk(path):
             os.chmod(root, 0o777 & ~mask)
             for f in files:
                 if not os.path.islink(os.path.join(root, f)):

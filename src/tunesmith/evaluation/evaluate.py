@@ -33,8 +33,8 @@ class EvalConfig:
     output: str = field("", "result JSON (put it at RUN_DIR/eval.json for the report)")
     model_name_or_path: str = field("", "model directory, for loss / perplexity on "
                                         "'dataset' and for 'tasks'")
-    dataset: str | list | None = field(None, "dataset(s) (any SFT format) to score the model's loss on, each on its own: train.jsonl,heldout.jsonl "
-                                             "or a YAML list of sources")
+    dataset: str | list | None = field(None, "dataset(s) (any SFT format) to score the model's loss on, each on its "
+                                             "own: train.jsonl,heldout.jsonl or a YAML list of sources")
     dataset_format: str = field("auto", "format of 'dataset' and 'references'")
     dataset_split: str = field("train", "split, for hub datasets")
     template: str = field("", "prompt template (default: the model's saved one)")
@@ -45,11 +45,14 @@ class EvalConfig:
     references: str | list = field("", "dataset whose answers are the references, matched by "
                                 "instruction and input (default: each row's 'reference' "
                                 "field)")
-    n_tokens: int | Literal["auto"] = field("auto", "rep-n / diversity use the first N whitespace tokens of each answer; auto: per generation file, the "
-                                                    "largest N that keeps at least 80% of the answers (the paper's fixed N: 50 Alpaca, 100 "
+    n_tokens: int | Literal["auto"] = field("auto", "rep-n / diversity use the first N whitespace tokens of each "
+                                                    "answer; auto: per generation file, the largest N that keeps at "
+                                                    "least 80% of the answers (the paper's fixed N: 50 Alpaca, 100 "
                                                     "Evol-Instruct, 150 ShareGPT)")
-    diversity_mode: Literal["formula", "paper"] = field("formula", "formula: rep-n as defined; paper: as the NEFTune paper's numbers were computed (SimCTG's code: "
-                                                                   "each answer's last n-gram skipped, rep-n rounded to 2 decimals)")
+    diversity_mode: Literal["formula", "paper"] = field("formula", "formula: rep-n as defined; paper: as the NEFTune "
+                                                                   "paper's numbers were computed (SimCTG's code: "
+                                                                   "each answer's last n-gram skipped, rep-n rounded "
+                                                                   "to 2 decimals)")
     run_name: str = field("", "name shown in reports (default: the output's folder)")
     tasks: list[str] = field([], "lm-evaluation-harness tasks: names (arc_easy, mmlu, ...) and/or task .yaml files")
     task_include_path: list[str] = field([], "extra folders of lm-eval task "
@@ -77,7 +80,8 @@ class EvalConfig:
         if (self.dataset or self.tasks) and not self.model_name_or_path:
             raise UserError("'dataset' and 'tasks' need 'model_name_or_path' (the model to evaluate)")
         if not self.dataset and not self.generations and not self.tasks:
-            raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or 'generations'")
+            raise UserError("nothing to evaluate: give 'model_name_or_path' + 'dataset' / 'tasks', and/or "
+                            "'generations'")
         from tunesmith import checks
 
         checks.at_least("batch_size", self.batch_size, 1)
@@ -196,7 +200,8 @@ def format_result(r: dict) -> str:
         lines.append(f"  {task}: " + "  ".join(f"{k} {_fmt(v, 4)}" for k, v in ms.items()))
     for name, g in r["generations"].items():
         d, ln = g["diversity"], g["length"]
-        lines.append(f"  {name}: n={g['n']} chars {_fmt(ln.get('chars_mean'), 1)} words {_fmt(ln.get('words_mean'), 1)} "
+        lines.append(f"  {name}: n={g['n']} chars {_fmt(ln.get('chars_mean'), 1)} words "
+                     f"{_fmt(ln.get('words_mean'), 1)} "
                      f"rep-2 {_fmt(d['rep_2'])} rep-3 {_fmt(d['rep_3'])} rep-4 {_fmt(d['rep_4'])} "
                      f"diversity {_fmt(d['diversity'], 3)} log-div {_fmt(d['log_diversity'])} "
                      f"({d.get('mode', 'formula')} mode, first {d['n_tokens']} words"

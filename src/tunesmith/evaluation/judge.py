@@ -18,11 +18,11 @@ Judges (all answer "1", "2" or "tie" for one instruction and two answers):
   HTML (to read); the side order is kept in a key file; import reads the filled CSV.
 
 Judges see the prompt as the generation file holds it: the instruction, and below it the Alpaca ``input`` when there
-is one (as AlpacaEval shows Alpaca prompts). Every machine judge is asked twice per prompt, once in each answer order, and a side wins only if preferred in both
-(see :func:`tunesmith.evaluation.winrate.combine_orders`). Verdicts are cached on disk (one JSON line appended per
-verdict), so a rerun asks only what is missing. A prompt whose judge call still fails after the retries is counted
-"unjudged" (never a tie); if ``max_consecutive_failures`` prompts fail in a row the step stops with an error, after
-writing the judgements obtained so far.
+is one (as AlpacaEval shows Alpaca prompts). Every machine judge is asked twice per prompt, once in each answer
+order, and a side wins only if preferred in both (see :func:`tunesmith.evaluation.winrate.combine_orders`).
+Verdicts are cached on disk (one JSON line appended per verdict), so a rerun asks only what is missing. A prompt
+whose judge call still fails after the retries is counted "unjudged" (never a tie); if ``max_consecutive_failures``
+prompts fail in a row the step stops with an error, after writing the judgements obtained so far.
 """
 from __future__ import annotations
 
@@ -596,12 +596,13 @@ class JudgeConfig:
                        "alpaca_eval JSON); the win rate is A's")
     b: str = field("", "generations of model B (same prompts)")
     output_dir: str = field("", "where judgements.jsonl, winrate.json and the cache go")
-    judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field("endpoint", "endpoint | local | python | sheet_export | sheet_import")
+    judge: Literal["endpoint", "local", "python", "sheet_export", "sheet_import"] = field(
+        "endpoint", "endpoint | local | python | sheet_export | sheet_import")
     base_url: str = field("", "endpoint: e.g. https://api.openai.com/v1 or "
                               "http://127.0.0.1:8000/v1")
     model: str = field("", "endpoint: model name; local: model directory")
-    api_key_env: str = field("OPENAI_API_KEY", "endpoint: NAME of the environment variable holding the API key ('' for none); the key itself is "
-                                               "never logged or saved")
+    api_key_env: str = field("OPENAI_API_KEY", "endpoint: NAME of the environment variable holding the API key ('' for "
+                                               "none); the key itself is never logged or saved")
     timeout: float = field(60.0, "endpoint: seconds per request, all of it (connect, send, "
                                  "the whole reply)")
     max_retries: int = field(4, "endpoint: retries per call (exponential backoff)")

@@ -26,9 +26,10 @@ log = logging.getLogger("tunesmith.serve")
 
 @dataclass
 class ServeConfig:
-    model_name_or_path: list[str] = field([], "model directories to serve (a tunesmith run, a LoRA adapter, a merged model, any causal LM); "
-                                              "also taken as bare arguments")
-    served_model_name: list[str] | None = field(None, "the names clients ask for, one per model (default: each directory's name)")
+    model_name_or_path: list[str] = field([], "model directories to serve (a tunesmith run, a LoRA adapter, a merged "
+                                              "model, any causal LM); also taken as bare arguments")
+    served_model_name: list[str] | None = field(None, "the names clients ask for, one per model (default: each "
+                                                      "directory's name)")
     host: str = field("127.0.0.1", "address to listen on (default loopback only)")
     port: int = field(8000, "port (0: any free port; the address is printed)")
     api_key_env: str = field("", "NAME of an environment variable holding the API key "
@@ -44,7 +45,8 @@ class ServeConfig:
     batch_wait: float = field(0.01, "seconds the worker waits for more requests of a burst "
                                      "before decoding (0: start at once)")
     max_body_bytes: int = field(1 << 20, "largest request body (413 beyond)")
-    preferences_dir: str = field("tunesmith-preferences", "where the web page's blind comparisons go (A_vs_B/judgements.jsonl, the judge's format)")
+    preferences_dir: str = field("tunesmith-preferences", "where the web page's blind comparisons go "
+                                                          "(A_vs_B/judgements.jsonl, the judge's format)")
     log_level: str = field("info", "uvicorn log level: debug, info, warning, error")
 
     def __post_init__(self):

@@ -38,8 +38,9 @@ class ClassifyDataArgs:
     test_dataset: str | list | None = field(None, "held-out split scored before and after training")
     text_column: str = field("text", "column holding the text")
     label_column: str = field("label", "column holding the label (multi_label: a list of labels)")
-    labels: list[str] | None = field(None, "label names in id order; default: the distinct labels of the training data, sorted. A data value "
-                                           "matches a name; an integer matching no name is read as an index into this list")
+    labels: list[str] | None = field(None, "label names in id order; default: the distinct labels of the training "
+                                           "data, sorted. A data value matches a name; an integer matching no name "
+                                           "is read as an index into this list")
     multi_label: bool = field(False, "each text has zero or more labels (sigmoid + BCE)")
     threshold: float = field(0.5, "multi_label: a label is predicted when its probability >= threshold")
     max_length: int = field(256, "truncate texts to this many tokens")

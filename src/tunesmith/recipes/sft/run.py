@@ -1,9 +1,9 @@
 """Supervised fine-tuning recipe: data -> masked tokens -> transformers.Trainer (full, LoRA or QLoRA) -> saved model.
 
 Reads top to bottom in :func:`train`. The data comes through the one data entry (:mod:`tunesmith.data.source`):
-every source is tokenized into memory-mapped Arrow and cached, and several training sources are mixed. The loss is the causal-LM loss with lean logits
-(:func:`tunesmith.scoring.causal_lm_loss`) normalised by the number of trained tokens across gradient accumulation
-and processes (the Trainer's ``num_items_in_batch``). NEFTune noise, when
+every source is tokenized into memory-mapped Arrow and cached, and several training sources are mixed. The loss is
+the causal-LM loss with lean logits (:func:`tunesmith.scoring.causal_lm_loss`) normalised by the number of trained
+tokens across gradient accumulation and processes (the Trainer's ``num_items_in_batch``). NEFTune noise, when
 configured, is added in :meth:`TunesmithTrainer.compute_loss` for training passes only (see ``tunesmith.neftune``).
 """
 from __future__ import annotations

@@ -105,7 +105,8 @@ def _sentence(rng: random.Random, label: str, split: str) -> str:
         s = f"The {a1} {_was(a1)} {_adj(rng, _other(label), split)}, but the {a2} {_was(a2)} {inten}" \
             f"{_adj(rng, label, split)} and that is what stays with me."
     elif kind == 3:  # expectation reversed
-        s = f"I expected the {a1} to be {_adj(rng, _other(label), split)}, yet {'they' if a1 in PLURAL else 'it'} turned out " \
+        pronoun = "they" if a1 in PLURAL else "it"
+        s = f"I expected the {a1} to be {_adj(rng, _other(label), split)}, yet {pronoun} turned out " \
             f"{_adj(rng, label, split)}."
     elif kind == 4:  # recommendation, with and without negation
         s = rng.choice([
@@ -118,10 +119,11 @@ def _sentence(rng: random.Random, label: str, split: str) -> str:
             f"Save your money and skip this {item}.",
         ])
     elif kind == 5:  # comparison
+        be = "are" if a1 in PLURAL else "is"
         s = rng.choice([f"This {item} is better than {rng.choice(REFERENCES)}.",
-                        f"The {a1} {'are' if a1 in PLURAL else 'is'} a big step up from {rng.choice(REFERENCES)}."]) if pos else \
+                        f"The {a1} {be} a big step up from {rng.choice(REFERENCES)}."]) if pos else \
             rng.choice([f"This {item} is not as good as {rng.choice(REFERENCES)}.",
-                        f"The {a1} {'are' if a1 in PLURAL else 'is'} a step down from {rng.choice(REFERENCES)}."])
+                        f"The {a1} {be} a step down from {rng.choice(REFERENCES)}."])
     elif kind == 6:  # feelings
         s = rng.choice([f"I {rng.choice(['loved', 'enjoyed', 'adored'])} the {a1}.",
                         f"I couldn't help but smile at the {a1}.",
@@ -137,8 +139,9 @@ def _sentence(rng: random.Random, label: str, split: str) -> str:
                         f"Nothing about the {a1} impressed me.",
                         f"No amount of praise for the {a2} can save the {a1}."])
     elif kind == 8:  # value for money
+        be = "are" if a1 in PLURAL else "is"
         s = rng.choice(["Worth every penny.", f"The {item} was worth every penny.",
-                        f"For the price, the {a1} {'are' if a1 in PLURAL else 'is'} {_adj(rng, 'positive', split)}."]) if pos else \
+                        f"For the price, the {a1} {be} {_adj(rng, 'positive', split)}."]) if pos else \
             rng.choice(["Not worth the money.", f"The {item} was not worth a single penny.",
                         f"For the price, the {a1} should not be this {_adj(rng, 'negative', split)}."])
     elif kind == 9:  # two aspects, same direction
