@@ -185,12 +185,3 @@ def save_lora_adapter(base_dir, out, template: str = "alpaca", seed: int = 1) ->
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
     save_model_dir(peft_model, tok, out, template=get_template(template, tok))
     return str(out)
-
-
-def free_port() -> int:
-    """A free TCP port for a torchrun rendezvous (never a fixed one: other test runs may use torchrun at once)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
