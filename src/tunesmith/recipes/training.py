@@ -132,10 +132,12 @@ def check_report_to(report_to) -> None:
 
 
 # TrainingArguments keys that change what training computes (logging, saving, evaluation and paths do not).
+# transformers 5 folded group_by_length into train_sampling_strategy; tests/test_library_contracts.py checks that
+# every key here is still a TrainingArguments field.
 TRAJECTORY_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "seed", "data_seed", "optim", "weight_decay", "lr_scheduler_type",
                    "warmup_steps", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_epsilon", "bf16", "fp16",
-                   "train_sampling_strategy", "group_by_length", "label_smoothing_factor")
+                   "train_sampling_strategy", "label_smoothing_factor")
 
 
 def run_fingerprint(cfg, ignore=("eval_dataset", "test_dataset", "train_loss_eval_samples", "compare_sentences",
