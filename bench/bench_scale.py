@@ -280,7 +280,49 @@ def child_eval(a) -> dict:
     return {"run_s": time.perf_counter() - t0, "rc": rc, "loss": loss["loss"], "tokens": loss["tokens"]}
 
 
-CHILDREN = {"prep": child_prep, "prep-before": child_prep_before, "prep-trl": child_prep_trl, "sft": child_sft,
+def child_spin_data(a) -> dict:
+    """SPIN's data phase without a model: the prompt table (tokenized, cached), two iterations of generation shards
+    (synthetic answers: each real answer's first half, written by the shard writer SPIN uses), the pairs of iteration 1
+    (its answers and iteration 0's: 2 x N pairs) assembled, the generation counts, and one pass over every pair through
+    the pair collator in batches of 32, as the reference stage reads them."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.source import open_sources
+    from tunesmith.data.templates import get_template
+    from tunesmith.models import ensure_pad_token
+    from tunesmith.preference.pairs import PairCollator, n_shards, shard_path, write_shard
+    from tunesmith.recipes.spin.data import assemble_pairs, generation_metrics, prepare_prompts, read_generations
+
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    ensure_pad_token(tok)
+    t0 = time.perf_counter()
+    sources = open_sources(a.data, cache_dir=a.cache)
+    prompts, _, _, _ = prepare_prompts(sources, tok, get_template("alpaca"), a.max_length, num_proc=a.num_proc,
+                                       cache_dir=a.cache)
+    t1 = time.perf_counter()
+    size, out = 256, Path(a.out)
+    for t in (0, 1):
+        for k in range(n_shards(len(prompts), size)):
+            rows = prompts[k * size:(k + 1) * size]
+            ids = [r[:max(1, len(r) // 2)] for r in rows["real_ids"]]
+            write_shard(shard_path(out / f"iteration-{t}", k), {
+                "index": list(range(k * size, k * size + len(ids))), "ids": ids, "text": [""] * len(ids), "truncated": [False] * len(ids),
+                "seconds": [0.0] * len(ids)})
+    t2 = time.perf_counter()
+    gens = [read_generations(out / f"iteration-{t}", len(prompts), size) for t in (1, 0)]
+    counts = generation_metrics(prompts, gens[0])
+    pairs = assemble_pairs(prompts, gens)
+    collate, tokens = PairCollator(tok.pad_token_id, a.max_length), 0
+    for start in range(0, len(pairs), 32):
+        cols = pairs[start:start + 32]
+        batch = collate([dict(zip(cols, values)) for values in zip(*cols.values())])
+        tokens += int(batch["attention_mask"].sum())
+    t3 = time.perf_counter()
+    return {"prompts": len(prompts), "pairs": len(pairs), "prepare_s": t1 - t0, "shards_s": t2 - t1,
+            "assemble_s": t3 - t2, "tokens": tokens, "identical": counts["identical"]}
+
+
+CHILDREN = {"prep": child_prep, "spin-data": child_spin_data, "prep-before": child_prep_before, "prep-trl": child_prep_trl, "sft": child_sft,
             "sft-trl": child_sft_trl, "first-step": child_first_step, "sft-lean-loop": child_sft_lean_loop, "eval": child_eval}
 
 
@@ -330,6 +372,8 @@ def main() -> None:
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--spin-sizes", default="10000,200000", help="prompts at which SPIN's data phase runs (each must "
+                                                                "be in --sizes; empty: skip)")
     p.add_argument("--peer", default="", help="a commit whose data preparation (the same 'prep' child) is measured "
                                               "beside this tree's at --peer-sizes (e.g. the commit before a change)")
     p.add_argument("--peer-sizes", default="10000,100000")
@@ -353,7 +397,20 @@ def main() -> None:
     before_sizes = {int(x) for x in a.before_sizes.split(",") if x}
     print(common.threads_note(), flush=True)
     ws = workspace(root, sizes)
-    results: dict = {"data": {}, "memory": {}}
+    results: dict = {"data": {}, "memory": {}, "spin": {}}
+    spin_sizes = [int(x) for x in a.spin_sizes.split(",") if x]
+    if spin_sizes:
+        import shutil
+
+        print(f"\nSPIN's data phase: prompt table, 2 iterations of generation shards, 2 x N pairs assembled and "
+              f"collated (max_length {a.max_length})")
+        for n in spin_sizes:
+            work = root / f"spin-{n}"
+            shutil.rmtree(work, ignore_errors=True)
+            results["spin"][n] = measure(f"tunesmith SPIN data {n:>9,} prompts", "spin-data", src, log,
+                                         data=ws["files"][n], tokenizer=ws["tokenizer"], max_length=a.max_length,
+                                         num_proc=a.num_proc, cache=work / "cache", out=work / "shards")
+            shutil.rmtree(work, ignore_errors=True)
 
     if not a.skip_data:
         import shutil
@@ -416,6 +473,17 @@ def main() -> None:
 
 
 def report(results: dict, sizes: list[int]) -> None:
+    spin = results.get("spin") or {}
+    if spin:
+        print("\n| SPIN prompts | pairs | prepare | shards (synthetic) | assemble + collate | per prompt (prepare + "
+              "assemble) | peak RSS |")
+        print("|---|---|---|---|---|---|---|")
+        base = None
+        for n, r in spin.items():
+            per = 1e6 * (r["prepare_s"] + r["assemble_s"]) / n
+            base = base or per
+            print(f"| {n:,} | {r['pairs']:,} | {r['prepare_s']:.1f} s | {r['shards_s']:.1f} s | {r['assemble_s']:.1f} s "
+                  f"| {per:.0f} µs ({per / base:.2f}x; target <= 1.3x) | {r['peak_mib']:.0f} MiB (target <= 1,536) |")
     data = results["data"]
     if data:
         print("\n| examples | tunesmith prepare | pack | per example | peak RSS | rows (fill) | second run: prepare "

@@ -1,6 +1,6 @@
 """SPIN benchmark, one process, one model and one set of pairs for every contender:
 
-* training step time: tunesmith's SPINTrainer (reference log-probs stored with the pairs) vs TRL's DPOTrainer with a
+* training step time: tunesmith's PreferenceTrainer (SPIN's trainer) (reference log-probs stored with the pairs) vs TRL's DPOTrainer with a
   reference copy scored every step, and vs TRL with ``precompute_ref_log_probs`` (its one-off precompute is timed
   apart, like tunesmith's reference stage);
 * generation: tunesmith's batched, left-padded generation (the call SPIN's generate stage makes) vs a per-prompt
@@ -76,10 +76,12 @@ def main() -> None:
 
     from transformers import TrainingArguments
 
+    from tunesmith.data.source import read_examples
+    from tunesmith.preference.loss import LossSettings
+    from tunesmith.preference.pairs import PairCollator, score_pairs
+    from tunesmith.preference.trainer import PreferenceTrainer
     from tunesmith.recipes.spin.config import SPINArgs
-    from tunesmith.recipes.spin.data import PairCollator, build_prompts, pair_row
-    from tunesmith.recipes.spin.trainer import SPINTrainer, score_pairs
-    from tunesmith.data.prepare import load_examples
+    from tunesmith.recipes.spin.data import prompt_rows
     from tunesmith.data.templates import get_template
     from tunesmith.generate import generate
     from tunesmith.models import load_model_and_tokenizer
@@ -90,17 +92,16 @@ def main() -> None:
     model.eval()
     template = get_template(TEMPLATE, tok)
     batch = ws.size.batch_size
-    prompts, _ = build_prompts(load_examples(ws.data_file, "prompt_completion"), tok, template,
-                                    ws.size.max_length, ws.data_file)
     n_pairs = max(n_gen, batch * steps)
-    prompts = prompts[:n_pairs]
+    cols = prompt_rows(read_examples(ws.data_file, dataset_format="prompt_completion"), tok, template, ws.size.max_length)
+    prompts = [dict(zip(cols, values)) for values in zip(*cols.values()) if values[-1]][:n_pairs]  # room to answer
     print(f"model {ws.n_params / 1e6:.1f}M params, {ws.size.layers} layers; {len(prompts)} pairs, batch {batch} "
           f"pairs, {steps} steps (timed {a.warmup + 1}..{steps}); {threads_note()}")
 
     # ---------------------------------------------------------------- generation
     # every pair's answer comes from tunesmith's batched generation; the first n_gen prompts are also generated one
     # by one, chunk by chunk in alternation with the batched calls, so machine load hits both alike
-    ids = [p.prompt_ids for p in prompts]
+    ids = [p["prompt_ids"] for p in prompts]
     gen_batch = SPINArgs().generation_batch_size
     outs, t_batched, t_loop = [], 0.0, 0.0
     for start in range(0, len(ids), gen_batch):
@@ -121,18 +122,17 @@ def main() -> None:
           f"{t_loop:7.2f} s    speed-up {t_loop / t_batched:5.2f}x   (target >= 5x)")
 
     # ---------------------------------------------------------------- pairs
-    eos = [tok.eos_token_id]
-    pairs = [{"real": pair_row(p.prompt_ids, p.real_ids, ws.size.max_length),
-              "generated": pair_row(p.prompt_ids, o["output_ids"] + ([] if o["truncated"] else eos),
-                                         ws.size.max_length)} for p, o in zip(prompts, outs)]
-    collate = PairCollator(tok.pad_token_id)
+    pairs = [{"prompt_ids": p["prompt_ids"], "chosen_ids": p["real_ids"],
+              "rejected_ids": o["output_ids"] + ([] if o["truncated"] else p["end_ids"])}
+             for p, o in zip(prompts, outs)]
+    collate = PairCollator(tok.pad_token_id, ws.size.max_length)
     t0 = time.perf_counter()
     ref_r, ref_g = score_pairs(model, pairs, collate, batch, "cpu")
     t_ref = time.perf_counter() - t0
     for pair, r, g in zip(pairs, ref_r, ref_g):
-        pair["ref_real"], pair["ref_generated"] = r, g
-    texts = Dataset.from_list([{"prompt": tok.decode(p.prompt_ids, skip_special_tokens=True),
-                                "chosen": tok.decode(p.real_ids, skip_special_tokens=True),
+        pair["ref_chosen"], pair["ref_rejected"] = r, g
+    texts = Dataset.from_list([{"prompt": tok.decode(p["prompt_ids"], skip_special_tokens=True),
+                                "chosen": tok.decode(p["real_ids"], skip_special_tokens=True),
                                 "rejected": o["output"]} for p, o in zip(prompts, outs)])
 
     # ---------------------------------------------------------------- training steps
@@ -140,8 +140,8 @@ def main() -> None:
     # the median step time over the timed steps, and the median of the per-step ratios (a paired comparison)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(**common_args(f"{tmp}/s", batch))
-        ours = SPINTrainer(model=copy.deepcopy(model), args=args,
-                                train_dataset=pairs, data_collator=collate, beta=0.1)
+        ours = PreferenceTrainer(model=copy.deepcopy(model), args=args, train_dataset=pairs, data_collator=collate,
+                                 loss=LossSettings(beta=0.1))
         contenders = {"tunesmith SPIN (stored reference)": ours}
         for name, precompute in (("TRL DPO, reference copy every step", False),
                                  ("TRL DPO, precompute_ref_log_probs", True)):

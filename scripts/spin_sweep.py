@@ -186,21 +186,22 @@ def win_vs(judge, run_dir: Path, sft_run: Path, seed: int) -> dict:
 
 
 def pair_diagnostics(spin_dir: Path, data: dict) -> list[dict]:
-    """Per iteration: the SPIN state's log-probs (theta_t = reference, theta_{t+1} = policy, means over the
+    """Per iteration: the SPIN run's recorded log-probs (theta_t = reference, theta_{t+1} = policy, means over the
     iteration's pairs), margin and reward accuracy, plus how many generated answers equal the real one."""
-    state = json.loads((spin_dir / "spin_state.json").read_text())
+    from datasets import Dataset
+
+    finished = json.loads((spin_dir / "tunesmith_run.json").read_text())["stages"]["finished"]
     real = [json.loads(line)["output"] for line in Path(data["train"]).read_text().splitlines() if line.strip()]
+    iterations = sorted({int(k.split("/")[0].split("-")[1]) for k in finished})
     out = []
-    for t in sorted(state["iterations"], key=int):
-        it = state["iterations"][t]
-        gens = []
-        for shard in sorted((spin_dir / f"iteration-{t}" / "generations").glob("shard-*.json")):
-            gens += json.loads(shard.read_text())["rows"]
-        texts = [r["text"].strip() for r in gens]
+    for t in iterations:
+        texts = []
+        for shard in sorted((spin_dir / f"iteration-{t}" / "generations").glob("shard-*.arrow")):
+            texts += [x.strip() for x in Dataset.from_file(str(shard))["text"]]
         same = sum(a == b.strip() for a, b in zip(texts, real))
         near = sum(difflib.SequenceMatcher(None, a, b.strip()).ratio() >= 0.9 for a, b in zip(texts, real))
-        tr, ref, g = it.get("train", {}), it.get("reference", {}), it.get("generate", {})
-        out.append({"iteration": int(t), "identical": same / len(texts), "near_identical": near / len(texts),
+        tr, ref, g = (finished.get(f"iteration-{t}/{s}", {}) for s in ("train", "reference", "generate"))
+        out.append({"iteration": t, "identical": same / len(texts), "near_identical": near / len(texts),
                     "gen_tokens": g.get("mean_generated_tokens"), "truncated": g.get("truncated"),
                     "ref_real": ref.get("ref_real"), "ref_generated": ref.get("ref_generated"),
                     "policy_real": tr.get("policy_real"), "policy_generated": tr.get("policy_generated"),

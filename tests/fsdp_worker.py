@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunesmith.models import gathered_state_dict, save_model_dir
 from tunesmith.neftune import add_noise_to_batch, input_embedding_module, noise_in_forward
+from tunesmith.preference.pairs import PairCollator, pair_logps
 from tunesmith.scoring import sequence_logprobs
 
 ALPHA = 5.0
@@ -85,6 +86,18 @@ def main(out: Path) -> None:
         dist.all_gather(gathered, logps.detach())
     result["sequence_logprobs"] = sorted(torch.cat(gathered).tolist())
     result["sequence_logprobs_grads"] = sum(p.grad is not None for p in model.parameters())
+    optimizer.zero_grad()
+    # the preference engine's policy pass: both answers of each pair in one padding-free row, on the sharded model
+    pairs = [{"prompt_ids": r[:6].tolist(), "chosen_ids": r[6:].tolist(), "rejected_ids": r[6:].flip(0).tolist()}
+             for r in mine]
+    lp = pair_logps(model, PairCollator(0, 12, padding_free=True)(pairs))
+    (lp.chosen - lp.rejected).sum().backward()
+    both = torch.stack([lp.chosen, lp.rejected], 1).detach()
+    gathered = [torch.zeros_like(both) for _ in range(world)] if world > 1 else [both]
+    if world > 1:
+        dist.all_gather(gathered, both)
+    result["pair_logps"] = sorted(x for row in torch.cat(gathered).tolist() for x in row)
+    result["pair_logps_grads"] = sum(p.grad is not None for p in model.parameters())
     optimizer.zero_grad()
     # the other mechanism (embeddings computed outside the forward) cannot run on a sharded model
     try:

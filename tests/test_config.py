@@ -36,7 +36,7 @@ def test_spin_owns_its_per_iteration_values_and_builds_the_iteration_arguments(t
     assert not isinstance(cfg, SFTConfig)
 
 
-@pytest.mark.parametrize("key", ["padding_free", "packing", "train_on_prompt"])
+@pytest.mark.parametrize("key", ["packing", "train_on_prompt"])  # padding_free: pairs have a padding-free layout
 def test_spin_rejects_what_it_cannot_do_in_one_line(key):
     with pytest.raises(UserError, match=f"field '{key}' is not supported by SPIN") as e:
         build_config(SPINConfig, dict(BASE, **{key: True}))

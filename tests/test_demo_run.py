@@ -18,23 +18,30 @@ needs_base = pytest.mark.skipif(not (base.BASE_DIR / base.MANIFEST).is_file(), r
 @needs_base
 def test_quick_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--spin", "1", "--output", str(out)]) == 0
+    assert main(["demo", "--quick", "--spin", "1", "--dpo", "true", "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "win rate vs SFT" in printed
-    # the stages are named and numbered as they run (issue 23.3): 2 trainings, SPIN, 3 evaluations, the report
-    for line in ("[1/7] SFT run", "[2/7] NEFTune run (alpha 5)", "[3/7] SPIN run: 1 iteration(s) on the SFT model",
-                 "[4/7] evaluate sft: generate answers, losses, facts", "[7/7] report"):
+    # the stages are named and numbered as they run (issue 23.3): 2 trainings, SPIN, DPO, 4 evaluations, the report
+    for line in ("[1/9] SFT run", "[2/9] NEFTune run (alpha 5)", "[3/9] SPIN run: 1 iteration(s) on the SFT model",
+                 "[4/9] DPO run on the SFT model, pairs with one wrong fact",
+                 "[5/9] evaluate sft: generate answers, losses, facts", "[9/9] report"):
         assert line in printed.splitlines(), printed
-    assert "[7/7] report: done in " in printed
+    assert "[9/9] report: done in " in printed
     state = json.loads((out / "demo.json").read_text())
     assert state["complete"] is True
-    assert set(state["per_variant"]) == {"sft", "neftune", "spin1"}
+    assert set(state["per_variant"]) == {"sft", "neftune", "spin1", "dpo"}
+    # DPO ran from the plain SFT model on the world's pairs (TRAIN people's answers vs one wrong fact)
+    dpo_run = json.loads((out / "runs/dpo-seed0/tunesmith_run.json").read_text())
+    assert dpo_run["config"]["model_name_or_path"].endswith("runs/sft-seed0")
+    pairs = [json.loads(x) for x in (out / "data/pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    assert "## DPO" in (out / "report.md").read_text()
     # SPIN ran with the demo's recipe and the authors' sampling, and its diagnostics are in the report
-    spin_state = json.loads((out / "runs/spin-seed0/spin_state.json").read_text())
+    spin_state = json.loads((out / "runs/spin-seed0/tunesmith_run.json").read_text())
     cfg = DemoConfig()
     assert {k: spin_state["config"][k] for k in ("learning_rate", "beta", "num_train_epochs")} == {
         "learning_rate": [cfg.spin_learning_rate], "beta": [cfg.spin_beta], "num_train_epochs": [cfg.spin_epochs]}
-    gen = spin_state["iterations"]["0"]["generate"]
+    gen = spin_state["stages"]["finished"]["iteration-0/generate"]
     assert (gen["do_sample"], gen["temperature"], gen["top_p"]) == (True, 0.8, 0.95)
     summary = json.loads((out / "runs/spin-seed0/summary.json").read_text())[0]
     for name in ("sft-seed0", "neftune-seed0"):

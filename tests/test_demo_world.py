@@ -153,6 +153,18 @@ needs_base = pytest.mark.skipif(not (base.BASE_DIR / base.MANIFEST).is_file(), r
 
 
 @needs_base
+def test_preference_pairs_differ_from_the_real_answer_in_exactly_one_wrong_fact(world, judge):
+    train, _ = world.instruction_data(seed=0)
+    pairs = world.preference_pairs(train, seed=3)
+    assert pairs == world.preference_pairs(train, seed=3) != world.preference_pairs(train, seed=4)
+    assert len(pairs) == len(train)  # every training answer states a fact
+    for row, p in zip(train, pairs):
+        assert (p["prompt"], p["chosen"]) == (row["instruction"], row["output"])
+        right, wrong = judge.score(p["prompt"], p["chosen"]), judge.score(p["prompt"], p["rejected"])
+        assert right.incorrect == 0 and wrong.incorrect == 1 and wrong.correct == right.correct - 1
+        assert p["rejected"] != p["chosen"]
+
+
 def test_shipped_base_model_loads_and_knows_its_world():
     model, tokenizer, world = base.load_base()
     info = base.provenance()

@@ -12,6 +12,9 @@ def recipe_config(name: str):
     if name.startswith("sft"):
         from tunesmith.recipes.sft import SFTConfig
         return SFTConfig
+    if name.startswith("dpo"):
+        from tunesmith.recipes.dpo import DPOConfig
+        return DPOConfig
     if name.startswith("spin"):
         from tunesmith.recipes.spin import SPINConfig
         return SPINConfig
@@ -23,7 +26,7 @@ def recipe_config(name: str):
 
 def test_there_are_examples_for_each_recipe():
     prefixes = {p.name.split("_")[0].split(".")[0] for p in EXAMPLES}
-    assert {"sft", "spin", "classify"} <= prefixes
+    assert {"sft", "spin", "dpo", "classify"} <= prefixes
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

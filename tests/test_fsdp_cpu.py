@@ -51,6 +51,9 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process(tmp_path):
     # SPIN's answer-only log-probs (LM head applied after the forward) work on the shards, with every gradient
     assert two["sequence_logprobs"] == pytest.approx(one["sequence_logprobs"], rel=1e-5)
     assert two["sequence_logprobs_grads"] == two["neftune"]["params"]
+    # the preference engine's pair log-probs (padding-free rows, summed per answer) too
+    assert two["pair_logps"] == pytest.approx(one["pair_logps"], rel=1e-5)
+    assert two["pair_logps_grads"] == two["neftune"]["params"]
     # computing the embeddings outside the forward (inputs_embeds) cannot work on a sharded model
     assert one["inputs_embeds_outside_forward"] == "ran"
     assert "DTensor" in two["inputs_embeds_outside_forward"]

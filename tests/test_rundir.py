@@ -311,6 +311,48 @@ def test_other_ranks_only_read(tmp_path, trained):
 
 # ---------------------------------------------------------------- replacing a directory (merge)
 
+# ---------------------------------------------------------------- runs of several stages (SPIN, DPO)
+
+def test_a_staged_run_is_continued_with_its_settings_and_refused_with_others(tmp_path):
+    out = tmp_path / "run"
+    with R.open_run(out, "spin", FP, continues=True) as run:
+        assert run.stage("iteration-0/generate") is None
+        folder = run.stage_dir("iteration-0/generate", "iteration-0/generations")
+        (folder / "shard-00000.arrow").write_text("x")
+        run.finish_stage("iteration-0/generate", {"prompts": 12})
+    with R.open_run(out, "spin", FP, continues=True) as run:  # a rerun: what finished is recorded
+        assert run.stage("iteration-0/generate") == {"prompts": 12} and not run.finished
+        assert (run.stage_dir("iteration-0/generate", "iteration-0/generations") / "shard-00000.arrow").exists()
+    with pytest.raises(UserError, match=r"holds a different spin run \(config differs in learning_rate\)"):
+        R.open_run(out, "spin", OTHER, continues=True)
+    with pytest.raises(UserError, match="holds a tunesmith spin run, not a dpo run"):
+        R.open_run(out, "dpo", FP, continues=True)
+    (out / R.FINISHED_FILE).write_text("done: true\n")
+    with R.open_run(out, "spin", FP, continues=True) as run:
+        assert run.finished
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not empty and holds no spin run"):
+        R.open_run(mine, "spin", FP, continues=True)
+    assert not (mine / R.LOCK_FILE).exists()  # the lock was released on refusal
+
+
+def test_a_fresh_start_keeps_the_stages_of_the_same_settings_and_clears_another_runs(tmp_path):
+    """DPO's reference shards survive a crash before the first checkpoint (same settings: reused); a fresh start
+    with other settings begins the stage again in an emptied folder."""
+    out = tmp_path / "run"
+    with R.open_run(out, "dpo", FP) as run:
+        (run.stage_dir("reference") / "shard-00000.arrow").write_text("old")
+        run.finish_stage("reference", {"pairs": 3})
+    with R.open_run(out, "dpo", FP) as run:  # crashed before any checkpoint, started again
+        assert run.stage("reference") == {"pairs": 3}
+    with R.open_run(out, "dpo", OTHER) as run:
+        assert run.stage("reference") is None
+        assert list(run.stage_dir("reference").iterdir()) == []  # what the other settings wrote is gone
+    assert R.read_owner(out)["fingerprint"] == OTHER.digest
+
+
 def test_publish_dir_never_deletes_what_tunesmith_did_not_write(tmp_path):
     target = tmp_path / "merged"
     target.mkdir()

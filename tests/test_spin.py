@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ScaledLogits, alpaca_rows, sft_config, write_jsonl
+from conftest import ScaledLogits, alpaca_rows, free_port, sft_config, write_jsonl
 
 from transformers import TrainerCallback, TrainingArguments
 
@@ -20,10 +20,11 @@ from tunesmith.data.formats import Example, Turn
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import encode, encode_prompt
 from tunesmith.errors import UserError
+from tunesmith.preference.loss import LossSettings, PairLogps, preference_loss
+from tunesmith.preference.pairs import PairCollator, answer_row, pair_logps, score_pairs
+from tunesmith.preference.trainer import PreferenceTrainer
 from tunesmith.recipes import spin
-from tunesmith.recipes.spin.data import PairCollator, generate_shards, pair_row
-from tunesmith.recipes.spin.loss import spin_loss
-from tunesmith.recipes.spin.trainer import SPINTrainer
+from tunesmith.recipes.spin.data import generate_shards
 from tunesmith.scoring import sequence_logprobs
 
 
@@ -50,16 +51,35 @@ def weights(path):
 
 
 def shard_rows(directory):
+    from datasets import Dataset
+
     rows = []
-    for p in sorted(Path(directory).glob("shard-*.json")):
-        rows += json.loads(p.read_text())["rows"]
+    for p in sorted(Path(directory).glob("shard-*.arrow")):
+        rows += Dataset.from_file(str(p)).remove_columns("seconds").to_list()
     return rows
+
+
+def owner(out):
+    """The run directory's record: fingerprint, config and the finished stages with their metrics."""
+    return json.loads((Path(out) / "tunesmith_run.json").read_text())
+
+
+def stage(out, t, name):
+    return owner(out)["stages"]["finished"].get(f"iteration-{t}/{name}")
 
 
 @torch.no_grad()
 def logps_under(model, pairs, pad_token_id):
-    batch = PairCollator(pad_token_id)(pairs)
-    return sequence_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
+    chosen, rejected = score_pairs(model.eval(), pairs, PairCollator(pad_token_id, 256), 8, "cpu")
+    return torch.tensor(chosen, dtype=torch.float32), torch.tensor(rejected, dtype=torch.float32)
+
+
+def spin_loss(real, generated, ref_real, ref_generated, beta, loss_type="sigmoid"):
+    """SPIN's loss through the preference engine (chosen = real, rejected = generated): (loss, t)."""
+    ones = torch.ones_like(real)
+    loss, r_w, r_l = preference_loss(PairLogps(real, generated, ones, ones), ref_real, ref_generated,
+                                     LossSettings(loss_type=loss_type, beta=beta))
+    return loss, r_w - r_l
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +94,7 @@ def full_run(tiny_model_dir, data_file, tmp_path_factory):
     cfg = spin_config(tiny_model_dir, data_file, out)
     events = []
     final = spin.train(cfg, on_event=lambda stage, t, k: events.append((stage, t, k)))
-    run = spin.Run(build_config(spin.SPINConfig, cfg))
+    run = spin.SpinRun(build_config(spin.SPINConfig, cfg))
     return {"cfg": cfg, "out": out, "final": final, "events": events, "run": run}
 
 
@@ -124,16 +144,15 @@ def test_loss_equals_trl_dpo_sigmoid_loss(tiny_model_dir, tmp_path):
     triples = _triples(tok)
     beta = 0.3
 
-    # tunesmith: reference log-probs stored with the pairs, the policy scored in SPINTrainer.compute_loss
-    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256)} for p, r, y in triples]
-    collate = PairCollator(tok.pad_token_id)
-    with torch.no_grad():
-        ref_r, ref_g = sequence_logprobs(reference.eval(), {k: v for k, v in collate(pairs).items()}).chunk(2)
-    for pair, a, b in zip(pairs, ref_r.tolist(), ref_g.tolist()):
-        pair["ref_real"], pair["ref_generated"] = a, b
+    # tunesmith: reference log-probs stored with the pairs, the policy scored in PreferenceTrainer.compute_loss
+    pairs = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": y} for p, r, y in triples]
+    collate = PairCollator(tok.pad_token_id, 256)
+    ref_r, ref_g = score_pairs(reference.eval(), pairs, collate, 8, "cpu")
+    for pair, a, b in zip(pairs, ref_r, ref_g):
+        pair["ref_chosen"], pair["ref_rejected"] = a, b
     args = TrainingArguments(output_dir=str(tmp_path / "ts"), use_cpu=True, report_to="none")
-    ours = SPINTrainer(model=copy.deepcopy(policy).eval(), args=args, train_dataset=pairs, data_collator=collate,
-                            beta=beta, loss_type="sigmoid")
+    ours = PreferenceTrainer(model=copy.deepcopy(policy).eval(), args=args, train_dataset=pairs,
+                             data_collator=collate, loss=LossSettings(loss_type="sigmoid", beta=beta))
     ours_loss = ours.compute_loss(ours.model, collate(pairs)).item()
 
     # TRL: chosen = real, rejected = generated, a reference copy of the same model, beta = lambda
@@ -164,8 +183,8 @@ def test_answer_logprobs_equal_full_logits_and_fall_back_when_the_head_is_not_pl
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     model.eval()
-    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256)} for p, r, y in _triples(tok)]
-    batch = PairCollator(tok.pad_token_id)(pairs)
+    pairs = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": y} for p, r, y in _triples(tok)]
+    batch = PairCollator(tok.pad_token_id, 256)(pairs)
     with torch.no_grad():
         full = full_logits_answer_logprobs(model, batch)
         assert torch.allclose(sequence_logprobs(model, batch), full, atol=1e-4)
@@ -179,12 +198,12 @@ def test_neftune_noise_on_policy_pass_only(tiny_model_dir, tmp_path):
     from tunesmith.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
-    pairs = [{"real": pair_row(p, r, 256), "generated": pair_row(p, y, 256), "ref_real": -30.0,
-              "ref_generated": -30.0} for p, r, y in _triples(tok)]
-    collate = PairCollator(tok.pad_token_id)
+    pairs = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": y, "ref_chosen": -30.0, "ref_rejected": -30.0}
+             for p, r, y in _triples(tok)]
+    collate = PairCollator(tok.pad_token_id, 256)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    tr = SPINTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate, beta=0.5,
-                          neftune=NEFTuneArgs(15.0))
+    tr = PreferenceTrainer(model=model, args=args, train_dataset=pairs, data_collator=collate,
+                           loss=LossSettings(beta=0.5), neftune=NEFTuneArgs(15.0))
     batch = collate(pairs)
     model.eval()
     clean = tr.compute_loss(model, batch).item()
@@ -208,12 +227,12 @@ def test_identical_real_and_generated_answers_give_zero_margin_and_no_gradient(t
                    10**9)["input_ids"][len(prompt):]
     grads = {}
     for generated, moves in ((real, False), (other, True)):
-        pair = {"real": pair_row(prompt, real, 256), "generated": pair_row(prompt, generated, 256),
-                "ref_real": -5.0, "ref_generated": -5.0 if not moves else -7.0}  # theta_t scores identical rows alike
-        batch = PairCollator(tok.pad_token_id)([pair])
+        pair = {"prompt_ids": prompt, "chosen_ids": real, "rejected_ids": generated,
+                "ref_chosen": -5.0, "ref_rejected": -5.0 if not moves else -7.0}  # theta_t scores identical rows alike
+        batch = PairCollator(tok.pad_token_id, 256)([pair])
         model.zero_grad()
-        r, g = sequence_logprobs(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).chunk(2)
-        loss, t = spin_loss(r, g, batch["ref_real"], batch["ref_generated"], beta=0.5)
+        lp = pair_logps(model, batch)
+        loss, t = spin_loss(lp.chosen, lp.rejected, batch["ref_chosen"], batch["ref_rejected"], beta=0.5)
         loss.sum().backward()
         grads[moves] = max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
         if not moves:
@@ -243,9 +262,9 @@ def test_generated_answers_end_as_the_template_ends_real_ones(tiny_model_dir, tm
     newline = tok("\n", add_special_tokens=False)["input_ids"]
     for template, end in (("chat", [tok.eos_token_id] + newline), ("alpaca", [tok.eos_token_id])):
         cfg = build_config(spin.SPINConfig, spin_config(str(model_dir), data, tmp_path / template, template=template))
-        run = spin.Run(cfg)
+        run = spin.SpinRun(cfg)
         for p in run.prompts:
-            assert p.end_ids == end and p.real_ids[-len(end):] == end
+            assert p["end_ids"] == end and p["real_ids"][-len(end):] == end
         answers = [[tok.convert_tokens_to_ids("Ġthe")] * 3, [5, 6], [7], [8, 9, 10]]
         monkeypatch.setattr(tunesmith.generate, "generate", lambda model, tokenizer, prompt_ids, **kw: [
             {"output_ids": a, "output": "x", "truncated": i == 3, "new_tokens": len(a)}  # the 4th is cut
@@ -253,8 +272,8 @@ def test_generated_answers_end_as_the_template_ends_real_ones(tiny_model_dir, tm
         generate_shards(cfg, None, run.tokenizer, run.prompts, 0, tmp_path / f"{template}-gen")
         rows = shard_rows(tmp_path / f"{template}-gen")
         assert [r["ids"] for r in rows] == [a + end for a in answers[:3]] + [answers[3]]
-        for p, r in zip(run.prompts[:3], rows):  # the real and the generated row end alike
-            real, gen = pair_row(p.prompt_ids, p.real_ids, 256), pair_row(r["prompt_ids"], r["ids"], 256)
+        for p, r in zip(run.prompts.select(range(3)), rows):  # the real and the generated row end alike
+            real, gen = answer_row(p["prompt_ids"], p["real_ids"], 256), answer_row(p["prompt_ids"], r["ids"], 256)
             assert real["input_ids"][-len(end):] == gen["input_ids"][-len(end):] == end
             assert real["labels"][-len(end):] == gen["labels"][-len(end):] == end  # both trained
 
@@ -267,11 +286,12 @@ def test_a_run_made_with_another_world_size_is_refused(full_run, tmp_path):
 
     out = tmp_path / "run"
     shutil.copytree(full_run["out"], out)
-    state = json.loads((out / "spin_state.json").read_text())
+    (out / "tunesmith.yaml").unlink()  # as if it had not finished
+    state = owner(out)
     assert state["config"]["world_size"] == 1
     state["config"]["world_size"] = 2  # as written by a 2-process torchrun run
     state["fingerprint"] = Fingerprint.of(state["config"]).digest
-    (out / "spin_state.json").write_text(json.dumps(state))
+    (out / "tunesmith_run.json").write_text(json.dumps(state))
     with pytest.raises(UserError, match=r"config differs in world_size\)"):
         spin.train(dict(full_run["cfg"], output_dir=str(out)))
 
@@ -294,8 +314,7 @@ def test_qlora_iterations_end_to_end(tiny_model_dir, tmp_path):
     w0, w1 = weights(tiny_model_dir), weights(out / "iteration-0" / "model")
     linear = [k for k in w0 if "layers" in k and k.endswith("proj.weight")]  # where LoRA sits (all-linear)
     assert linear and max((w1[k] - w0[k]).abs().max().item() for k in linear) > 1e-4  # the adapter was folded in
-    state = json.loads((out / "spin_state.json").read_text())
-    assert state["iterations"]["1"]["reference"]["ref_real"] != state["iterations"]["0"]["reference"]["ref_real"]
+    assert stage(out, 1, "reference")["ref_real"] != stage(out, 0, "reference")["ref_real"]
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -303,15 +322,16 @@ def test_qlora_iterations_end_to_end(tiny_model_dir, tmp_path):
 
 def test_two_iterations_end_to_end(full_run, tiny_model_dir, tiny_tokenizer):
     out, run = full_run["out"], full_run["run"]
-    state = json.loads((out / "spin_state.json").read_text())
-    assert all(set(state["iterations"][str(t)]) == {"generate", "reference", "train"} for t in (0, 1))
+    done = owner(out)["stages"]["finished"]
+    assert set(done) == {f"iteration-{t}/{s}" for t in (0, 1) for s in ("generate", "reference", "train")}
+    assert (out / "tunesmith.yaml").exists()  # the whole run is finished
     summary = json.loads((out / "summary.json").read_text())
     assert [r["iteration"] for r in summary] == [0, 1]
     assert "| 1 |" in (out / "summary.md").read_text()
     assert full_run["final"] == str(out / "iteration-1" / "model")
 
     for t in (0, 1):
-        tr = state["iterations"][str(t)]["train"]
+        tr = stage(out, t, "train")
         # the margin starts at 0 (policy == reference) and rises within the iteration
         logs = [json.loads(line) for line in (out / f"iteration-{t}" / "metrics.jsonl").read_text().splitlines()]
         margins = [e["rewards/margin"] for e in logs if "rewards/margin" in e]
@@ -319,12 +339,12 @@ def test_two_iterations_end_to_end(full_run, tiny_model_dir, tiny_tokenizer):
         assert margins[-1] > margins[0] + 0.5
         assert tr["reward_margin"] > 0.5 and tr["reward_accuracy"] > 0.5
         assert tr["policy_real"] - tr["ref_real"] > tr["policy_generated"] - tr["ref_generated"]
-        gen = state["iterations"][str(t)]["generate"]
+        gen = stage(out, t, "generate")
         rows = shard_rows(out / f"iteration-{t}" / "generations")
-        same = [r["ids"] == p.real_ids for r, p in zip(rows, run.prompts)]
+        same = [r["ids"] == p["real_ids"] for r, p in zip(rows, run.prompts)]
         assert gen["identical"] == pytest.approx(sum(same) / 12)
         pairs_t = run.pairs(t, with_reference=False)
-        n_same = sum(p["real"]["input_ids"] == p["generated"]["input_ids"] for p in pairs_t)
+        n_same = sum(p["chosen_ids"] == p["rejected_ids"] for p in pairs_t)
         assert tr["identical_pairs"] == pytest.approx(n_same / len(pairs_t))
         assert tr["reward_accuracy_distinct"] == pytest.approx(tr["reward_accuracy"] * len(pairs_t)
                                                                / (len(pairs_t) - n_same))
@@ -334,11 +354,11 @@ def test_two_iterations_end_to_end(full_run, tiny_model_dir, tiny_tokenizer):
         assert not list((out / f"iteration-{t}" / "trainer").glob("checkpoint-*"))  # removed once the model is saved
 
     # iteration 1 trains on its own and iteration 0's generations (mix_previous_iteration), 24 pairs
-    assert state["iterations"]["1"]["train"]["trained_on_iterations"] == [1, 0]
+    assert stage(out, 1, "train")["trained_on_iterations"] == [1, 0]
     pairs = run.pairs(1, with_reference=True)
     assert len(pairs) == 24
     # iteration 1's reference log-probs are iteration 0's model's (theta_1), not the SFT model's
-    stored = torch.tensor([[p["ref_real"], p["ref_generated"]] for p in pairs])
+    stored = torch.tensor([pairs["ref_chosen"], pairs["ref_rejected"]], dtype=torch.float32).T
     r1, g1 = logps_under(load(out / "iteration-0" / "model"), pairs, run.tokenizer.pad_token_id)
     assert torch.allclose(stored, torch.stack([r1, g1], 1), atol=1e-4)
     r0, g0 = logps_under(run.load_model(0).eval(), pairs, run.tokenizer.pad_token_id)
@@ -350,15 +370,14 @@ def test_generation_prompt_is_token_identical_to_training_prefix(full_run, data_
     rows = shard_rows(out / "iteration-0" / "generations")
     pairs = run.pairs(0, with_reference=True)
     template = get_template("alpaca", run.tokenizer)
-    for r, pair, record in zip(rows, pairs, alpaca_rows(12)):
+    for r, prompt, pair, record in zip(rows, run.prompts, pairs, alpaca_rows(12)):
         ex = Example(turns=[Turn(record["instruction"], record["output"])], input=record["input"] or None)
         trained = encode(run.tokenizer, template, ex, 10**9)  # exactly what SFT trains on
-        n = len(r["prompt_ids"])
-        assert r["prompt_ids"] == trained["input_ids"][:n]
+        n = len(prompt["prompt_ids"])
+        assert prompt["prompt_ids"] == trained["input_ids"][:n] == pair["prompt_ids"]
         assert trained["labels"][n - 1] == -100 and trained["labels"][n] != -100  # the answer starts right there
-        assert pair["real"]["input_ids"] == trained["input_ids"]
-        assert pair["generated"]["input_ids"][:n] == r["prompt_ids"]
-        assert pair["generated"]["input_ids"][n:] == r["ids"]
+        assert pair["prompt_ids"] + pair["chosen_ids"] == trained["input_ids"]  # the real answer as trained
+        assert pair["rejected_ids"] == r["ids"]  # the generated answer after the same prompt
 
 
 def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_path):
@@ -376,7 +395,7 @@ def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_pa
     gen.mkdir()
     generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
     first = shard_rows(gen)
-    (gen / "shard-00001.json").unlink()
+    (gen / "shard-00001.arrow").unlink()
     generate_shards(cfg, model, run.tokenizer, run.prompts, 0, gen)
     assert shard_rows(gen) == first
     greedy = shard_rows(full_run["out"] / "iteration-0" / "generations")
@@ -387,11 +406,11 @@ def test_sampled_shards_are_reproduced_exactly_when_regenerated(full_run, tmp_pa
 
 def test_rerun_of_a_finished_run_redoes_nothing(full_run):
     out = full_run["out"]
-    before = (out / "spin_state.json").read_bytes(), (out / "iteration-1" / "model" / "model.safetensors").stat()
+    before = (out / "tunesmith_run.json").read_bytes(), (out / "iteration-1" / "model" / "model.safetensors").stat()
     events = []
     spin.train(full_run["cfg"], on_event=lambda *e: events.append(e))
     assert events == []
-    assert (out / "spin_state.json").read_bytes() == before[0]
+    assert (out / "tunesmith_run.json").read_bytes() == before[0]
     assert (out / "iteration-1" / "model" / "model.safetensors").stat().st_mtime_ns == before[1].st_mtime_ns
 
 
@@ -402,26 +421,26 @@ def test_lora_iterations_merge_so_the_next_reference_is_the_trained_model(tiny_m
                       lora_dropout=0.0, learning_rate=1e-2, neftune_noise_alpha=5.0, mix_previous_iteration=False,
                       shard_size=8, eval_dataset=held_out)
     spin.train(cfg)
-    run = spin.Run(build_config(spin.SPINConfig, cfg))
+    run = spin.SpinRun(build_config(spin.SPINConfig, cfg))
     merged = tmp_path / "run" / "iteration-0" / "model"
     assert (merged / "model.safetensors").exists() and not (merged / "adapter_config.json").exists()
     pairs = run.pairs(1, with_reference=True)
     assert len(pairs) == 8
-    stored = torch.tensor([[p["ref_real"], p["ref_generated"]] for p in pairs])
+    stored = torch.tensor([pairs["ref_chosen"], pairs["ref_rejected"]], dtype=torch.float32).T
     r1, g1 = logps_under(load(merged), pairs, run.tokenizer.pad_token_id)
     assert torch.allclose(stored, torch.stack([r1, g1], 1), atol=1e-4)  # theta_1, scored noise-free
     r0, g0 = logps_under(run.load_model(0).eval(), pairs, run.tokenizer.pad_token_id)
     assert (stored - torch.stack([r0, g0], 1)).abs().max() > 0.1  # not theta_0
-    state = json.loads((tmp_path / "run" / "spin_state.json").read_text())
-    assert state["iterations"]["1"]["train"]["reward_margin"] > 0
+    assert stage(tmp_path / "run", 1, "train")["reward_margin"] > 0
     # the held-out loss at the end of each iteration is the trained model's, noise-free
     from tunesmith.data.collate import Collator
-    from tunesmith.data.prepare import load_examples, tokenize_examples
+    from tunesmith.data.prepare import tokenize_examples
+    from tunesmith.data.source import read_examples
     from tunesmith.scoring import dataset_loss
 
-    rows, _ = tokenize_examples(load_examples(held_out), run.tokenizer, get_template("alpaca", run.tokenizer), 256)
+    rows, _ = tokenize_examples(read_examples(held_out), run.tokenizer, get_template("alpaca", run.tokenizer), 256)
     expected = dataset_loss(load(merged), [Collator(run.tokenizer.pad_token_id)(rows)])["loss"]
-    assert state["iterations"]["0"]["train"]["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    assert stage(tmp_path / "run", 0, "train")["eval_loss"] == pytest.approx(expected, rel=1e-4)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())[1]["eval_loss"] is not None
 
 
@@ -467,19 +486,18 @@ def test_sigkill_during_generation_reference_and_training_then_resume_matches_un
     p = _run_killable(cfg, {"stage": "generate", "iteration": 0, "shard": 0})
     assert p.returncode == -9, p.stderr[-2000:]
     gen0 = out / "iteration-0" / "generations"
-    assert sorted(x.name for x in gen0.iterdir()) == ["shard-00000.json"]  # no half shard, no temp file
+    assert sorted(x.name for x in gen0.iterdir()) == ["shard-00000.arrow"]  # no half shard, no temp file
     # 2. resumed, then killed after the second reference shard of iteration 1 (24 pairs, 4 shards)
     p = _run_killable(cfg, {"stage": "reference", "iteration": 1, "shard": 1})
     assert p.returncode == -9, p.stderr[-2000:]
-    assert sorted(x.name for x in (out / "iteration-1" / "reference").iterdir()) == ["shard-00000.json",
-                                                                                     "shard-00001.json"]
+    assert sorted(x.name for x in (out / "iteration-1" / "reference").iterdir()) == ["shard-00000.arrow",
+                                                                                     "shard-00001.arrow"]
     # 3. resumed, then killed at step 3 of iteration 1's training (after the step-2 checkpoint)
     p = _run_killable(cfg, {"step": 3, "iteration": 1})
     assert p.returncode == -9, p.stderr[-2000:]
     assert (out / "iteration-1" / "trainer" / "checkpoint-2").exists()
     assert not (out / "iteration-1" / "model").exists()
-    state = json.loads((out / "spin_state.json").read_text())
-    assert "train" not in state["iterations"]["1"] and "reference" in state["iterations"]["1"]
+    assert stage(out, 1, "train") is None and stage(out, 1, "reference") is not None
     # 4. resumed to the end
     p = _run_killable(cfg, {})
     assert p.returncode == 0, p.stderr[-2000:]
@@ -493,8 +511,8 @@ def test_sigkill_during_generation_reference_and_training_then_resume_matches_un
         ra, rb = shard_rows(out / f"iteration-{t}" / "reference"), shard_rows(ref / f"iteration-{t}" / "reference")
         assert len(ra) == len(rb) == (12 if t == 0 else 24)
         for x, y in zip(ra, rb):
-            assert x["ref_real"] == pytest.approx(y["ref_real"], abs=1e-4)
-            assert x["ref_generated"] == pytest.approx(y["ref_generated"], abs=1e-4)
+            assert x["ref_chosen"] == pytest.approx(y["ref_chosen"], abs=1e-4)
+            assert x["ref_rejected"] == pytest.approx(y["ref_rejected"], abs=1e-4)
     wa, wb = weights(out / "iteration-1" / "model"), weights(ref / "iteration-1" / "model")
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -512,7 +530,7 @@ def test_sigkill_during_generation_reference_and_training_then_resume_matches_un
     ({"beta": [0.1, -1.0]}, "'beta' must be > 0"),
     ({"learning_rate": [1e-3, 1e-3, 1e-3]}, "'learning_rate' has 3 values but num_iterations is 2"),
     ({"num_train_epochs": [1, 2, 3]}, "'num_train_epochs' has 3 values"),
-    ({"loss_type": "ipo"}, "loss_type"),
+    ({"loss_type": "kto"}, "loss_type"),
     ({"packing": True}, "packing"),
 ])
 def test_bad_config_is_a_one_line_user_error(over, message, tiny_model_dir, data_file, tmp_path):
@@ -546,12 +564,12 @@ def test_model_without_template_is_refused(tiny_model_dir, data_file, tmp_path):
 def test_output_dir_of_another_run_is_refused_and_left_untouched(full_run, tmp_path):
     out = full_run["out"]
     before = {p: p.read_bytes() for p in out.rglob("*.json")}
-    with pytest.raises(UserError, match="holds a different SPIN run .*beta"):
+    with pytest.raises(UserError, match="holds a different spin run .*beta"):
         spin.train(dict(full_run["cfg"], beta=0.7))
     assert {p: p.read_bytes() for p in out.rglob("*.json")} == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="holds no SPIN run"):
+    with pytest.raises(UserError, match="holds no spin run"):
         spin.train(dict(full_run["cfg"], output_dir=str(tmp_path / "other")))
 
 
@@ -575,18 +593,17 @@ def test_torchrun_two_processes_split_generation_shards_and_train_ddp(full_run, 
     (tmp_path / "spin.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(spin.__file__).parents[3])] + sys.path))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tunesmith.cli",
-                        "spin", "--config", str(tmp_path / "spin.yaml")], env=env, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "tunesmith.cli", "spin", "--config", str(tmp_path / "spin.yaml")],
+                       env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "run"
     gen = out / "iteration-0" / "generations"
-    assert sorted(x.name for x in gen.iterdir()) == ["shard-00000.json", "shard-00001.json", "shard-00002.json"]
+    assert sorted(x.name for x in gen.iterdir()) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
     rows = shard_rows(gen)
     assert [r["index"] for r in rows] == list(range(12))
     assert [r["ids"] for r in rows] == [r["ids"] for r in shard_rows(full_run["out"] / "iteration-0" / "generations")]
-    ddp = json.loads((out / "spin_state.json").read_text())["iterations"]["0"]["train"]
-    single = json.loads((full_run["out"] / "spin_state.json").read_text())["iterations"]["0"]["train"]
+    ddp, single = stage(out, 0, "train"), stage(full_run["out"], 0, "train")
     assert ddp["steps"] == single["steps"] == 3
     for key in ("loss", "reward_margin", "policy_real", "policy_generated"):
         assert ddp[key] == pytest.approx(single[key], rel=1e-3, abs=1e-3), key
@@ -615,3 +632,24 @@ def test_killed_after_the_last_checkpoint_finishes_from_it(tiny_model_dir, data_
     assert max(json.loads(x)["step"] for x in log) == 2  # nothing trained after the last checkpoint
     wa, wb = weights(killed / "iteration-0" / "model"), weights(straight / "iteration-0" / "model")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_fingerprint_is_built_from_the_config_parts(full_run):
+    """Issue 18.8: every key of the config parts (model_revision, chat_template, modules_to_save, bf16/fp16,
+    generation_batch_size, ...) plus the tokenized prompts and the world size; a rerun that changes one is refused."""
+    values = full_run["run"].fingerprint.values
+    for key in ("model_revision", "chat_template", "modules_to_save", "bf16", "fp16", "generation_batch_size",
+                "loss_type", "dpop_lambda", "padding_free", "prompts", "world_size"):
+        assert key in values, key
+    assert "eval_dataset" not in values and "output_dir" not in values
+    with pytest.raises(UserError, match=r"config differs in generation_batch_size\)"):
+        spin.train(dict(full_run["cfg"], generation_batch_size=3))
+
+
+def test_lora_honours_modules_to_save(full_run, data_file, tmp_path):
+    cfg = build_config(spin.SPINConfig, spin_config(full_run["cfg"]["model_name_or_path"], data_file, tmp_path / "r",
+                                                    use_peft=True, lora_r=4, modules_to_save=["norm"]))
+    run = spin.SpinRun(cfg)
+    model = run.model_to_train(0, run.load_model(0))
+    saved = [n for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad]
+    assert saved and all("norm" in n for n in saved)

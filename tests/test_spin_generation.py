@@ -66,8 +66,8 @@ def test_a_spin_run_generates_as_the_checkpoint_says_and_trains_without_dropout(
     del cfg["do_sample"]  # the default generation
     probe = DropoutProbe()
     spin.train(cfg, callbacks=[probe])
-    state = json.loads((tmp_path / "spin" / "spin_state.json").read_text())
-    gen = state["iterations"]["0"]["generate"]
+    state = json.loads((tmp_path / "spin" / "tunesmith_run.json").read_text())
+    gen = state["stages"]["finished"]["iteration-0/generate"]
     assert gen["generation"] == "checkpoint" and gen["do_sample"] is True
     assert (gen["temperature"], gen["top_p"], gen["top_k"]) == (0.7, 0.9, 50)
     assert probe.seen and all(p == 0.0 for p in probe.seen), probe.seen

@@ -15,6 +15,7 @@ COMMANDS = {
     "audit": ("tunesmith.recipes.sft.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
+    "dpo": ("tunesmith.recipes.dpo.run", "preference training on your pairs: DPO, hinge, IPO, DPO-Positive, SimPO, ORPO"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
     "chat": ("tunesmith.serve.chat", "talk to a model in the terminal (streamed, its training prompt template)"),
     "serve": ("tunesmith.serve.run", "OpenAI-compatible API + web page (chat, blind side-by-side) for trained models"),

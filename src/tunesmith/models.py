@@ -134,11 +134,13 @@ def resize_embeddings(model, vocab_size: int) -> None:
 
 def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bool = False,
                              trust_remote_code: bool = False, model_class=None, revision: str | None = None,
-                             attn_implementation: str | None = None, chat_template: str | None = None):
+                             attn_implementation: str | None = None, chat_template: str | None = None,
+                             trainable_adapter: bool = False, gradient_checkpointing: bool = False):
     """Load a causal LM (or ``model_class``) and its tokenizer; safetensors only; adds a dedicated pad token.
 
     ``path`` may also be a LoRA adapter directory saved by tunesmith: its base is loaded (resized to the adapter's
-    tokenizer) and the adapter applied, ready for inference or further training.
+    tokenizer) and the adapter applied, frozen for inference, or with ``trainable_adapter`` ready to be trained
+    further (a 4-bit base is prepared for k-bit training first; ``gradient_checkpointing`` as the training sets it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -177,7 +179,11 @@ def load_model_and_tokenizer(path: str, dtype: str = "float32", load_in_4bit: bo
         from peft import PeftModel
 
         resize_embeddings(model, len(tokenizer))
-        model = PeftModel.from_pretrained(model, path)
+        if trainable_adapter and load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = PeftModel.from_pretrained(model, path, is_trainable=trainable_adapter)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -395,6 +401,43 @@ def wrap_lora(model, lora, task_type: str = "CAUSAL_LM", quantized: bool = False
         return get_peft_model(model, config)
     except ValueError as e:
         raise UserError(f"lora_target_modules {lora.lora_target_modules}: {first_line(e)}") from None
+
+
+def is_adapter_dir(path: str) -> bool:
+    """Whether ``path`` is a LoRA adapter directory (``tunesmith sft use_peft: true`` saves one) rather than a model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_training(cfg, path: str | None = None, revision: str | None = None):
+    """The model a training recipe starts from, ready to train as ``cfg`` (a recipe config with model, data, lora and
+    training parts) says: a plain model, wrapped in a new LoRA adapter under ``use_peft``. When the starting model is
+    a LoRA adapter directory (a LoRA SFT output), it is its base with that adapter: trained further as it is under
+    ``use_peft`` (the adapter's own rank and target modules; the lora_* keys do not apply), merged into the base for
+    full fine-tuning otherwise. ``path`` / ``revision``: another starting model than ``model_name_or_path`` (SPIN's
+    later iterations)."""
+    import logging
+
+    m, lora = cfg.model, cfg.lora
+    path = path or m.model_name_or_path
+    options = model_options(cfg) if path == m.model_name_or_path else {"revision": revision}
+    options["attn_implementation"] = m.attn_implementation
+    checkpointing = bool(cfg.training.gradient_checkpointing)
+    if is_adapter_dir(path):
+        model, _ = load_model_and_tokenizer(path, m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                            trainable_adapter=lora.use_peft, gradient_checkpointing=checkpointing,
+                                            **options)
+        if lora.use_peft:
+            logging.getLogger("tunesmith").warning(
+                f"{path}: a LoRA adapter; training it further (its own rank and target modules; lora_* keys do not "
+                "apply)")
+            return model
+        model = model.merge_and_unload()
+        model.requires_grad_(True)  # PEFT froze the base; full fine-tuning trains every weight
+        return model
+    model, _ = load_model_and_tokenizer(path, m.dtype, m.load_in_4bit, m.trust_remote_code, **options)
+    if lora.use_peft:
+        model = wrap_lora(model, lora, quantized=m.load_in_4bit, gradient_checkpointing=checkpointing)
+    return model
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:

@@ -2,10 +2,10 @@
 
 * :func:`check_output_file`, :func:`check_output_dir` — an output path is checked before any work is done (a file
   where a file is expected, a writable folder), so a long generation never ends in a traceback at the last write.
-* :func:`open_run` — what a training recipe (SFT, SPIN, classify) calls before training, in a few lines::
+* :func:`open_run` — what every training recipe (SFT, classify, DPO, SPIN) calls before training, in a few lines::
 
-      fp = Fingerprint.of_config(cfg, FINGERPRINT_KEYS)
-      with open_run(cfg.output_dir, "sft", fp, cfg.resume_from_checkpoint, main=cfg.process_index == 0) as run:
+      fp = run_fingerprint(cfg)                               # recipes.training: the config parts + named extras
+      with open_run(cfg.output_dir, "sft", fp, cfg.training.resume_from_checkpoint, main=...) as run:
           if run.finished:
               return ...                                      # a resumed finished run: nothing to do
           trainer.add_callback(run.checkpoint_callback())     # the fingerprint goes into every checkpoint
@@ -15,7 +15,10 @@
 
   It holds an exclusive lock on the directory (:class:`RunLock`), refuses a directory holding a finished run, another
   command's run, checkpoints of a run nobody asked to resume, or files tunesmith did not write, and resolves
-  ``resume_from_checkpoint`` to the newest COMPLETE checkpoint whose fingerprint matches the run's settings.
+  ``resume_from_checkpoint`` to the newest COMPLETE checkpoint whose fingerprint matches the run's settings. It
+  returns a :class:`RunDir`, which also records the finished stages of a run made of several (DPO's reference
+  scoring; SPIN's generate / reference / train per iteration, opened with ``continues=True``: a rerun takes the run
+  up where it stopped) in the directory's owner record, beside the fingerprint.
 * :class:`Fingerprint` — a digest of the settings that decide what a run computes. It is stored in every checkpoint's
   ``trainer_state.json`` (through a stateful Trainer callback, so it is written with, and torn with, the file the
   Trainer writes last) and checked on resume: a mismatch is a one-line refusal naming the settings that differ.
@@ -597,10 +600,23 @@ def publish_dir(staging: str | os.PathLike, directory: str | os.PathLike, comman
 
 # ---------------------------------------------------------------- a training run's directory
 
+def barrier() -> None:
+    """Wait for every process of a torch.distributed run (nothing in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 @dataclasses.dataclass
-class Run:
-    """What :func:`open_run` decided. ``checkpoint``: resume from it (None: a fresh start). ``finished``: the
-    directory holds this very run, finished; nothing is to be done or rewritten."""
+class RunDir:
+    """A training run's output directory, as :func:`open_run` found it. ``checkpoint``: resume from it (None: a
+    fresh start). ``finished``: the directory holds this very run, finished; nothing is to be done or rewritten.
+
+    A run of several stages (SPIN: generate, reference, train per iteration; DPO: reference, train) records each
+    finished stage with its metrics in the directory's owner record (``tunesmith_run.json``, beside the run's
+    fingerprint): :meth:`stage` reads a record, :meth:`finish_stage` writes one, and :meth:`stage_dir` hands a stage
+    its folder. A rerun skips what is recorded; a stage's folder holds only what these very settings wrote."""
 
     directory: Path
     command: str
@@ -608,16 +624,54 @@ class Run:
     checkpoint: str | None = None
     finished: bool = False
     lock: RunLock | None = None
+    main: bool = True
+    stages: dict = dataclasses.field(default_factory=dict)
 
     def checkpoint_callback(self):
         return checkpoint_callback(self.fingerprint)
+
+    # ---- stages
+
+    def stage(self, name: str) -> dict | None:
+        """The metrics recorded when stage ``name`` finished under this run's settings, or None."""
+        return self.stages.get("finished", {}).get(name)
+
+    def stage_dir(self, name: str, folder: str | os.PathLike | None = None) -> Path:
+        """The folder of stage ``name`` (``folder`` relative to the run directory; default ``name``), created. The
+        first time the stage begins under these settings, whatever an earlier run with other settings left there
+        is removed (by the main process; every process waits for it)."""
+        d = self.directory / (folder or name)
+        begun = self.stages.setdefault("begun", [])
+        if name not in begun:
+            if self.main:
+                shutil.rmtree(d, ignore_errors=True)
+                begun.append(name)
+                self._write_stages()
+            else:
+                begun.append(name)
+        if self.main:
+            d.mkdir(parents=True, exist_ok=True)
+        barrier()
+        return d
+
+    def finish_stage(self, name: str, metrics: dict) -> None:
+        """Record stage ``name`` as finished with ``metrics`` (JSON-able), atomically, by the main process; every
+        process waits for the record."""
+        self.stages.setdefault("finished", {})[name] = metrics
+        if self.main:
+            self._write_stages()
+        barrier()
+
+    def _write_stages(self) -> None:
+        write_owner(self.directory, self.command, fingerprint=self.fingerprint.digest, config=self.fingerprint.values,
+                    stages=self.stages)
 
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> "RunDir":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -638,10 +692,14 @@ def _wants_resume(resume) -> bool | str:
     return text
 
 
-def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resume=None, *, main: bool = True) -> Run:
+def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resume=None, *, main: bool = True,
+             continues: bool = False) -> RunDir:
     """Open a training run's output directory; see the module docstring. ``resume``: the recipe's
     ``resume_from_checkpoint`` (None/false, true/"last", or a checkpoint path). ``main``: whether this process
-    writes (rank 0 under DDP; the others only read). Raises :class:`UserError` with one line on every refusal."""
+    writes (rank 0 under DDP; the others only read). ``continues``: a run made of stages (SPIN) that a rerun always
+    continues: the directory of this command's run with the same settings is taken up where it stopped, one with
+    other settings is refused (``resume`` does not apply). Raises :class:`UserError` with one line on every
+    refusal."""
     d = Path(output_dir)
     if d.exists() and not d.is_dir():
         raise UserError(f"{d}: output_dir is a file, not a directory")
@@ -655,26 +713,59 @@ def open_run(output_dir: str | os.PathLike, command: str, fp: Fingerprint, resum
             raise UserError(f"{d}: cannot write in output_dir (no write permission)")
         lock = RunLock(d, command).acquire()
     try:
-        run = _resolve(d, command, fp, _wants_resume(resume), main)
+        if lock is not None:  # ours alone now: what an interrupted run left half-written goes
+            for folder in [d] + [c for c in d.iterdir() if c.is_dir() and not c.name.startswith(".")]:
+                clean_stale_temps(folder, legacy=True)
+        if continues:
+            run = _continue(d, command, fp) if main else RunDir(d, command, fp, main=False)
+        else:
+            run = _resolve(d, command, fp, _wants_resume(resume), main)
+        barrier()  # the main process has checked (and written) the directory
+        if not main:  # the others read what the main process found
+            owner = read_owner(d) or {}
+            if owner.get("fingerprint") == fp.digest:
+                run.stages = owner.get("stages") or {}
+            run.finished = run.finished or (continues and is_finished(d))
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    run.lock = lock
+    run.lock, run.main = lock, main
     return run
 
 
-def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: bool) -> Run:
-    if not main:  # other ranks only read what they need; the main process checks (and writes) the directory
-        if is_finished(d) and resume:
-            return Run(d, command, fp, finished=True)
-        if not resume or is_finished(d):
-            return Run(d, command, fp)
-    owner = read_owner(d)
+def _refuse_other_command(d: Path, owner: dict | None, command: str) -> None:
     if owner is not None and owner["command"] != command:
         state = "finished " if is_finished(d) else ""
         raise UserError(f"{d}: holds a {state}tunesmith {owner['command']} run, not a {command} run; choose "
                         f"another output_dir")
+
+
+def _continue(d: Path, command: str, fp: Fingerprint) -> RunDir:
+    owner = read_owner(d)
+    _refuse_other_command(d, owner, command)
+    if owner is None:
+        if contents(d):
+            raise UserError(f"{d}: not empty and holds no {command} run; choose an empty or new output_dir")
+        write_owner(d, command, fingerprint=fp.digest, config=fp.values)
+        return RunDir(d, command, fp)
+    if owner.get("fingerprint") != fp.digest:
+        diff = fp.differences(owner.get("config") or {})
+        raise UserError(f"{d}: holds a different {command} run (config differs in {', '.join(diff) or '?'}); choose "
+                        f"another output_dir")
+    return RunDir(d, command, fp, finished=is_finished(d), stages=owner.get("stages") or {})
+
+
+def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: bool) -> RunDir:
+    if not main:  # other ranks only read what they need; the main process checks (and writes) the directory
+        if is_finished(d) and resume:
+            return RunDir(d, command, fp, finished=True)
+        if not resume or is_finished(d):
+            return RunDir(d, command, fp)
+    owner = read_owner(d)
+    _refuse_other_command(d, owner, command)
+    same = owner is not None and owner.get("fingerprint") == fp.digest
+    stages = (owner.get("stages") or {}) if same else {}
     if is_finished(d):
         if not resume:
             raise UserError(f"{d}: holds a finished run ({FINISHED_FILE}); choose another output_dir (tunesmith does "
@@ -684,7 +775,7 @@ def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: b
             diff = fp.differences((owner or {}).get("config") or {})
             raise UserError(f"{d}: holds a finished run with other settings (differs in {', '.join(diff) or '?'}); "
                             f"choose another output_dir")
-        return Run(d, command, fp, finished=True)
+        return RunDir(d, command, fp, finished=True)
     if not resume:
         done = newest_complete_checkpoint(d)
         if done is not None:
@@ -693,8 +784,8 @@ def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: b
         if owner is None and contents(d):
             raise UserError(f"{d}: not empty and not a tunesmith run directory; choose a new or empty output_dir")
         if main:
-            write_owner(d, command, fingerprint=fp.digest, config=fp.values)
-        return Run(d, command, fp)
+            write_owner(d, command, fingerprint=fp.digest, config=fp.values, **({"stages": stages} if stages else {}))
+        return RunDir(d, command, fp, stages=stages)
     if resume is True:
         ckpt = newest_complete_checkpoint(d)
         if ckpt is None:
@@ -705,4 +796,4 @@ def _resolve(d: Path, command: str, fp: Fingerprint, resume: bool | str, main: b
         if not ckpt.is_dir():
             raise UserError(f"resume_from_checkpoint: {ckpt} is not a checkpoint directory")
     check_checkpoint(ckpt, fp)
-    return Run(d, command, fp, checkpoint=str(ckpt))
+    return RunDir(d, command, fp, checkpoint=str(ckpt), stages=stages)

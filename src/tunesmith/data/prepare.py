@@ -68,14 +68,6 @@ class DataSummary:
         ]
 
 
-def load_examples(source: str, dataset_format: str = "auto", split: str = "train",
-                  require_response: bool = True) -> list[Example]:
-    """Deprecated: :func:`tunesmith.data.source.read_examples` (kept until SPIN reads through the entry)."""
-    from tunesmith.data.source import read_examples
-
-    return read_examples(source, split=split, dataset_format=dataset_format, require_response=require_response)
-
-
 def _stats(tokenizer, encoded: list[dict | None], max_length: int) -> dict[str, list]:
     """Per-example summary columns of :func:`encode_batch`'s output (a dropped example has 0 trained tokens)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -352,13 +344,3 @@ def tokenize_source(source, tokenizer, template: Template, max_length: int, *, t
     entry = Path(manifest["entry"])
     kept = np.load(entry / "kept.npy") if (entry / "kept.npy").exists() else None
     return TokenizedData(dataset, kept), DataSummary(**{**manifest["summary"], "source": source.display})
-
-
-def prepare_dataset(source: str, tokenizer, template: Template, max_length: int, *, dataset_format: str = "auto",
-                    split: str = "train", train_on_prompt: bool = False, num_proc: int | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> tuple[TokenizedData, DataSummary]:
-    """Deprecated: ``open_source(...).tokenized(...)`` (kept until SPIN reads through the entry)."""
-    from tunesmith.data.source import open_source
-
-    return open_source(source, split=split, dataset_format=dataset_format, cache_dir=cache_dir).tokenized(
-        tokenizer, template, max_length, train_on_prompt=train_on_prompt, num_proc=num_proc, cache_dir=cache_dir)

@@ -63,6 +63,13 @@ class DemoConfig:
     spin_learning_rate: float = field(2e-6, "SPIN learning rate per iteration (RMSProp, linear, 10% warmup).")
     spin_beta: float = field(1.0, "SPIN beta (the paper's lambda).")
     spin_epochs: float = field(2.0, "SPIN epochs per iteration.")
+    dpo: bool = field(False, "Also DPO from the plain SFT model on preference pairs built from the world: the real "
+                             "answer against the same answer with one wrong fact, TRAIN people only.")
+    # DPO's recipe was chosen on the same validation people as SPIN's (scripts/dpo_sweep.py)
+    dpo_loss: str = field("sigmoid", "DPO loss_type (sigmoid, hinge, ipo, dpop, simpo, orpo).")
+    dpo_learning_rate: float = field(1e-4, "DPO learning rate (AdamW, linear, 10% warmup).")
+    dpo_beta: float = field(0.1, "DPO beta.")
+    dpo_epochs: float = field(2.0, "DPO epochs over the pairs.")
     data_seed: int = field(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
     base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
     threads: int = field(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
@@ -75,7 +82,8 @@ class DemoConfig:
             raise UserError(f"spin must be 0 or more, got {self.spin}")
         if not self.neftune_alpha > 0:
             raise UserError(f"neftune_alpha must be > 0, got {self.neftune_alpha}")
-        for key in ("epochs", "learning_rate", "spin_learning_rate", "spin_beta", "spin_epochs"):
+        for key in ("epochs", "learning_rate", "spin_learning_rate", "spin_beta", "spin_epochs", "dpo_learning_rate",
+                    "dpo_beta", "dpo_epochs"):
             if not getattr(self, key) > 0:
                 raise UserError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.threads < 0 or self.heldout_prompts < 0:
@@ -143,6 +151,9 @@ def write_data(cfg: DemoConfig, world, data_dir: Path) -> dict[str, Path]:
     atomic_write_jsonl(paths["train_sample"], strip(train[:16 if cfg.quick else 256]))
     atomic_write_jsonl(paths["heldout_sample"], strip(held[:96]))
     atomic_write_jsonl(paths["train_prompts"], strip(train[:n_train_prompts]))
+    if cfg.dpo:  # preference pairs about the TRAIN people only: the real answer vs one with a wrong fact
+        paths["pairs"] = data_dir / "pairs.jsonl"
+        atomic_write_jsonl(paths["pairs"], world.preference_pairs(train, seed=cfg.data_seed))
     atomic_write_jsonl(paths["heldout_prompts"], strip(held[:n_held_prompts]))
     return paths
 
@@ -234,6 +245,18 @@ def spin_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int
     return c
 
 
+def dpo_config(cfg: DemoConfig, sft_dir: Path, data: dict, out: Path, seed: int) -> dict:
+    c = dict(model_name_or_path=str(sft_dir), dataset=str(data["pairs"]), output_dir=str(out),
+             loss_type=cfg.dpo_loss, beta=cfg.dpo_beta, learning_rate=cfg.dpo_learning_rate,
+             num_train_epochs=cfg.dpo_epochs, lr_scheduler_type="linear", warmup_steps=0.1, weight_decay=0.0,
+             max_length=256, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=32, seed=seed,
+             data_seed=seed, report_to="none", save_strategy="no", logging_steps=0.05, disable_tqdm=True,
+             use_cpu=True)
+    if cfg.quick:
+        c.update(max_steps=2, logging_steps=1)
+    return c
+
+
 # ---------------------------------------------------------------- summary
 
 BETTER = {  # which direction is better, said on the summary plot's panels
@@ -291,6 +314,21 @@ def spin_diagnostics(spin_dirs: dict[int, Path]) -> tuple[list[str], list[list[s
                 row.append(f"{cell(r.get(key[0]))} → {cell(r.get(key[1]))}" if isinstance(key, tuple)
                            else cell(r.get(key)))
             rows.append(row)
+    return header, rows
+
+
+def dpo_log_table(out: Path, seeds: int) -> tuple[list[str], list[list[str]]]:
+    """Per seed: the first and last logged step of each DPO run (log-probs of the chosen and rejected answers,
+    margin, accuracy, loss)."""
+    header = ["seed", "step", "loss", "logp chosen", "logp rejected", "margin", "accuracy"]
+    rows = []
+    for seed in range(seeds):
+        path = out / "runs" / f"dpo-seed{seed}" / "metrics.jsonl"
+        logs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+        steps = [e for e in logs if "rewards/margin" in e and "loss" in e]
+        for e in steps[:1] + steps[-1:]:
+            rows.append([str(seed), str(e["step"])] + [f"{e[k]:.3f}" for k in (
+                "loss", "logps/chosen", "logps/rejected", "rewards/margin", "rewards/accuracy")])
     return header, rows
 
 
@@ -388,7 +426,7 @@ def _run(cfg: DemoConfig) -> dict:
     from tunesmith.io import atomic_write_json, atomic_write_text
 
     t0 = time.time()
-    out = check_output(cfg, cfg.seeds * (2 + cfg.spin))
+    out = check_output(cfg, cfg.seeds * (2 + cfg.spin + cfg.dpo))
     base_dir = verify(cfg.base_model or BASE_DIR)
     from tunesmith.recipes import sft  # heavy imports only once the inputs are known to be good
     from tunesmith.evaluation import report as R
@@ -407,8 +445,8 @@ def _run(cfg: DemoConfig) -> dict:
     per_variant: dict[str, list[dict]] = {}
     run_dirs, winrates, spin_dirs = [], [], {}
     trainings = (("sft", None, "SFT run"), ("neftune", cfg.neftune_alpha, f"NEFTune run (alpha {cfg.neftune_alpha:g})"))
-    # per seed: the trainings, SPIN's run, one evaluation per variant; then the report
-    stages = Stages(cfg.seeds * (len(trainings) + bool(cfg.spin) + len(trainings) + cfg.spin) + 1)
+    # per seed: the trainings, SPIN's and DPO's runs, one evaluation per variant; then the report
+    stages = Stages(cfg.seeds * (len(trainings) + bool(cfg.spin) + len(trainings) + cfg.spin + 2 * cfg.dpo) + 1)
     for seed in range(cfg.seeds):
         of_seed = f" (seed {seed})" if cfg.seeds > 1 else ""
         variants = {}
@@ -432,6 +470,15 @@ def _run(cfg: DemoConfig) -> dict:
                 run_dir = out / "runs" / f"spin{it + 1}-seed{seed}"
                 run_dir.mkdir(parents=True, exist_ok=True)
                 variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
+        if cfg.dpo:
+            from tunesmith.recipes import dpo
+
+            dpo_dir = out / "runs" / f"dpo-seed{seed}"
+            t = time.time()
+            with stages(f"DPO run on the SFT model, pairs with one wrong fact{of_seed}"):
+                dpo.train(dpo_config(cfg, out / "runs" / f"sft-seed{seed}", data, dpo_dir, seed))
+            state["timings_s"][f"train {dpo_dir.name}"] = round(time.time() - t, 1)
+            variants["dpo"] = (dpo_dir, dpo_dir)
         for name, (model_dir, run_dir) in variants.items():  # sft first: the others' win rates are against it
             t = time.time()
             versus = "" if name == "sft" else ", win rate vs sft"
@@ -450,7 +497,8 @@ def _run(cfg: DemoConfig) -> dict:
     stages.start("report")
 
     header, rows = summary_table(per_variant)
-    title = "tunesmith demo: NEFTune" + (" and SPIN" if cfg.spin else "") + " on a tiny pretrained model"
+    title = ("tunesmith demo: NEFTune" + (", SPIN" if cfg.spin else "") + (" and DPO" if cfg.dpo else "")
+             + " on a tiny pretrained model")
     rcfg = R.ReportConfig(runs=run_dirs, winrate=winrates, output=str(out), title=title)
     suite_blocks = R.build_blocks(rcfg, [R.load_run(r) for r in run_dirs], [R.load_winrate(w) for w in winrates],
                                   out)
@@ -460,7 +508,8 @@ def _run(cfg: DemoConfig) -> dict:
              f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
              f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without NEFTune "
              f"(alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
-             + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "") + ". "
+             + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "")
+             + (", plus DPO on the plain SFT model" if cfg.dpo else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
              f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
              f"{cfg.repetition_penalty:g}. "
@@ -491,6 +540,18 @@ def _run(cfg: DemoConfig) -> dict:
                          "trained model. A pair whose generated answer equals the real one has margin 0 and no "
                          "gradient."),
                    ("table", *spin_diagnostics(spin_dirs))]
+    if cfg.dpo:
+        n_pairs = sum(1 for _ in open(data["pairs"], encoding="utf-8"))
+        blocks += [("h2", "DPO"),
+                   ("p", f"DPO ({cfg.dpo_loss}, beta {cfg.dpo_beta:g}, lr {cfg.dpo_learning_rate:g}, "
+                         f"{cfg.dpo_epochs:g} epoch(s), reference = the SFT model scored once) from the plain SFT "
+                         f"model on {n_pairs} preference pairs about the TRAIN people: each training answer (chosen) "
+                         "against the same answer with one fact replaced by another value of the same attribute "
+                         "(rejected) — the SPIN article's comparison of SPIN with preference data, here built from "
+                         "the world. The recipe was chosen on validation people carved from the TRAIN people "
+                         "(scripts/dpo_sweep.py). Held-out people's facts appear in no pair: DPO can only change how "
+                         "the model uses what pretraining taught it."),
+                   ("table", *dpo_log_table(out, cfg.seeds))]
     blocks += [b for b in suite_blocks if b[0] != "h1"]
     atomic_write_text(out / "report.md", R.to_markdown(blocks))
     atomic_write_text(out / "report.html", R.to_html(blocks, title))

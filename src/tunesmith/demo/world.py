@@ -278,6 +278,27 @@ class World:
         return train_rows, held_rows
 
 
+    # --- preference pairs -----------------------------------------------------------------------------------------
+    def preference_pairs(self, rows: list[dict], seed: int = 0) -> list[dict]:
+        """``{"prompt", "chosen", "rejected"}`` for each instruction row: the real answer, and the same answer with
+        one of its facts (chosen at random) replaced by another value of the same attribute — fluent, equally long,
+        wrong in exactly one fact. Rows stating no fact are skipped. A pure function of ``rows`` and ``seed``."""
+        rng = random.Random(f"tunesmith-preferences-{seed}")
+        vocab = self.vocabulary()
+        value_attr = {v: a for a, vs in vocab.items() for v in vs}
+        values = re.compile(r"\b(" + "|".join(map(re.escape, sorted(value_attr, key=len, reverse=True))) + r")\b")
+        pairs = []
+        for r in rows:
+            found = list(values.finditer(r["output"]))
+            if not found:
+                continue
+            m = rng.choice(found)
+            wrong = rng.choice([v for v in vocab[value_attr[m.group(1)]] if v != m.group(1)])
+            pairs.append({"prompt": r["instruction"], "chosen": r["output"],
+                          "rejected": r["output"][:m.start()] + wrong + r["output"][m.end():]})
+        return pairs
+
+
 # --- the fact judge -----------------------------------------------------------------------------------------------
 @dataclass
 class FactScore:

@@ -141,15 +141,25 @@ TRAJECTORY_KEYS = ("learning_rate", "num_train_epochs", "max_steps", "per_device
 
 
 def run_fingerprint(cfg, ignore=("eval_dataset", "test_dataset", "train_loss_eval_samples", "compare_sentences",
-                                 "trust_remote_code")):
-    """The fingerprint of a recipe config (:class:`tunesmith.config.Config`): every key of its non-training parts
-    but ``ignore`` (keys that do not change the trained weights), plus the training keys of :data:`TRAJECTORY_KEYS`.
-    A resume whose fingerprint differs from its checkpoint's is refused."""
+                                 "trust_remote_code"), **extras):
+    """The fingerprint of a recipe config (:class:`tunesmith.config.Config`), read part by part: every key of its
+    non-training parts but ``ignore`` (keys that do not change the trained weights), the training keys of
+    :data:`TRAJECTORY_KEYS`, and the named ``extras`` (what the config does not hold: a digest of the tokenized
+    data, the world size). A resume whose fingerprint differs from its checkpoint's is refused."""
+    import dataclasses
+
     from tunesmith.rundir import Fingerprint
 
-    keys = [k for k, part in type(cfg).owners().items() if part != "training" and k not in ignore]
-    keys += [k for k in TRAJECTORY_KEYS if hasattr(cfg.training, k) and k not in keys]
-    return Fingerprint.of_config(cfg, keys)
+    values = {}
+    for name, part in type(cfg).PARTS:
+        values_of = getattr(cfg, name)
+        for f in dataclasses.fields(part):
+            if not f.init or f.name in values or f.name in ignore:
+                continue  # a key belongs to the first part that declares it
+            if name == "training" and f.name not in TRAJECTORY_KEYS:
+                continue
+            values[f.name] = getattr(values_of, f.name)
+    return Fingerprint.of(values | extras)
 
 
 def check_max_length(cfg) -> None:

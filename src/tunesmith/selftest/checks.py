@@ -663,9 +663,8 @@ def spin_iteration(ctx: Context, r: Record) -> None:
                           per_device_train_batch_size=2, do_sample=True)
     del values["train_loss_eval_samples"]  # an SFT key
     final = spin.train(values)
-    state = json.loads((out / "spin_state.json").read_text(encoding="utf-8"))
-    it = state["iterations"]["0"]
-    gen, ref, tr = it["generate"], it["reference"], it["train"]
+    done = json.loads((out / "tunesmith_run.json").read_text(encoding="utf-8"))["stages"]["finished"]
+    gen, ref, tr = (done[f"iteration-0/{stage}"] for stage in ("generate", "reference", "train"))
     f = r.figures
     tokens = gen["prompts"] * gen["mean_generated_tokens"]
     spin_tps = tokens / gen["seconds"]
@@ -674,8 +673,7 @@ def spin_iteration(ctx: Context, r: Record) -> None:
     f["reference_s"], f["train_loss"] = _round(ref["seconds"], 3), tr.get("loss")
     f["reward_accuracy"] = tr.get("reward_accuracy")
 
-    prompts = [row["prompt_ids"] for sh in sorted((out / "iteration-0" / "generations").glob("shard-*.json"))
-               for row in json.loads(sh.read_text(encoding="utf-8"))["rows"]]
+    prompts = spin.SpinRun(spin.SPINConfig.from_dict(values)).prompts["prompt_ids"]  # the ids SPIN generated from
     model, tok = load_model_and_tokenizer(small_model(ctx), values["dtype"])
     model = model.to(ctx.device).eval()
     width = max(map(len, prompts))

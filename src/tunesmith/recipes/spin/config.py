@@ -1,4 +1,4 @@
-"""`tunesmith spin` options and the run's fingerprint (the keys that determine its results).
+"""`tunesmith spin` options.
 
 SPIN's own part holds the values that may change per iteration (``beta``, ``learning_rate``, ``num_train_epochs``: one
 value or one per iteration) and builds each iteration's ``TrainingArguments`` from the training part.
@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 from tunesmith import checks
 from tunesmith.config import Config, DataArgs, LoraArgs, ModelArgs, NEFTuneArgs, field
 from tunesmith.errors import UserError
+from tunesmith.preference.config import LOSS_HELP, check_loss_keys
 from tunesmith.recipes.training import TrainingPart
 
 
@@ -31,7 +32,11 @@ class SPINArgs:
     beta: list[float] = field([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
     learning_rate: list[float] = field([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
     num_train_epochs: list[float] = field([2.0], "Epochs per iteration: one value or one per iteration.")
-    loss_type: str = field("sigmoid", "sigmoid (the paper's logistic loss) or hinge (max(0, 1 - t)).")
+    loss_type: str = field("sigmoid", "sigmoid (the paper's logistic loss), hinge (max(0, 1 - t)); also ipo, dpop, "
+                                      "simpo, orpo (the preference engine's losses, as in tunesmith dpo).")
+    label_smoothing: float = field(0.0, LOSS_HELP["label_smoothing"])
+    dpop_lambda: float = field(50.0, LOSS_HELP["dpop_lambda"])
+    simpo_gamma: float = field(0.5, LOSS_HELP["simpo_gamma"])
     mix_previous_iteration: bool = field(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
     max_new_tokens: int = field(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
                                      "and reported.")
@@ -71,8 +76,7 @@ class SPINArgs:
                 if key == "learning_rate":
                     checks.number(key, v, high=10, why="SPIN's rates are around 1e-7 .. 1e-6")
             setattr(self, key, [float(v) for v in values])
-        if self.loss_type not in ("sigmoid", "hinge"):
-            raise UserError(f"field 'loss_type' must be sigmoid or hinge, got {self.loss_type!r}")
+        check_loss_keys(self, self.beta)
         for key in ("max_new_tokens", "generation_batch_size", "shard_size"):
             if getattr(self, key) < 1:
                 raise UserError(f"field '{key}' must be at least 1, got {getattr(self, key)}")
@@ -126,7 +130,8 @@ class SPINDataArgs(DataArgs):
     template: str | None = field(None, "Prompt template; default: the one the SFT model was saved with.")
 
     def __post_init__(self):
-        for key, why in (("packing", "pairs are scored row by row"), ("padding_free", "pairs are scored row by row"),
+        for key, why in (("packing", "a pair's two answers are rows of one batch; padding_free is the "
+                                     "padding-free layout for pairs"),
                          ("train_on_prompt", "log-probs are over answer tokens")):
             if getattr(self, key):
                 raise UserError(f"field '{key}' is not supported by SPIN ({why})")
@@ -166,26 +171,3 @@ class SPINConfig(Config):
                       num_train_epochs=self.spin.num_train_epochs[t], eval_strategy="no", load_best_model_at_end=False,
                       resume_from_checkpoint=None)
         return TrainingArguments(**values)
-
-
-# Keys that determine a run's results: a rerun with other values is a different run. The world size is one: it sets
-# the global batch (per-device batch x processes) and which rank writes which shard.
-FINGERPRINT_KEYS = (
-    "model_name_or_path", "dataset", "dataset_format", "dataset_split", "template", "max_length", "dtype",
-    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "load_in_4bit",
-    "neftune_noise_alpha", "neftune_noise_distribution", "num_iterations", "beta", "learning_rate",
-    "num_train_epochs", "loss_type", "mix_previous_iteration", "max_new_tokens", "generation", "do_sample",
-    "temperature", "top_p", "disable_dropout",
-    "repetition_penalty", "shard_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "world_size", "optim", "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "max_steps", "adam_beta1",
-    "adam_beta2", "adam_epsilon",
-)
-
-
-def fingerprint_values(cfg) -> dict:
-    flat = cfg.to_dict() | {"world_size": cfg.training.world_size}
-    out = {}
-    for key in FINGERPRINT_KEYS:
-        v = flat[key]
-        out[key] = v.value if hasattr(v, "value") else v
-    return out

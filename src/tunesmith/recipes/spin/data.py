@@ -1,45 +1,29 @@
-"""SPIN's data: prompts and real answers, training pairs, and generation shards on disk."""
+"""SPIN's data on disk, in Arrow: the prompts with their real answers, the generated answers of every iteration, and
+the training pairs assembled from both — memory-mapped tables, never lists of Python objects (the paper's 50k
+prompts x 2 iterations x up to 2,048 tokens would be many GB per process).
+
+* the prompt table (cached like SFT's tokenized data): ``loc``, ``prompt_ids`` (what the generator is
+  given: the training rows' prefix), ``real_ids`` (the real answer's tokens as trained, with the template's
+  end-of-answer tokens) and ``end_ids`` (those end tokens: every finished generated answer ends with them too);
+* generation shards ``iteration-t/generations/shard-K.arrow`` (``index``: the prompt's row in the prompt table,
+  ``ids``, ``text``, ``truncated``, ``seconds``), each written atomically;
+* pairs: the prompt table's ``prompt_ids`` and ``real_ids`` (chosen) beside a generation table's ``ids``
+  (rejected), concatenated column-wise without a copy.
+"""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tunesmith.data.collate import Collator
-from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
-from tunesmith.io import atomic_write_json
+from tunesmith.preference.pairs import n_shards, read_shards, shard_path, write_shard
+
+PROMPT_COLUMNS = ["loc", "prompt_ids", "real_ids", "end_ids"]
 
 
-class PairCollator:
-    """B pairs -> one right-padded batch of 2B rows (the B real answers, then the B generated) + reference log-probs."""
-
-    def __init__(self, pad_token_id: int):
-        self.rows = Collator(pad_token_id)
-
-    def __call__(self, features: list[dict]) -> dict:
-        batch = self.rows([f["real"] for f in features] + [f["generated"] for f in features])
-        if "ref_real" in features[0]:
-            batch["ref_real"] = torch.tensor([f["ref_real"] for f in features], dtype=torch.float32)
-            batch["ref_generated"] = torch.tensor([f["ref_generated"] for f in features], dtype=torch.float32)
-        return batch
-
-
-@dataclass
-class Prompt:
-    index: int
-    loc: str
-    prompt_ids: list[int]  # what the generator is given: the training rows' prefix
-    real_ids: list[int]  # the real answer's tokens as trained (with the template's end-of-answer tokens)
-    end_ids: list[int]  # the template's end-of-answer tokens: every finished generated answer ends with them too
-
-
-def answer_end_ids(tokenizer, template, example, real_ids: list[int]) -> list[int]:
+def answer_end_ids(tokenizer, template, example, real_ids: list[int], cache: dict | None = None) -> list[int]:
     """The tokens the template trains after the last answer's text: the EOS of plain templates, a chat template's
-    end-of-turn text (Qwen's "<|im_end|>\n"). A generated answer ends with exactly these, so real and generated rows
+    end-of-turn text (Qwen's "<|im_end|>\\n"). A generated answer ends with exactly these, so real and generated rows
     differ only in the answer itself (a tail trained on real rows only would be a free margin for the loss)."""
     text, trained = template.segments(example)[-1]
     answer = example.turns[-1].response
@@ -50,18 +34,25 @@ def answer_end_ids(tokenizer, template, example, real_ids: list[int]) -> list[in
         raise UserError(f"{example.loc}: template {template.spec()!r} does not render the answer text verbatim; it "
                         "cannot be used for SPIN")
     tail = text[at + len(answer):]
-    end = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-    if template.appends_eos and tokenizer.eos_token_id is not None:
-        end = end + [tokenizer.eos_token_id]
+    cache = {} if cache is None else cache
+    if tail not in cache:  # the same few tails for a whole data set: tokenized once each
+        end = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        if template.appends_eos and tokenizer.eos_token_id is not None:
+            end = end + [tokenizer.eos_token_id]
+        cache[tail] = end
+    end = cache[tail]
     if end and real_ids[-len(end):] != end:
         raise UserError(f"{example.loc}: the answer's end-of-turn text {tail!r} tokenizes "
                         "differently next to the answer; it cannot be used for SPIN")
     return end
 
 
-def build_prompts(examples, tokenizer, template, max_length: int, source: str) -> tuple[list[Prompt], list[str]]:
-    """Prompts and real answers of an SFT set; prompts that leave no room for an answer are dropped (listed)."""
-    prompts, dropped = [], []
+def prompt_rows(examples, tokenizer, template, max_length: int) -> dict:
+    """Columns of the prompt table for a batch of examples (a prompt that leaves no room for an answer gets
+    ``keep`` False)."""
+    from tunesmith.data.tokenize import _tokens_batch
+
+    batch = []
     for ex in examples:
         if ex.text is not None:
             raise UserError(f"{ex.loc}: a plain-text record has no prompt and real answer; SPIN needs both")
@@ -69,46 +60,71 @@ def build_prompts(examples, tokenizer, template, max_length: int, source: str) -
         if answer is None or not answer.strip():
             raise UserError(f"{ex.loc}: the prompt has no real answer (SPIN trains real answers against generated "
                             "ones)")
-        prompt = encode_prompt(tokenizer, template, ex)
-        full = encode(tokenizer, template, ex, max_length=10**9)
-        if full is None or full["input_ids"][: len(prompt)] != prompt:
+        batch += [ex.for_generation(), ex]
+    encoded = _tokens_batch(tokenizer, template, batch, train_on_prompt=False)
+    out = {"loc": [], "prompt_ids": [], "real_ids": [], "end_ids": [], "keep": []}
+    tails: dict = {}
+    for i, ex in enumerate(examples):
+        (prompt, _), (full, _) = encoded[2 * i], encoded[2 * i + 1]
+        if full[:len(prompt)] != prompt:
             raise UserError(f"{ex.loc}: template {template.spec()!r} renders the generation prompt differently from "
                             "the training text; it cannot be used for SPIN")
-        if len(prompt) >= max_length:
-            dropped.append(ex.loc)
-            continue
-        real = full["input_ids"][len(prompt):]
-        prompts.append(Prompt(len(prompts), ex.loc, prompt, real, answer_end_ids(tokenizer, template, ex, real)))
-    if not prompts:
-        raise UserError(f"{source}: no prompt fits in max_length={max_length} with room for an answer")
-    return prompts, dropped
+        real = full[len(prompt):]
+        out["loc"].append(ex.loc)
+        out["prompt_ids"].append(prompt)
+        out["real_ids"].append(real)
+        out["end_ids"].append(answer_end_ids(tokenizer, template, ex, real, tails))
+        out["keep"].append(len(prompt) < max_length)
+    return out
 
 
-def pair_row(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> dict:
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels}
+def _prompt_map(batch: dict, tokenizer, template, max_length: int) -> dict:
+    from tunesmith.data.prepare import row_examples
+
+    return prompt_rows(row_examples(batch), tokenizer, template, max_length)
 
 
-# ------------------------------------------------------------------------------------------------ shards on disk
+def _prompt_features():
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    return Features({"loc": Value("string"), "prompt_ids": ids, "real_ids": ids, "end_ids": ids,
+                     "keep": Value("bool")})
 
 
-def shard_path(directory: Path, k: int) -> Path:
-    return directory / f"shard-{k:05d}.json"
+def prepare_prompts(sources: list, tokenizer, template, max_length: int, *, mixture: str = "concat", seed: int = 0,
+                    num_proc: int | None = None, cache_dir=None):
+    """The prompt table of the SFT data (``sources`` opened by :func:`tunesmith.data.source.open_sources`; each
+    source tokenized once through the data entry and cached, several mixed as the entry mixes token rows), the
+    prompts dropped for leaving no room for an answer (count, first locations), and the cache keys of the sources'
+    tables (they identify the tokenized prompts in the run's fingerprint)."""
+    from tunesmith.data.preference import keep_rows, kept_table, mix_tables
+
+    tables, dropped, first, keys = [], 0, [], []
+    for source in sources:
+        def describe(table, kept, drop, source=source):
+            if not len(kept):
+                raise UserError(f"{source.display}: no prompt fits in max_length={max_length} with room for an "
+                                "answer")
+            return {"dropped": len(drop), "first_dropped": [table[int(i)]["loc"] for i in drop[:3]]}
+
+        tmpl = source.template(template, tokenizer)
+        table, manifest = source.mapped(
+            _prompt_map, key={"stage": "spin prompts", "template": tmpl.spec(), "max_length": max_length},
+            features=_prompt_features(), tokenizer=tokenizer,
+            fn_kwargs={"tokenizer": tokenizer, "template": tmpl, "max_length": max_length}, num_proc=num_proc,
+            cache_dir=cache_dir, desc=f"SPIN prompts of {source.display}", finish=keep_rows("keep", True, describe))
+        tables.append(kept_table(table, manifest))
+        dropped += manifest["summary"]["dropped"]
+        first += manifest["summary"]["first_dropped"]
+        keys.append(manifest["entry"].rsplit("/", 1)[-1])
+    return mix_tables(tables, sources, mixture, seed, PROMPT_COLUMNS, cache_dir), dropped, first[:3], keys
 
 
-def read_shards(directory: Path, n_shards: int) -> list[dict]:
-    shards = []
-    for k in range(n_shards):
-        path = shard_path(directory, k)
-        try:
-            shards.append(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise UserError(f"{path}: missing shard (the run directory was modified)") from None
-    return shards
+# ------------------------------------------------------------------------------------------------ generation
 
 
-def _shard_seed(seed: int, t: int, k: int) -> int:
+def shard_seed(seed: int, t: int, k: int) -> int:
     return (seed * 1_000_003 + t * 10_007 + k) % (2**31 - 1)
 
 
@@ -126,9 +142,10 @@ def generation_settings(cfg, model=None, model_path: str | None = None) -> dict:
     return cfg.spin.sampling(gc)
 
 
-def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, directory: Path,
-                    on_event=None, model_path: str | None = None) -> None:
-    """Answer every prompt with theta_t; each missing shard of this rank is generated and written atomically.
+def generate_shards(cfg, model, tokenizer, prompts, t: int, directory: Path, on_event=None,
+                    model_path: str | None = None) -> None:
+    """Answer every prompt of the prompt table with theta_t; each missing shard of this rank is generated and written
+    atomically (under torchrun rank r takes shards r, r + world, ...).
 
     ``generation_backend: hf`` runs ``model`` with batched HF generation, seeded per shard. ``vllm`` runs the model
     saved at ``model_path`` in one vLLM engine for all of this rank's missing shards, with the same prompt ids and one
@@ -136,36 +153,76 @@ def generate_shards(cfg, model, tokenizer, prompts: list[Prompt], t: int, direct
     from tunesmith.generate import generate, generate_vllm, request_seed
 
     spin, args = cfg.spin, cfg.training
-    n_shards = -(-len(prompts) // spin.shard_size)
-    todo = [k for k in range(args.process_index, n_shards, args.world_size) if not shard_path(directory, k).exists()]
+    size = spin.shard_size
+    todo = [k for k in range(args.process_index, n_shards(len(prompts), size), args.world_size)
+            if not shard_path(directory, k).exists()]
     settings = {"max_new_tokens": spin.max_new_tokens, **generation_settings(cfg, model, model_path)}
-    chunks = {k: prompts[k * spin.shard_size:(k + 1) * spin.shard_size] for k in todo}
+
+    def chunk(k: int) -> dict:
+        return prompts[k * size:(k + 1) * size]  # columns of the shard's prompts, read from the memory map
+
     vllm_outs, vllm_seconds = {}, 0.0
     if todo and spin.generation_backend == "vllm":
         start = time.perf_counter()
-        ids = [p.prompt_ids for k in todo for p in chunks[k]]
-        seeds = [request_seed(_shard_seed(args.seed, t, k), j) for k in todo for j in range(len(chunks[k]))]
+        chunks = {k: chunk(k) for k in todo}
+        ids = [p for k in todo for p in chunks[k]["prompt_ids"]]
+        seeds = [request_seed(shard_seed(args.seed, t, k), j) for k in todo
+                 for j in range(len(chunks[k]["prompt_ids"]))]
         outs = iter(generate_vllm(model_path, ids, tokenizer=tokenizer, request_seeds=seeds, dtype=cfg.model.dtype,
                                   **settings))
-        vllm_outs = {k: [next(outs) for _ in chunks[k]] for k in todo}
+        vllm_outs = {k: [next(outs) for _ in chunks[k]["prompt_ids"]] for k in todo}
         vllm_seconds = (time.perf_counter() - start) / len(todo)
     for k in todo:
         start = time.perf_counter()
-        chunk = chunks[k]
+        rows = chunk(k)
         if spin.generation_backend == "vllm":
-            outs = vllm_outs[k]
+            outs = vllm_outs.pop(k)
         else:
-            outs = generate(model, tokenizer, [p.prompt_ids for p in chunk], batch_size=spin.generation_batch_size,
-                            seed=_shard_seed(args.seed, t, k), **settings)
-        rows = []
-        for p, o in zip(chunk, outs):
-            # the answer as generated, ended as the template ends real answers (a cut answer has no end)
-            ids = o["output_ids"] + ([] if o["truncated"] else p.end_ids)
-            rows.append({"index": p.index, "prompt_ids": p.prompt_ids, "ids": ids, "text": o["output"],
-                         "truncated": o["truncated"]})
+            outs = generate(model, tokenizer, rows["prompt_ids"], batch_size=spin.generation_batch_size,
+                            seed=shard_seed(args.seed, t, k), **settings)
+        # the answer as generated, ended as the template ends real answers (a cut answer has no end)
+        ids = [o["output_ids"] + ([] if o["truncated"] else end) for o, end in zip(outs, rows["end_ids"])]
         seconds = time.perf_counter() - start + vllm_seconds
-        atomic_write_json(shard_path(directory, k), {"shard": k, "seconds": seconds, "rows": rows})
+        write_shard(shard_path(directory, k), {"index": list(range(k * size, k * size + len(ids))), "ids": ids,
+                                               "text": [o["output"] for o in outs],
+                                               "truncated": [bool(o["truncated"]) for o in outs],
+                                               "seconds": [seconds] * len(ids)})
         if on_event:
             on_event("generate", t, k)
 
 
+def read_generations(directory: Path, n_prompts: int, shard_size: int):
+    """The generation shards of one iteration as one memory-mapped table, checked to hold each prompt once."""
+    import numpy as np
+
+    gens = read_shards(directory, n_shards(n_prompts, shard_size))
+    index = gens.data.column("index").to_numpy()
+    if len(index) != n_prompts or not np.array_equal(index, np.arange(n_prompts)):
+        raise UserError(f"{directory}: shards do not hold each prompt exactly once (the run directory was modified)")
+    return gens
+
+
+def generation_metrics(prompts, gens) -> dict:
+    """Counts over one iteration's generations, read batch by batch (never a column of a 200k-row table as Python
+    lists): answers cut at max_new_tokens, answers token for token the real one, mean answer length."""
+    import pyarrow.compute as pc
+
+    table = gens.data
+    lengths = pc.list_value_length(table.column("ids"))
+    same, batch = 0, 1000
+    for start in range(0, len(gens), batch):
+        real = prompts[start:start + batch]["real_ids"]
+        same += sum(a == b for a, b in zip(gens[start:start + batch]["ids"], real))
+    return {"prompts": len(gens), "truncated": int(pc.sum(table.column("truncated")).as_py() or 0),
+            "identical": same / len(gens), "mean_generated_tokens": float(pc.mean(lengths).as_py())}
+
+
+def assemble_pairs(prompts, generations: list):
+    """The training pairs of the given generation tables, in order (table, prompt index): the prompt and real answer
+    (chosen) beside the generated answer (rejected), concatenated without a copy."""
+    from datasets import concatenate_datasets
+
+    base = prompts.select_columns(["prompt_ids", "real_ids"]).rename_column("real_ids", "chosen_ids")
+    parts = [concatenate_datasets([base, g.select_columns(["ids"]).rename_column("ids", "rejected_ids")], axis=1)
+             for g in generations]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)

@@ -1,4 +1,5 @@
-"""SPIN's per-iteration summary: ``summary.json`` and the Markdown table ``summary.md``, from the run's state."""
+"""SPIN's per-iteration summary: ``summary.json`` and the Markdown table ``summary.md``, from the stages the run
+directory records."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,11 @@ from pathlib import Path
 from tunesmith.io import atomic_write_json, atomic_write_text
 
 
-def summary_rows(state: dict, num_iterations: int) -> list[dict]:
+def summary_rows(stage, num_iterations: int) -> list[dict]:
+    """One row per iteration from ``stage(name)``, the metrics recorded for a finished stage (or None)."""
     rows = []
     for t in range(num_iterations):
-        st = state["iterations"].get(str(t), {})
-        g, r, tr = st.get("generate", {}), st.get("reference", {}), st.get("train", {})
+        g, r, tr = (stage(f"iteration-{t}/{name}") or {} for name in ("generate", "reference", "train"))
         rows.append({"iteration": t, "loss": tr.get("loss"), "policy_real": tr.get("policy_real"),
                      "policy_generated": tr.get("policy_generated"), "ref_real": r.get("ref_real"),
                      "ref_generated": r.get("ref_generated"), "reward_margin": tr.get("reward_margin"),
@@ -23,8 +24,8 @@ def summary_rows(state: dict, num_iterations: int) -> list[dict]:
     return rows
 
 
-def write_summary(out: Path, state: dict, num_iterations: int) -> None:
-    rows = summary_rows(state, num_iterations)
+def write_summary(out: Path, stage, num_iterations: int) -> None:
+    rows = summary_rows(stage, num_iterations)
     atomic_write_json(out / "summary.json", rows)
     atomic_write_text(out / "summary.md", format_table(rows))
 
