@@ -1,16 +1,14 @@
 """Configs composed from parts: flat keys each owned by one part, old names as aliases, one NEFTune rule, grouped
---help, flat saved YAML; and the shared core's small helpers (eval_mode, save_model_dir, first_line)."""
+--help, flat saved YAML; and errors.first_line (eval_mode and save_model_dir: tests/test_models.py)."""
 import dataclasses
 import logging
 
 import pytest
-import torch
 import yaml
 from transformers import TrainingArguments
 
 from tunesmith.config import ALIASES, build_config, help_text, parse_cli, save_yaml
 from tunesmith.errors import UserError, first_line
-from tunesmith.models import eval_mode, save_model_dir
 from tunesmith.recipes.classify.config import ClassifyConfig
 from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.spin.config import SPINConfig
@@ -221,7 +219,8 @@ def test_saved_yaml_is_flat_and_builds_the_same_config(tmp_path):
     save_yaml(cfg, tmp_path / "t.yaml")
     data = yaml.safe_load((tmp_path / "t.yaml").read_text())
     assert data["beta"] == [0.1, 5.0] and data["learning_rate"] == [5e-7, 5e-7] and data["lora_r"] == 8
-    assert data["optim"] == "rmsprop" and not any(isinstance(v, dict) and k in ("spin", "lora") for k, v in data.items())
+    assert data["optim"] == "rmsprop"
+    assert not any(isinstance(v, dict) and k in ("spin", "lora") for k, v in data.items())
     again = build_config(SPINConfig, data)
     assert again.to_dict() == cfg.to_dict()
 
@@ -235,41 +234,6 @@ def test_classify_rejects_4bit_and_merge_audit_parse_through_config(tmp_path, ca
     assert "field 'show': expected an integer" in capsys.readouterr().err
     assert main(["merge", "--adapter", str(tmp_path)]) == 2
     assert "--adapter and --output are required" in capsys.readouterr().err
-
-
-def test_eval_mode_restores_the_previous_mode_even_on_error():
-    model = torch.nn.Linear(2, 2).train()
-    with pytest.raises(RuntimeError), eval_mode(model):
-        assert not model.training
-        raise RuntimeError
-    assert model.training
-    model.eval()
-    with eval_mode(model):
-        pass
-    assert not model.training
-
-
-class _Tiny(torch.nn.Module):
-    def save_pretrained(self, path, safe_serialization=True):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text("{}")
-        (path / "model.safetensors").write_text("w")
-
-
-def test_save_model_dir_never_leaves_a_partial_model(tmp_path):
-    def crash(directory):
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        save_model_dir(_Tiny(), None, tmp_path / "new", write=crash)
-    assert not (tmp_path / "new").exists()  # the complete model is renamed into place, or nothing is
-    run = tmp_path / "run"
-    (run / "checkpoint-1").mkdir(parents=True)
-    with pytest.raises(OSError):
-        save_model_dir(_Tiny(), None, run, write=crash)
-    assert not (run / "config.json").exists()  # an existing run directory: config.json only once all is written
-    save_model_dir(_Tiny(), None, run, write=lambda d: (d / "extra.json").write_text("1"))
-    assert {p.name for p in run.iterdir()} == {"checkpoint-1", "config.json", "model.safetensors", "extra.json"}
 
 
 def test_first_line():

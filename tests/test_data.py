@@ -4,7 +4,6 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from tunesmith.data.collate import Collator, pack
 from tunesmith.data.formats import Example, Turn, to_examples
 from tunesmith.data.load import Record
 from tunesmith.data.source import read_records
@@ -12,7 +11,6 @@ from tunesmith.data.prepare import tokenize_examples
 from tunesmith.data.templates import get_template
 from tunesmith.data.tokenize import IGNORE, encode, encode_prompt
 from tunesmith.errors import UserError
-from tunesmith.models import PAD_TOKEN, ensure_pad_token
 
 
 def ids(tok, text):
@@ -123,29 +121,6 @@ def test_truncation_keeps_prompt_start_and_drops_untrainable(tiny_tokenizer):
     assert summary.eos_trained == 1 and trained(enc[0])[-1] == tok.eos_token_id
     with pytest.raises(UserError, match="no example has a trainable token"):
         tokenize_examples([wordy], tok, t, max_length=limit, source="f")
-
-
-def test_pad_token_is_dedicated(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert tok.pad_token is None
-    assert ensure_pad_token(tok)
-    assert tok.pad_token == PAD_TOKEN and tok.pad_token_id != tok.eos_token_id
-
-
-def test_collator_and_pack_layout():
-    a = {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}
-    b = {"input_ids": [8, 9], "labels": [8, 9]}
-    rows = pack([a, b], max_length=8)
-    assert len(rows) == 1
-    assert rows[0]["position_ids"] == [0, 1, 2, 0, 1]
-    assert rows[0]["labels"] == [IGNORE, 6, 7, IGNORE, 9]  # no example is trained to follow the previous one
-    batch = Collator(pad_token_id=3)(rows + [{"input_ids": [1], "labels": [1], "position_ids": [0]}])
-    assert batch["input_ids"][1].tolist() == [1, 3, 3, 3, 3]
-    assert batch["position_ids"][1].tolist() == [0, 0, 1, 2, 3]
-    assert batch["token_mask"][1].tolist() == [1, 0, 0, 0, 0]
-    assert "attention_mask" not in batch
 
 
 def test_loaders_agree_across_file_types(tmp_path):

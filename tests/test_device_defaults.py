@@ -68,17 +68,6 @@ def test_attn_implementation_errors_are_one_line(tiny_model_dir, alpaca_file, tm
         sft_cfg(tiny_model_dir, alpaca_file, tmp_path, attn_implementation="flash")
 
 
-def test_packed_and_padding_free_batches_take_the_varlen_path(tiny_tokenizer):
-    """FlashAttention's variable-length kernels are chosen by transformers from position_ids when no attention mask is
-    given: tunesmith's packed and padding-free batches are exactly that."""
-    from tunesmith.data.collate import Collator
-
-    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
-    batch = Collator(0, padding_free=True)(rows)
-    assert "attention_mask" not in batch
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-
-
 def test_model_revision_is_a_shared_key(tiny_model_dir, alpaca_file, tmp_path):
     cfg = sft_cfg(tiny_model_dir, alpaca_file, tmp_path, model_revision="v1.0")
     assert model_options(cfg)["revision"] == "v1.0"

@@ -1,5 +1,6 @@
 """The lm-evaluation-harness bridge on a tiny local task, offline, cross-checked by scoring the choices by hand."""
 import json
+import random
 
 import pytest
 import torch
@@ -87,3 +88,26 @@ def test_bad_tasks(tiny_model_dir, tmp_path, local_task):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     with pytest.raises(UserError, match="unknown lm-eval task 'no_such_task'"):
         run_tasks(model, tok, [local_task, "no_such_task"], include_defaults=False)
+
+
+def test_lm_eval_log_likelihoods_equal_lm_evals_own(tiny_model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    from tunesmith.evaluation.lm_eval_bridge import _lean
+    from tunesmith.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    model.eval()
+    rng = random.Random(0)
+    requests = []
+    for n in range(9):
+        context = [rng.randrange(5, 400) for _ in range(rng.randint(1, 30))]
+        continuation = [rng.randrange(5, 400) for _ in range(rng.randint(1, 6))]
+        if n == 0:  # a continuation the model predicts greedily, so the exact-match flag is True once
+            with torch.no_grad():
+                continuation = [int(model(input_ids=torch.tensor([context])).logits[0, -1].argmax())]
+        requests.append((("ctx", "cont"), context, continuation))
+    own = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(requests)
+    lean = _lean(HFLM)(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")._loglikelihood_tokens(requests)
+    assert [g for _, g in lean] == [g for _, g in own] and own[0][1]
+    assert [lp for lp, _ in lean] == pytest.approx([lp for lp, _ in own], abs=1e-5)

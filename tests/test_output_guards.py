@@ -162,28 +162,6 @@ def test_stale_temp_files_are_cleaned_by_the_next_run_in_that_place(tmp_path):
     assert not (run / ".m0.abcd1234.partial").exists()
 
 
-def test_saved_files_follow_the_umask(tmp_path, tiny_model_dir):
-    import stat
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunesmith.io import atomic_write_text
-    from tunesmith.models import save_model_dir
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    old = os.umask(0o027)
-    try:
-        save_model_dir(model, tok, tmp_path / "m")
-        atomic_write_text(tmp_path / "t.txt", "x")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "m").st_mode) == 0o750
-    for f in (tmp_path / "m").iterdir():
-        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
-    assert stat.S_IMODE(os.stat(tmp_path / "t.txt").st_mode) == 0o640
-
-
 def test_audit_writes_nothing(tiny_model_dir, alpaca_file, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["audit", "--model_name_or_path", tiny_model_dir, "--dataset", alpaca_file, "--output_dir",

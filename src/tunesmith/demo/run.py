@@ -72,7 +72,8 @@ class DemoConfig:
     dpo_beta: float = field(0.1, "DPO beta.")
     dpo_epochs: float = field(2.0, "DPO epochs over the pairs.")
     data_seed: int = field(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
-    base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
+    base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped "
+                                "one).")
     threads: int = field(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
                             "busy (threads waiting on each other on a busy CPU slow torch down severalfold).")
 
