@@ -155,71 +155,90 @@ def train(config, callbacks: list | None = None) -> str:
     directory; the reference log-probs of a run with the same settings are reused. ``callbacks``: extra
     ``transformers.TrainerCallback`` objects.
     """
-    from transformers import set_seed
-
-    from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
-    from tunesmith.data.source import open_sources
-    from tunesmith.models import (
-        check_weights,
-        disable_dropout,
-        ensure_pad_token,
-        load_for_training,
-        load_model_and_tokenizer,
-        load_tokenizer,
-    )
-    from tunesmith.preference.config import loss_settings
-    from tunesmith.preference.pairs import PairCollator
-    from tunesmith.preference.trainer import PreferenceTrainer
     from tunesmith.recipes.training import check_max_length
-    from tunesmith.rundir import open_run, training_done
+    from tunesmith.rundir import open_run
 
     cfg = config if isinstance(config, DPOConfig) else build_config(DPOConfig, dict(config), "config")
-    out, m = Path(cfg.training.output_dir), cfg.model
+    out = Path(cfg.training.output_dir)
     check_max_length(cfg)
-    tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
-    check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
-    ensure_pad_token(tokenizer)
-    sources = open_sources(cfg.data.dataset, split=cfg.data.dataset_split)
-    template = choose_template(cfg, tokenizer, sources)
-    data = prepare_data(cfg, tokenizer, template, sources)
+    tokenizer, template, data = setup(cfg)
     main = cfg.training.process_index == 0
     with open_run(out, "dpo", fingerprint(cfg, data), cfg.training.resume_from_checkpoint, main=main) as run:
         if run.finished:
             log.warning(f"{out}: this run has finished already; nothing to resume")
             return str(out)
-        set_seed(cfg.training.seed)
-        collator = PairCollator(tokenizer.pad_token_id, cfg.data.max_length, cfg.data.padding_free)
-        done = run.checkpoint is not None and training_done(run.checkpoint)
-        if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
-            log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
-            model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
-                                                attn_implementation=m.attn_implementation)
-        else:
-            model = load_for_training(cfg)
-            if cfg.dpo.disable_dropout:
-                disable_dropout(model)
-        sets = {"train": data["train"], "eval": data["eval"]}
-        if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
-            if run.stage("reference") is None and not m.load_in_4bit:
-                model = model.to(cfg.training.device)
-            sets = score_reference_stage(cfg, run, model, data, collator)
-        evals = sets["eval"] if len(sets["eval"]) > 1 else next(iter(sets["eval"].values()), None)
-        trainer = PreferenceTrainer(model=model, args=cfg.training, train_dataset=sets["train"],
-                                    eval_dataset=evals, data_collator=collator, processing_class=tokenizer,
-                                    neftune=cfg.neftune, loss=loss_settings(cfg.dpo, cfg.dpo.beta))
-        readable_logs(trainer)  # numbers as numbers, rank 0 only
-        divergence, polite = stop_callbacks("dpo")
-        for callback in [JsonlMetrics(out / "metrics.jsonl"), run.checkpoint_callback(), divergence, polite] + \
-                list(callbacks or []):
-            trainer.add_callback(callback)
-        if not done:
-            with polite:  # its signal handlers are put back even when training fails
-                trainer.train(resume_from_checkpoint=run.checkpoint)
-            divergence.check()  # a diverged or stopped run writes no finished model
-            polite.check()
-        metrics = trainer.evaluate() if evals is not None else {}
+        trainer, stops, trained = build_trainer(cfg, run, tokenizer, data, callbacks)
+        metrics = fit(trainer, stops, run, trained)
         save(cfg, trainer, tokenizer, template, metrics)
     return str(out)
+
+
+def setup(cfg: DPOConfig):
+    """The tokenizer, the template and the prepared pairs (nothing written in the run directory yet)."""
+    from tunesmith.data.source import open_sources
+    from tunesmith.models import check_weights, ensure_pad_token, load_tokenizer
+
+    m = cfg.model
+    tokenizer = load_tokenizer(m.model_name_or_path, m.trust_remote_code, m.model_revision, cfg.data.chat_template)
+    check_weights(m.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
+    ensure_pad_token(tokenizer)
+    sources = open_sources(cfg.data.dataset, split=cfg.data.dataset_split)
+    template = choose_template(cfg, tokenizer, sources)
+    return tokenizer, template, prepare_data(cfg, tokenizer, template, sources)
+
+
+def build_trainer(cfg: DPOConfig, run, tokenizer, data: dict, callbacks=None):
+    """The policy (or, when a killed run had finished training, its last checkpoint), the reference stage, and the
+    PreferenceTrainer with its callbacks. Returns (trainer, its (divergence, polite) stops, whether training is
+    already done)."""
+    from transformers import set_seed
+
+    from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
+    from tunesmith.models import disable_dropout, load_for_training, load_model_and_tokenizer
+    from tunesmith.preference.config import loss_settings
+    from tunesmith.preference.pairs import PairCollator
+    from tunesmith.preference.trainer import PreferenceTrainer
+    from tunesmith.rundir import training_done
+
+    m = cfg.model
+    set_seed(cfg.training.seed)
+    collator = PairCollator(tokenizer.pad_token_id, cfg.data.max_length, cfg.data.padding_free)
+    done = run.checkpoint is not None and training_done(run.checkpoint)
+    if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
+        log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
+        model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                            attn_implementation=m.attn_implementation)
+    else:
+        model = load_for_training(cfg)
+        if cfg.dpo.disable_dropout:
+            disable_dropout(model)
+    sets = {"train": data["train"], "eval": data["eval"]}
+    if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
+        if run.stage("reference") is None and not m.load_in_4bit:
+            model = model.to(cfg.training.device)
+        sets = score_reference_stage(cfg, run, model, data, collator)
+    evals = sets["eval"] if len(sets["eval"]) > 1 else next(iter(sets["eval"].values()), None)
+    trainer = PreferenceTrainer(model=model, args=cfg.training, train_dataset=sets["train"],
+                                eval_dataset=evals, data_collator=collator, processing_class=tokenizer,
+                                neftune=cfg.neftune, loss=loss_settings(cfg.dpo, cfg.dpo.beta))
+    readable_logs(trainer)  # numbers as numbers, rank 0 only
+    stops = stop_callbacks("dpo")  # (divergence, polite)
+    for callback in [JsonlMetrics(Path(cfg.training.output_dir) / "metrics.jsonl"), run.checkpoint_callback(),
+                     *stops] + list(callbacks or []):
+        trainer.add_callback(callback)
+    return trainer, stops, done
+
+
+def fit(trainer, stops, run, trained: bool) -> dict:
+    """Train (resumed from ``run.checkpoint``) unless ``trained``; a diverged or stopped run raises before anything
+    is saved. Returns the final evaluation's metrics (empty without eval pairs)."""
+    divergence, polite = stops
+    if not trained:
+        with polite:  # its signal handlers are put back even when training fails
+            trainer.train(resume_from_checkpoint=run.checkpoint)
+        divergence.check()  # a diverged or stopped run writes no finished model
+        polite.check()
+    return trainer.evaluate() if trainer.eval_dataset is not None else {}
 
 
 def cli(argv: list[str]) -> int:
