@@ -292,3 +292,16 @@ def test_conversation_pairs_use_the_chat_template_and_tensorboard_gets_the_metri
     for tag in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen"):
         assert tag in tags, tags
     assert len(events.Scalars("train/rewards/margin")) == 2  # 8 pairs, batch 4, one epoch, logging every step
+
+
+def test_eval_sources_take_their_num_samples(tiny_model_dir, data_file, eval_file, tmp_path):
+    """A held-out source's num_samples caps its eval pairs, as sft caps its eval sets; two sources are named."""
+    from tunesmith.recipes.dpo.config import DPOConfig
+    from tunesmith.recipes.dpo.run import setup
+
+    from tunesmith.config import build_config
+
+    cfg = build_config(DPOConfig, dpo_config(tiny_model_dir, data_file, tmp_path / "run", eval_dataset=[
+        {"path": eval_file, "num_samples": 4, "name": "few"}, {"path": eval_file, "name": "all"}]), "config")
+    _, _, data = setup(cfg)
+    assert {name: len(pairs) for name, pairs in data["eval"].items()} == {"few": 4, "all": 6}

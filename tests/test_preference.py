@@ -305,3 +305,30 @@ def test_prepared_pairs_drop_and_count_identical_and_too_long_prompts(tiny_token
     with pytest.raises(UserError, match="no pair is left"):
         prepare_pairs(open_sources(write_jsonl(tmp_path / "same.jsonl", rows[1:2])), tok, template, 40,
                       cache_dir=tmp_path / "cache")
+
+
+def test_two_sources_are_mixed_with_their_num_samples(tiny_tokenizer, tmp_path):
+    """A list of sources: each prepared on its own, mixed by the data entry's plan (num_samples, interleave), the mix
+    written once and memory-mapped; the same call again reads the same rows."""
+    from tunesmith.data.mixture import plan
+    from tunesmith.models import ensure_pad_token
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    ensure_pad_token(tok)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"sky {i}", "chosen": "blue", "rejected": "green"}
+                                           for i in range(5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"sea {i}", "chosen": "deep", "rejected": "dry"}
+                                           for i in range(4)])
+    template = get_template("qa", tok)
+    sources = [a, {"path": b, "num_samples": 2}]
+    for mixture in ("concat", "interleave"):
+        ds, summaries = prepare_pairs(open_sources(sources), tok, template, 64, mixture=mixture,
+                                      cache_dir=tmp_path / "cache")
+        src, row = plan([5, 4], [s.spec for s in open_sources(sources)], mixture, 0)
+        want = [f"{'sky' if k == 0 else 'sea'} {i}" for k, i in zip(src, row)]
+        assert len(summaries) == 2 and len(ds) == len(want) == (7 if mixture == "concat" else len(ds))
+        assert [tok.decode(p).split("Q: ")[1].split(" A:")[0] for p in ds["prompt_ids"]] == want
+        again, _ = prepare_pairs(open_sources(sources), tok, template, 64, mixture=mixture,
+                                 cache_dir=tmp_path / "cache")
+        assert again[:] == ds[:]
+    assert not list((tmp_path / "cache").rglob("*.partial"))

@@ -671,3 +671,18 @@ def test_the_preference_losses_train_spin_iterations(tiny_model_dir, data_file, 
     else:
         assert first["loss"] == pytest.approx(math.log(2) if loss_type == "dpop" else (1 / (2 * 0.5)) ** 2, abs=1e-3)
         assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_eval_sources_take_their_num_samples(tiny_model_dir, data_file, tmp_path):
+    """A held-out source's num_samples caps its rows, as sft caps its eval sets."""
+    cfg = build_config(spin.SPINConfig, spin_config(tiny_model_dir, data_file, tmp_path / "r", eval_dataset=[
+        {"path": data_file, "num_samples": 5, "name": "few"}, {"path": data_file, "name": "all"}]))
+    run = spin.SpinRun(cfg)
+    assert {name: len(rows) for name, rows in run.eval_sets.items()} == {"few": 5, "all": 12}
+
+
+def test_prompts_of_several_sources_are_mixed(tiny_model_dir, data_file, tmp_path):
+    """dataset as a list of sources: the prompt table is their mixture (num_samples honoured), written once."""
+    cfg = build_config(spin.SPINConfig, spin_config(tiny_model_dir, [data_file, {"path": data_file, "num_samples": 3}],
+                                                    tmp_path / "r"))
+    assert len(spin.SpinRun(cfg).prompts) == 12 + 3

@@ -325,7 +325,7 @@ def mix_tables(tables: list, sources: list, mixture: str, seed: int, columns: li
     import hashlib
     import json
     import os
-    import tempfile
+    import secrets
 
     import numpy as np
     from datasets import Dataset, concatenate_datasets
@@ -347,8 +347,8 @@ def mix_tables(tables: list, sources: list, mixture: str, seed: int, columns: li
         root.mkdir(parents=True, exist_ok=True)
         from tunesmith.rundir import temp_prefix
 
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=temp_prefix(path.name), suffix=".partial")
-        os.close(fd)
+        # a name nobody has yet: datasets would take an existing (even empty) file there for a finished cache file
+        tmp = str(root / f"{temp_prefix(path.name)}{secrets.token_hex(6)}.partial")
         try:
             concatenate_datasets(tables).select(indices).flatten_indices(cache_file_name=tmp)
             os.replace(tmp, path)

@@ -49,7 +49,7 @@ def choose_template(cfg: DPOConfig, tokenizer, sources):
 def prepare_data(cfg: DPOConfig, tokenizer, template, sources) -> dict:
     """The training pairs (every source, mixed by ``mixture``) and the eval pairs (per source, by name), memory-mapped,
     with their summaries, logged by the main process."""
-    from tunesmith.data.preference import prepare_pairs, source_pairs
+    from tunesmith.data.preference import prepare_pairs
     from tunesmith.data.source import open_sources
 
     data = cfg.data
@@ -59,8 +59,10 @@ def prepare_data(cfg: DPOConfig, tokenizer, template, sources) -> dict:
     out = {"train": train, "summaries": summaries, "eval": {}}
     if data.eval_dataset:
         for source in open_sources(data.eval_dataset, split="validation", key="eval_dataset"):
-            out["eval"][source.name], summary = source_pairs(source, tokenizer, template, data.max_length, **options)
-            out["summaries"].append(summary)
+            # each held-out source on its own, with its num_samples (drawn as sft draws its eval sets)
+            out["eval"][source.name], summary = prepare_pairs([source], tokenizer, template, data.max_length,
+                                                              **options)
+            out["summaries"] += summary
     if cfg.training.process_index == 0:
         for summary in out["summaries"]:
             for line in summary.lines():

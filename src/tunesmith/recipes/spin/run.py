@@ -48,7 +48,7 @@ class SpinRun:
     run directory. :meth:`train` runs or resumes every iteration."""
 
     def __init__(self, cfg: SPINConfig, callbacks=(), on_event=None):
-        from tunesmith.data.source import open_sources, template_for
+        from tunesmith.data.source import open_sources, template_for, tokenize_sources
         from tunesmith.data.templates import load_saved_template
         from tunesmith.models import check_weights, ensure_pad_token, is_adapter_dir, load_tokenizer
         from tunesmith.preference.pairs import PairCollator
@@ -77,8 +77,8 @@ class SpinRun:
         self.eval_sets = {}  # held-out sources by name: noise-free loss at the end of every iteration
         for source in open_sources(data.eval_dataset, split="validation", dataset_format=data.dataset_format,
                                    key="eval_dataset") if data.eval_dataset else []:
-            self.eval_sets[source.name], _ = source.tokenized(self.tokenizer, source.template(self.template,
-                                                                                               self.tokenizer),
+            # each held-out source with its own template and num_samples (drawn as sft draws its eval sets)
+            self.eval_sets[source.name], _ = tokenize_sources([source], self.tokenizer, self.template,
                                                               data.max_length, num_proc=data.dataset_num_proc)
         self.collator = PairCollator(self.tokenizer.pad_token_id, data.max_length, data.padding_free)
         # the config parts, the tokenized prompts and real answers (a changed data file, tokenizer or template is a
