@@ -306,8 +306,8 @@ def child_spin_data(a) -> dict:
             rows = prompts[k * size:(k + 1) * size]
             ids = [r[:max(1, len(r) // 2)] for r in rows["real_ids"]]
             write_shard(shard_path(out / f"iteration-{t}", k), {
-                "index": list(range(k * size, k * size + len(ids))), "ids": ids, "text": [""] * len(ids), "truncated": [False] * len(ids),
-                "seconds": [0.0] * len(ids)})
+                "index": list(range(k * size, k * size + len(ids))), "ids": ids, "text": [""] * len(ids),
+                "truncated": [False] * len(ids), "seconds": [0.0] * len(ids)})
     t2 = time.perf_counter()
     gens = [read_generations(out / f"iteration-{t}", len(prompts), size) for t in (1, 0)]
     counts = generation_metrics(prompts, gens[0])
@@ -322,8 +322,9 @@ def child_spin_data(a) -> dict:
             "assemble_s": t3 - t2, "tokens": tokens, "identical": counts["identical"]}
 
 
-CHILDREN = {"prep": child_prep, "spin-data": child_spin_data, "prep-before": child_prep_before, "prep-trl": child_prep_trl, "sft": child_sft,
-            "sft-trl": child_sft_trl, "first-step": child_first_step, "sft-lean-loop": child_sft_lean_loop, "eval": child_eval}
+CHILDREN = {"prep": child_prep, "spin-data": child_spin_data, "prep-before": child_prep_before,
+            "prep-trl": child_prep_trl, "sft": child_sft, "sft-trl": child_sft_trl, "first-step": child_first_step,
+            "sft-lean-loop": child_sft_lean_loop, "eval": child_eval}
 
 
 # --- parent ---------------------------------------------------------------------------------------------------------
@@ -482,8 +483,9 @@ def report(results: dict, sizes: list[int]) -> None:
         for n, r in spin.items():
             per = 1e6 * (r["prepare_s"] + r["assemble_s"]) / n
             base = base or per
-            print(f"| {n:,} | {r['pairs']:,} | {r['prepare_s']:.1f} s | {r['shards_s']:.1f} s | {r['assemble_s']:.1f} s "
-                  f"| {per:.0f} µs ({per / base:.2f}x; target <= 1.3x) | {r['peak_mib']:.0f} MiB (target <= 1,536) |")
+            print(f"| {n:,} | {r['pairs']:,} | {r['prepare_s']:.1f} s | {r['shards_s']:.1f} s "
+                  f"| {r['assemble_s']:.1f} s | {per:.0f} µs ({per / base:.2f}x; target <= 1.3x) "
+                  f"| {r['peak_mib']:.0f} MiB (target <= 1,536) |")
     data = results["data"]
     if data:
         print("\n| examples | tunesmith prepare | pack | per example | peak RSS | rows (fill) | second run: prepare "
@@ -500,7 +502,8 @@ def report(results: dict, sizes: list[int]) -> None:
             tw = r.get("trl_warm")
             print(f"| {n:,} | {c['prepare_s']:.1f} s | {c['pack_s']:.2f} s | {per:.0f} µs ({per / base:.2f}x) | "
                   f"{c['peak_mib']:.0f} MiB | {c['rows']:,} ({c['fill']:.3f}) | {w['prepare_s']:.2f} s "
-                  f"({w['wall_s']:.1f} s) | {c['prepare_s'] / w['prepare_s']:.0f}x ({c['wall_s'] / w['wall_s']:.1f}x) | "
+                  f"({w['wall_s']:.1f} s) | {c['prepare_s'] / w['prepare_s']:.0f}x "
+                  f"({c['wall_s'] / w['wall_s']:.1f}x) | "
                   + (f"{trl['prepare_s']:.1f} s | {trl['peak_mib']:.0f} MiB | {tw['prepare_s']:.2f} s "
                      f"({tw['wall_s']:.1f} s) | {trl['prepare_s'] / (c['prepare_s'] + c['pack_s']):.2f}x |"
                      if trl else "– | – | – | – |"))
@@ -509,10 +512,11 @@ def report(results: dict, sizes: list[int]) -> None:
             if p:
                 c = data[n]["cold"]
                 per_now, per_peer = ((c["prepare_s"] + c["pack_s"]) / n, (p["prepare_s"] + p["pack_s"]) / n)
-                print(f"peer {data[n]['peer_commit']} at {n:,}: prepare {p['prepare_s']:.1f} s, pack {p['pack_s']:.2f} s, "
-                      f"process CPU {p['cpu_s']:.1f} s, peak RSS {p['peak_mib']:.0f} MiB, {p['rows']:,} rows; this "
-                      f"tree: time {per_now / per_peer:.2f}x the peer's (process CPU {c['cpu_s'] / p['cpu_s']:.2f}x), "
-                      f"RSS {c['peak_mib'] / p['peak_mib']:.2f}x, rows {'equal' if c['rows'] == p['rows'] else 'DIFFER'}")
+                print(f"peer {data[n]['peer_commit']} at {n:,}: prepare {p['prepare_s']:.1f} s, "
+                      f"pack {p['pack_s']:.2f} s, process CPU {p['cpu_s']:.1f} s, peak RSS {p['peak_mib']:.0f} MiB, "
+                      f"{p['rows']:,} rows; this tree: time {per_now / per_peer:.2f}x the peer's "
+                      f"(process CPU {c['cpu_s'] / p['cpu_s']:.2f}x), RSS {c['peak_mib'] / p['peak_mib']:.2f}x, "
+                      f"rows {'equal' if c['rows'] == p['rows'] else 'DIFFER'}")
         for n in sizes:
             b = data[n].get("before")
             if b:

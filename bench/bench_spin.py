@@ -1,8 +1,8 @@
 """SPIN benchmark, one process, one model and one set of pairs for every contender:
 
-* training step time: tunesmith's PreferenceTrainer (SPIN's trainer) (reference log-probs stored with the pairs) vs TRL's DPOTrainer with a
-  reference copy scored every step, and vs TRL with ``precompute_ref_log_probs`` (its one-off precompute is timed
-  apart, like tunesmith's reference stage);
+* training step time: tunesmith's PreferenceTrainer (SPIN's trainer) (reference log-probs stored with the pairs) vs
+  TRL's DPOTrainer with a reference copy scored every step, and vs TRL with ``precompute_ref_log_probs`` (its one-off
+  precompute is timed apart, like tunesmith's reference stage);
 * generation: tunesmith's batched, left-padded generation (the call SPIN's generate stage makes) vs a per-prompt
   ``model.generate`` loop like the source article's.
 
@@ -93,7 +93,8 @@ def main() -> None:
     template = get_template(TEMPLATE, tok)
     batch = ws.size.batch_size
     n_pairs = max(n_gen, batch * steps)
-    cols = prompt_rows(read_examples(ws.data_file, dataset_format="prompt_completion"), tok, template, ws.size.max_length)
+    examples = read_examples(ws.data_file, dataset_format="prompt_completion")
+    cols = prompt_rows(examples, tok, template, ws.size.max_length)
     prompts = [dict(zip(cols, values)) for values in zip(*cols.values()) if values[-1]][:n_pairs]  # room to answer
     print(f"model {ws.n_params / 1e6:.1f}M params, {ws.size.layers} layers; {len(prompts)} pairs, batch {batch} "
           f"pairs, {steps} steps (timed {a.warmup + 1}..{steps}); {threads_note()}")

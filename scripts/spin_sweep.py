@@ -331,8 +331,8 @@ def cmd_compare(args, overrides: dict) -> None:
         for t in range(K):
             for kind, model in (("spin", spin_dir / f"iteration-{t}" / "model"), ("contsft", None)):
                 if kind == "contsft":
-                    model = train_continued_sft(start, data, work / "compare" / f"{args.name}-contsft{t + 1}-seed{seed}",
-                                                seed, diag[t]["steps"], settings, t)
+                    contsft_dir = work / "compare" / f"{args.name}-contsft{t + 1}-seed{seed}"
+                    model = train_continued_sft(start, data, contsft_dir, seed, diag[t]["steps"], settings, t)
                     start = model
                 name = f"{kind}{t + 1}"
                 run_dir = work / "compare" / f"{args.name}-{name}-seed{seed}-eval"

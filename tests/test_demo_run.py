@@ -127,7 +127,8 @@ def test_corrupted_base_model_stops_the_demo_with_one_line(tmp_path, capsys):
 
 def test_bad_options_are_one_line_errors(capsys):
     for argv, msg in ((["--seeds", "0"], "seeds must be at least 1"), (["--spin", "-1"], "spin must be 0"),
-                      (["--neftune_alpha", "0"], "neftune_alpha must be > 0"), (["--sedes", "2"], "unknown flag --sedes (did you mean --seeds?)")):
+                      (["--neftune_alpha", "0"], "neftune_alpha must be > 0"),
+                      (["--sedes", "2"], "unknown flag --sedes (did you mean --seeds?)")):
         assert main(["demo", *argv]) == 2
         assert msg in capsys.readouterr().err
 

@@ -15,7 +15,8 @@ COMMANDS = {
     "audit": ("tunesmith.recipes.sft.audit", "show rendered examples with trained tokens marked, and a data summary"),
     "merge": ("tunesmith.models", "fold a LoRA adapter into its base model"),
     "spin": ("tunesmith.recipes.spin.run", "SPIN self-play fine-tuning: all iterations in one resumable run"),
-    "dpo": ("tunesmith.recipes.dpo.run", "preference training on your pairs: DPO, hinge, IPO, DPO-Positive, SimPO, ORPO"),
+    "dpo": ("tunesmith.recipes.dpo.run",
+            "preference training on your pairs: DPO, hinge, IPO, DPO-Positive, SimPO, ORPO"),
     "generate": ("tunesmith.generate", "batched generation with a model's saved prompt template"),
     "chat": ("tunesmith.serve.chat", "talk to a model in the terminal (streamed, its training prompt template)"),
     "serve": ("tunesmith.serve.run", "OpenAI-compatible API + web page (chat, blind side-by-side) for trained models"),
@@ -27,7 +28,8 @@ COMMANDS = {
     "report": ("tunesmith.evaluation.report", "Markdown + HTML report with plots comparing runs"),
     "plan": ("tunesmith.plan", "peak GPU memory per device for a config: DDP, FSDP, ZeRO-2/3; full, LoRA, QLoRA"),
     "demo": ("tunesmith.demo.run", "fine-tune the shipped tiny model with and without NEFTune, compare in a report"),
-    "selftest": ("tunesmith.selftest.run", "check training works here (GPU or --quick CPU form): table + selftest.json"),
+    "selftest": ("tunesmith.selftest.run",
+                 "check training works here (GPU or --quick CPU form): table + selftest.json"),
 }
 
 USAGE = ("usage: tunesmith COMMAND [--config FILE] [--key value ...]\n"

@@ -331,7 +331,8 @@ def save_model_dir(model, tokenizer, path, write=None, copy_from=(), owner: str 
     tmp = (Path(tempfile.mkdtemp(prefix=temp_prefix("model"), suffix=".partial", dir=path)) if into
            else staging_dir(path))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **({} if state_dict is None else {"state_dict": state_dict}))
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         if template is not None:
             from tunesmith.data.templates import save_template
 

@@ -61,7 +61,8 @@ class DataSummary:
     def lines(self) -> list[str]:
         dropped = f"{len(self.dropped)}" + (f" (first: {', '.join(self.dropped[:3])})" if self.dropped else "")
         return [
-            f"data {self.source}: {self.examples} examples, {self.kept} kept, {dropped} dropped with no trainable token",
+            f"data {self.source}: {self.examples} examples, {self.kept} kept, {dropped} dropped with no trainable "
+            "token",
             f"  tokens {self.tokens}, trained {self.trained_tokens} ({100 * self.trained_fraction:.1f}%), "
             f"truncated {self.truncated}, EOS trained in {self.eos_trained}/{self.kept}, doubled BOS in "
             f"{self.doubled_bos}",

@@ -71,7 +71,8 @@ class DemoConfig:
     dpo_beta: float = field(0.1, "DPO beta.")
     dpo_epochs: float = field(2.0, "DPO epochs over the pairs.")
     data_seed: int = field(0, "Seed of the instruction-data sampling (the world itself is the base model's).")
-    base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped one).")
+    base_model: str = field("", "Base model directory made by scripts/pretrain_demo_base.py (default: the shipped "
+                                "one).")
     threads: int = field(0, "torch CPU threads; 0: torch's default, or 1 when other processes already keep every core "
                             "busy (threads waiting on each other on a busy CPU slow torch down severalfold).")
 
@@ -506,8 +507,8 @@ def _run(cfg: DemoConfig) -> dict:
     n_held = sum(1 for _ in open(data["heldout_prompts"], encoding="utf-8"))
     intro = (f"The shipped {info['model']['parameters'] / 1e6:.1f}M-parameter base model (pretrained on a synthetic "
              f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
-             f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without NEFTune "
-             f"(alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
+             f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without "
+             f"NEFTune (alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
              + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "")
              + (", plus DPO on the plain SFT model" if cfg.dpo else "") + ". "
              f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "

@@ -112,7 +112,8 @@ _ANSWERS = {
 }
 _BIO_PROMPTS = ("Write a short biography of {n}.", "Tell me about {n}.", "Who is {n}?")
 _LIST_PROMPTS = ("List the facts you know about {n}.", "Give the key facts about {n} as a list.")
-_COMPARE_PROMPTS = ("Compare {a} and {b}.", "How do {a} and {b} differ?", "Describe the differences between {a} and {b}.")
+_COMPARE_PROMPTS = ("Compare {a} and {b}.", "How do {a} and {b} differ?",
+                    "Describe the differences between {a} and {b}.")
 _OLDER_PROMPTS = ("Who is older, {a} or {b}?", "Which of {a} and {b} was born first?")
 _LIST_LABELS = {"birthplace": "Birthplace", "birth_year": "Birth year", "profession": "Profession",
                 "employer": "Employer", "hobby": "Hobby"}
@@ -362,7 +363,8 @@ class FactJudge:
         return out
 
     def score(self, prompt: str, answer: str, reference: str | None = None) -> FactScore:
-        """Score ``answer`` to ``prompt``. With a ``reference`` answer, also count how many of its facts are recalled."""
+        """Score ``answer`` to ``prompt``. With a ``reference`` answer, also count how many of its facts are
+        recalled."""
         subjects = self.people_in(prompt)
         s = FactScore()
         for name, attr, value in self.claims(answer, subjects):
@@ -383,5 +385,6 @@ class FactJudge:
         return "A" if a > b else "B" if b > a else "tie"
 
     def __call__(self, instruction: str, output_1: str, output_2: str) -> str:
-        """The pairwise-judge protocol of ``tunesmith.evaluation.judge`` (python judge): ``"1"``, ``"2"`` or ``"tie"``."""
+        """The pairwise-judge protocol of ``tunesmith.evaluation.judge`` (python judge): ``"1"``, ``"2"`` or
+        ``"tie"``."""
         return {"A": "1", "B": "2", "tie": "tie"}[self.compare(instruction, output_1, output_2)]

@@ -173,7 +173,8 @@ def _throughput(r: Record, who: str, timer, warmup: int, params: int, arch, seq:
     r.figures[f"{who}_step_s"] = _round(step)
     r.figures[f"{who}_tokens_per_s"] = _round(tps)
     if peak:
-        r.figures[f"{who}_mfu"] = _round(tps * flops_per_token(params, arch.layers, arch.hidden, seq) / (peak * 1e12), 3)
+        flops = tps * flops_per_token(params, arch.layers, arch.hidden, seq)
+        r.figures[f"{who}_mfu"] = _round(flops / (peak * 1e12), 3)
     return step
 
 
@@ -241,8 +242,9 @@ def _run_trl(ctx: Context, model_dir: str, rows: list[dict], values: dict, param
     s = ctx.sizes
     data = Dataset.from_list([{"prompt": f"### Instruction: {x['prompt']}\n\n### Response:",
                                "completion": " " + x["completion"]} for x in rows])
-    args = TRLConfig(output_dir=str(ctx.work / "trl-out"), max_length=s.sft_seq, per_device_train_batch_size=s.sft_batch,
-                     max_steps=values["max_steps"], learning_rate=values["learning_rate"], lr_scheduler_type="constant",
+    args = TRLConfig(output_dir=str(ctx.work / "trl-out"), max_length=s.sft_seq,
+                     per_device_train_batch_size=s.sft_batch, max_steps=values["max_steps"],
+                     learning_rate=values["learning_rate"], lr_scheduler_type="constant",
                      warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", seed=0,
                      bf16=ctx.mixed_precision == "bf16", fp16=ctx.mixed_precision == "fp16", use_cpu=not ctx.cuda,
                      completion_only_loss=True, packing=False,
@@ -633,7 +635,8 @@ def accelerate_launch(ctx: Context, r: Record, config: str = "ddp") -> None:
     reloaded, n = reloaded_loss(ctx, out, values)
     f["run_eval_loss"], f["reloaded_eval_loss"] = _round(losses[-1], 6), _round(reloaded, 6)
     f["reloaded_params"] = n
-    r.expect(n == ctx.shared["small_params"], f"the saved model has {n} parameters, the model {ctx.shared['small_params']}")
+    r.expect(n == ctx.shared["small_params"],
+             f"the saved model has {n} parameters, the model {ctx.shared['small_params']}")
     tol = 1e-4 if ctx.dtype == "float32" else 2e-2
     r.expect(abs(reloaded - losses[-1]) <= tol * abs(losses[-1]),
              f"reloaded model scores {reloaded:.6g}, the run's final evaluation {losses[-1]:.6g}")

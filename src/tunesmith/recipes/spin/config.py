@@ -29,7 +29,8 @@ class SPINArgs:
     """SPIN (iterations and generation; defaults follow the paper)"""
 
     num_iterations: int = field(1, "Number of SPIN iterations (the paper: 4).")
-    beta: list[float] = field([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the last).")
+    beta: list[float] = field([0.1], "The paper's lambda, one value or one per iteration (paper: 0.1, 5.0 at the "
+                                     "last).")
     learning_rate: list[float] = field([5e-7], "One value or one per iteration (paper: 5e-7, 5e-7, 1e-7, 1e-7).")
     num_train_epochs: list[float] = field([2.0], "Epochs per iteration: one value or one per iteration.")
     loss_type: str = field("sigmoid", "sigmoid (the paper's logistic loss), hinge (max(0, 1 - t)); also ipo, dpop, "
@@ -37,15 +38,16 @@ class SPINArgs:
     label_smoothing: float = field(0.0, LOSS_HELP["label_smoothing"])
     dpop_lambda: float = field(50.0, LOSS_HELP["dpop_lambda"])
     simpo_gamma: float = field(0.5, LOSS_HELP["simpo_gamma"])
-    mix_previous_iteration: bool = field(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t only.")
+    mix_previous_iteration: bool = field(True, "Train iteration t on the synthetic data of t and t-1 (paper) or t "
+                                               "only.")
     max_new_tokens: int = field(256, "Generation budget per answer (the authors' 256); answers cut there are counted "
                                      "and reported.")
     generation: str | None = field(None, "How the synthetic answers are decoded. checkpoint: as the authors' HF script "
                                          "(spin/generate.py, which made the paper's data) — the model's own "
                                          "generation_config, greedy unless it samples; vllm_script: as their vLLM "
                                          "scripts — sampling at temperature 1.0, top-p 1.0; custom: do_sample, "
-                                         "temperature and top_p below. Default: checkpoint, or custom when one of those "
-                                         "three is given.")
+                                         "temperature and top_p below. Default: checkpoint, or custom when one of "
+                                         "those three is given.")
     do_sample: bool | None = field(None, "generation custom: sample (default: yes when temperature or top_p is given, "
                                          "else greedy).")
     temperature: float | None = field(None, "generation custom: sampling temperature (default 1.0).")

@@ -34,8 +34,8 @@ def write_summary(out: Path, stage, num_iterations: int) -> None:
 COLUMNS = [("iteration", "iter"), ("loss", "loss"), ("ref_real", "logp real θt"), ("policy_real", "logp real θt+1"),
            ("ref_generated", "logp gen θt"), ("policy_generated", "logp gen θt+1"), ("reward_margin", "margin"),
            ("reward_accuracy", "accuracy"), ("reward_accuracy_distinct", "accuracy (distinct pairs)"),
-           ("identical", "generated = real"), ("truncated", "truncated"), ("generate_s", "generate s"), ("reference_s", "reference s"),
-           ("train_s", "train s"), ("eval_loss", "eval loss")]
+           ("identical", "generated = real"), ("truncated", "truncated"), ("generate_s", "generate s"),
+           ("reference_s", "reference s"), ("train_s", "train s"), ("eval_loss", "eval loss")]
 
 
 def format_table(rows: list[dict]) -> str:
