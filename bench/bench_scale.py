@@ -373,8 +373,8 @@ def main() -> None:
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--skip-data", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--spin-sizes", default="10000,200000", help="prompts at which SPIN's data phase runs (each must "
-                                                                "be in --sizes; empty: skip)")
+    p.add_argument("--spin-sizes", default="10000,200000", help="prompts at which SPIN's data phase runs (prefixes of "
+                                                                "the same generated file; empty: skip)")
     p.add_argument("--peer", default="", help="a commit whose data preparation (the same 'prep' child) is measured "
                                               "beside this tree's at --peer-sizes (e.g. the commit before a change)")
     p.add_argument("--peer-sizes", default="10000,100000")
@@ -397,9 +397,9 @@ def main() -> None:
     trl_sizes = {int(x) for x in a.trl_sizes.split(",") if x}
     before_sizes = {int(x) for x in a.before_sizes.split(",") if x}
     print(common.threads_note(), flush=True)
-    ws = workspace(root, sizes)
-    results: dict = {"data": {}, "memory": {}, "spin": {}}
     spin_sizes = [int(x) for x in a.spin_sizes.split(",") if x]
+    ws = workspace(root, sorted(set(sizes) | set(spin_sizes)))
+    results: dict = {"data": {}, "memory": {}, "spin": {}}
     if spin_sizes:
         import shutil
 

@@ -257,3 +257,38 @@ def test_torchrun_two_processes_train_as_one_with_the_whole_batch(full_run, tmp_
         for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), key
     assert len(list((tmp_path / "run" / "reference").glob("shard-*.arrow"))) == 3  # 12 pairs, shards of 5
+
+
+def test_conversation_pairs_use_the_chat_template_and_tensorboard_gets_the_metrics(tiny_model_dir, tmp_path):
+    """template auto (the default) on conversational pairs: the tokenizer's chat template renders the multi-turn
+    prompt exactly as apply_chat_template does, the run saves that template, and report_to tensorboard writes the
+    reward metrics as scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunesmith.data.preference import prepare_pairs
+    from tunesmith.data.source import open_sources
+    from tunesmith.data.templates import load_saved_template
+    from tunesmith.models import load_model_and_tokenizer
+
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
+    rows = [{"prompt": history + [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in preference_rows(8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    dpo.train(dpo_config(tiny_model_dir, data, out, template=None, num_train_epochs=1, max_length=96,
+                         report_to="tensorboard"))
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    template = load_saved_template(str(out), tok)
+    assert "chat" in template.spec()
+    pairs, _ = prepare_pairs(open_sources(data), tok, template, 96)
+    messages = rows[0]["prompt"]
+    want = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(pairs[0]["prompt_ids"]) == want
+    assert tok.decode(pairs[0]["chosen_ids"]).startswith(rows[0]["chosen"][0]["content"])
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen"):
+        assert tag in tags, tags
+    assert len(events.Scalars("train/rewards/margin")) == 2  # 8 pairs, batch 4, one epoch, logging every step

@@ -209,3 +209,21 @@ def test_sft_plan_counts_one_chunk_of_logits_not_the_whole_batch():
     grow_lean = activation_bytes(shape, 8, 256, 4, False, lean_logits=True) - lean
     grow_full = activation_bytes(shape, 8, 256, 4, False) - full
     assert grow_lean < grow_full / 50
+
+
+@pytest.mark.parametrize("keys, recipe, optim", [
+    ("loss_type: sigmoid\nbeta: 0.1\n", "dpo", "adamw_torch"),  # examples/dpo.yaml's keys
+    ("num_iterations: 2\nbeta: [0.1, 0.2]\n", "spin", "rmsprop"),
+    ("beta: 0.1\nmax_new_tokens: 64\n", "spin", "rmsprop"),
+    ("learning_rate: 1.0e-5\n", "sft", "adamw_torch"),
+])
+def test_cli_tells_dpo_from_spin_and_plans_pairs_as_two_rows(tmp_path, capsys, keys, recipe, optim):
+    model = tmp_path / "llama-65b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_65B))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name_or_path: {model}\nper_device_train_batch_size: 4\n" + keys)
+    assert main(["plan", str(cfg), "--json", "true"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["recipe"], out["optim"]) == (recipe, optim)
+    assert out["rows_per_micro_batch"] == (4 if recipe == "sft" else 8)

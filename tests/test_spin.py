@@ -653,3 +653,21 @@ def test_lora_honours_modules_to_save(full_run, data_file, tmp_path):
     model = run.model_to_train(0, run.load_model(0))
     saved = [n for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad]
     assert saved and all("norm" in n for n in saved)
+
+
+@pytest.mark.parametrize("loss_type, over", [("dpop", {"dpop_lambda": 5.0}), ("ipo", {}), ("simpo", {})])
+def test_the_preference_losses_train_spin_iterations(tiny_model_dir, data_file, tmp_path, loss_type, over):
+    """SPIN takes DPO's loss options: with a reference (dpop, ipo) the first step's policy is its reference, so the
+    loss is the loss at margin 0 (dpop: ln 2; ipo: (1 / (2 beta))^2); simpo scores no reference (the stage is
+    skipped and no reference shard is written)."""
+    out = tmp_path / loss_type
+    spin.train(spin_config(tiny_model_dir, data_file, out, num_iterations=1, loss_type=loss_type, logging_steps=1,
+                           **over))
+    logs = [json.loads(x) for x in (out / "iteration-0" / "metrics.jsonl").read_text().splitlines()]
+    first = next(e for e in logs if "loss" in e)
+    assert stage(out, 0, "train") is not None
+    if loss_type == "simpo":
+        assert stage(out, 0, "reference") is None and not (out / "iteration-0" / "reference").exists()
+    else:
+        assert first["loss"] == pytest.approx(math.log(2) if loss_type == "dpop" else (1 / (2 * 0.5)) ** 2, abs=1e-3)
+        assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-4)

@@ -34,7 +34,7 @@ a pre-norm decoder with RMSNorm, rotary attention and a gated MLP, without dropo
     LoRA on a module (float32 adapters): its dropped-out input (+ mask) and A's output  5 * in + 4 * r
 
 plus the logits, their float32 upcast (16-bit only) and the float32 log-softmax of the loss, (a + 4 [+ 4]) * vocab
-per token, when the loss is computed from the model's whole logits. tunesmith's own losses (sft and spin, through
+per token, when the loss is computed from the model's whole logits. tunesmith's own losses (sft, spin, dpo, through
 ``scoring``) never build them: they keep the final hidden states of the scored positions (a * h per token) and
 project ``scoring.CHUNK_LOGITS`` logits at a time, so the head costs (a + 4 [+ 4]) * CHUNK_LOGITS at most, whatever
 the batch. With gradient checkpointing a
@@ -222,9 +222,17 @@ def measure(model, quantize: bool = False) -> Shape:
 # ------------------------------------------------------------------------------------------------ from a config
 
 
+SPIN_ONLY = {"num_iterations", "mix_previous_iteration", "max_new_tokens", "generation", "generation_batch_size",
+             "generation_backend", "do_sample", "temperature", "top_p", "repetition_penalty"}
+PREFERENCE = {"beta", "loss_type", "label_smoothing", "dpop_lambda", "simpo_gamma"}  # keys SPIN and DPO share
+
+
 def recipe_of(values: dict) -> str:
-    if "num_iterations" in values or "beta" in values:
+    """The recipe a config's keys belong to: SPIN's generation keys say spin; the preference keys alone say dpo."""
+    if SPIN_ONLY & set(values):
         return "spin"
+    if PREFERENCE & set(values):
+        return "dpo"
     if {"train_file", "labels", "text_column", "label_column", "multi_label"} & set(values):
         return "classify"
     return "sft"
@@ -290,7 +298,8 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
     precision = precision_of(values, config)
     if quantize:  # compute dtype of the 4-bit layers; frozen non-quantized weights upcast to float32 by peft
         precision.master = 4
-    rows_per_step = int(values.get("per_device_train_batch_size", 8)) * (2 if recipe == "spin" else 1)
+    pairs = recipe in ("spin", "dpo")  # a pair is two answer rows in one forward
+    rows_per_step = int(values.get("per_device_train_batch_size", 8)) * (2 if pairs else 1)
     length = int(values.get("max_length", 512))
     checkpointing = bool(values.get("gradient_checkpointing", False))
     optim = str(values.get("optim", "rmsprop" if recipe == "spin" else "adamw_torch"))
@@ -303,7 +312,7 @@ def plan(values: dict, num_gpus: int = 1, source: str = "config") -> dict:
               "master_bytes": precision.master, "compute_bytes": precision.compute, "strategies": {}}
     result["weights_by_kind"] = weight_kinds(shape, precision, bool(values.get("use_peft")) or quantize or lora)
     activations = activation_bytes(shape, rows_per_step, length, act, checkpointing, attn,
-                                   lean_logits=recipe in ("sft", "spin"))
+                                   lean_logits=recipe in ("sft", "spin", "dpo"))
     for strategy in STRATEGIES:
         parts = model_state_bytes(shape, strategy, precision, num_gpus, optim)
         parts["activations"] = activations

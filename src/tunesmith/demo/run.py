@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 import os
 import shutil
 import statistics
@@ -421,112 +422,179 @@ def run(cfg: DemoConfig) -> dict:
         torch.set_num_threads(before)
 
 
+@dataclass
+class _Demo:
+    """One demo run in progress: its inputs (base model, world, judge, data) and what the stages have produced."""
+    cfg: DemoConfig
+    out: Path
+    base_dir: Path
+    info: dict
+    world: object
+    judge: object
+    data: dict
+    state: dict
+    t0: float
+    per_variant: dict = dataclasses.field(default_factory=dict)  # variant name -> one result per seed
+    run_dirs: list = dataclasses.field(default_factory=list)
+    winrates: list = dataclasses.field(default_factory=list)
+    spin_dirs: dict = dataclasses.field(default_factory=dict)
+
+    def timed(self, key: str, since: float) -> None:
+        self.state["timings_s"][key] = round(time.time() - since, 1)
+
+
 def _run(cfg: DemoConfig) -> dict:
+    """setup -> per seed: the trainings, then one evaluation per variant -> the report."""
+    from tunesmith.io import atomic_write_json
+
+    demo = _setup(cfg)
+    trainings = 2 + bool(cfg.spin) + 2 + cfg.spin + 2 * cfg.dpo  # SFT, NEFTune, SPIN, DPO runs + evaluations
+    stages = Stages(cfg.seeds * trainings + 1)
+    for seed in range(cfg.seeds):
+        variants = _train_seed(demo, seed, stages)
+        _evaluate_seed(demo, seed, variants, stages)
+        atomic_write_json(demo.out / MARKER, demo.state | {"per_variant": demo.per_variant})
+    with stages("report"):
+        header, rows = _report(demo)
+    state = demo.state
+    state["timings_s"]["total"] = round(time.time() - demo.t0, 1)
+    state.update(complete=True, per_variant=demo.per_variant, summary={"header": header, "rows": rows},
+                 report=str(demo.out / "report.md"))
+    atomic_write_json(demo.out / MARKER, state)
+    return state
+
+
+def _setup(cfg: DemoConfig) -> _Demo:
+    """Check the output folder and the base model, rebuild the world and its judge, write the data."""
     from tunesmith.demo.base import BASE_DIR, provenance, verify
     from tunesmith.demo.world import FactJudge, World
-    from tunesmith.io import atomic_write_json, atomic_write_text
+    from tunesmith.io import atomic_write_json
 
     t0 = time.time()
     out = check_output(cfg, cfg.seeds * (2 + cfg.spin + cfg.dpo))
     base_dir = verify(cfg.base_model or BASE_DIR)
-    from tunesmith.recipes import sft  # heavy imports only once the inputs are known to be good
-    from tunesmith.evaluation import report as R
-
     info = provenance(base_dir)
     world = World(seed=info["world"]["seed"], n_people=info["world"]["n_people"])
-    judge = FactJudge(world)
     prepare_output(out)
-    import torch
+    import torch  # heavy imports only once the inputs are known to be good
 
     state = {"complete": False, "config": asdict(cfg), "base_model": str(base_dir), "threads": torch.get_num_threads(),
              "base_probe": info["probe"]["overall"], "timings_s": {}}
     atomic_write_json(out / MARKER, state)
     data = write_data(cfg, world, out / "data")
+    return _Demo(cfg, out, base_dir, info, world, FactJudge(world), data, state, t0)
 
-    per_variant: dict[str, list[dict]] = {}
-    run_dirs, winrates, spin_dirs = [], [], {}
-    trainings = (("sft", None, "SFT run"), ("neftune", cfg.neftune_alpha, f"NEFTune run (alpha {cfg.neftune_alpha:g})"))
-    # per seed: the trainings, SPIN's and DPO's runs, one evaluation per variant; then the report
-    stages = Stages(cfg.seeds * (len(trainings) + bool(cfg.spin) + len(trainings) + cfg.spin + 2 * cfg.dpo) + 1)
-    for seed in range(cfg.seeds):
-        of_seed = f" (seed {seed})" if cfg.seeds > 1 else ""
-        variants = {}
-        for name, alpha, label in trainings:
-            run_dir = out / "runs" / f"{name}-seed{seed}"
-            t = time.time()
-            with stages(label + of_seed):
-                sft.train(sft_config(cfg, base_dir, data, run_dir, seed, alpha))
-            state["timings_s"][f"train {run_dir.name}"] = round(time.time() - t, 1)
-            variants[name] = (run_dir, run_dir)
-        if cfg.spin:
-            from tunesmith.recipes import spin
 
-            spin_dir = out / "runs" / f"spin-seed{seed}"
-            t = time.time()
-            with stages(f"SPIN run: {cfg.spin} iteration(s) on the SFT model{of_seed}"):
-                spin.train(spin_config(cfg, out / "runs" / f"sft-seed{seed}", data, spin_dir, seed))
-            state["timings_s"][f"train {spin_dir.name}"] = round(time.time() - t, 1)
-            spin_dirs[seed] = spin_dir
-            for it in range(cfg.spin):
-                run_dir = out / "runs" / f"spin{it + 1}-seed{seed}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
-        if cfg.dpo:
-            from tunesmith.recipes import dpo
+def _train_seed(demo: _Demo, seed: int, stages) -> dict[str, tuple[Path, Path]]:
+    """SFT and NEFTune from the base model, then SPIN and DPO from the SFT model; returns each variant's (model
+    directory, run directory for its evaluation)."""
+    from tunesmith.recipes import sft
 
-            dpo_dir = out / "runs" / f"dpo-seed{seed}"
-            t = time.time()
-            with stages(f"DPO run on the SFT model, pairs with one wrong fact{of_seed}"):
-                dpo.train(dpo_config(cfg, out / "runs" / f"sft-seed{seed}", data, dpo_dir, seed))
-            state["timings_s"][f"train {dpo_dir.name}"] = round(time.time() - t, 1)
-            variants["dpo"] = (dpo_dir, dpo_dir)
-        for name, (model_dir, run_dir) in variants.items():  # sft first: the others' win rates are against it
-            t = time.time()
-            versus = "" if name == "sft" else ", win rate vs sft"
-            with stages(f"evaluate {name}: generate answers, losses, facts{versus}{of_seed}"):
-                result = evaluate_model(cfg, model_dir, run_dir, f"{name}-seed{seed}", data, judge)
-                per_variant.setdefault(name, []).append(extract(result, data) | {"seed": seed})
-                run_dirs.append(str(run_dir))
-                if name != "sft":
-                    jdir = out / "judge" / f"{name}-vs-sft-seed{seed}"
-                    w = win_rate_under(judge, run_dir, variants["sft"][1], jdir, f"{name}-seed{seed}",
-                                       f"sft-seed{seed}", seed)
-                    per_variant[name][-1]["win_rate"] = w["win_rate"]
-                    winrates.append(str(jdir))
-            state["timings_s"][f"evaluate {run_dir.name}"] = round(time.time() - t, 1)
-        atomic_write_json(out / MARKER, state | {"per_variant": per_variant})
-    stages.start("report")
+    cfg, runs = demo.cfg, demo.out / "runs"
+    of_seed = f" (seed {seed})" if cfg.seeds > 1 else ""
+    variants = {}
+    for name, alpha, label in (("sft", None, "SFT run"),
+                               ("neftune", cfg.neftune_alpha, f"NEFTune run (alpha {cfg.neftune_alpha:g})")):
+        run_dir, t = runs / f"{name}-seed{seed}", time.time()
+        with stages(label + of_seed):
+            sft.train(sft_config(cfg, demo.base_dir, demo.data, run_dir, seed, alpha))
+        demo.timed(f"train {run_dir.name}", t)
+        variants[name] = (run_dir, run_dir)
+    if cfg.spin:
+        from tunesmith.recipes import spin
 
-    header, rows = summary_table(per_variant)
+        spin_dir, t = runs / f"spin-seed{seed}", time.time()
+        with stages(f"SPIN run: {cfg.spin} iteration(s) on the SFT model{of_seed}"):
+            spin.train(spin_config(cfg, runs / f"sft-seed{seed}", demo.data, spin_dir, seed))
+        demo.timed(f"train {spin_dir.name}", t)
+        demo.spin_dirs[seed] = spin_dir
+        for it in range(cfg.spin):
+            run_dir = runs / f"spin{it + 1}-seed{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            variants[f"spin{it + 1}"] = (spin_dir / f"iteration-{it}" / "model", run_dir)
+    if cfg.dpo:
+        from tunesmith.recipes import dpo
+
+        dpo_dir, t = runs / f"dpo-seed{seed}", time.time()
+        with stages(f"DPO run on the SFT model, pairs with one wrong fact{of_seed}"):
+            dpo.train(dpo_config(cfg, runs / f"sft-seed{seed}", demo.data, dpo_dir, seed))
+        demo.timed(f"train {dpo_dir.name}", t)
+        variants["dpo"] = (dpo_dir, dpo_dir)
+    return variants
+
+
+def _evaluate_seed(demo: _Demo, seed: int, variants: dict, stages) -> None:
+    """One evaluation per variant, SFT first: the others' win rates are against it."""
+    of_seed = f" (seed {seed})" if demo.cfg.seeds > 1 else ""
+    for name, (model_dir, run_dir) in variants.items():
+        t = time.time()
+        versus = "" if name == "sft" else ", win rate vs sft"
+        with stages(f"evaluate {name}: generate answers, losses, facts{versus}{of_seed}"):
+            result = evaluate_model(demo.cfg, model_dir, run_dir, f"{name}-seed{seed}", demo.data, demo.judge)
+            demo.per_variant.setdefault(name, []).append(extract(result, demo.data) | {"seed": seed})
+            demo.run_dirs.append(str(run_dir))
+            if name != "sft":
+                jdir = demo.out / "judge" / f"{name}-vs-sft-seed{seed}"
+                w = win_rate_under(demo.judge, run_dir, variants["sft"][1], jdir, f"{name}-seed{seed}",
+                                   f"sft-seed{seed}", seed)
+                demo.per_variant[name][-1]["win_rate"] = w["win_rate"]
+                demo.winrates.append(str(jdir))
+        demo.timed(f"evaluate {run_dir.name}", t)
+
+
+def _report(demo: _Demo) -> tuple[list[str], list[list[str]]]:
+    """report.md and report.html: the summary table and plot, the recipes' sections, the evaluation suite's blocks.
+    Returns the summary table."""
+    from tunesmith.evaluation import report as R
+    from tunesmith.io import atomic_write_text
+
+    cfg, out = demo.cfg, demo.out
+    header, rows = summary_table(demo.per_variant)
     title = ("tunesmith demo: NEFTune" + (", SPIN" if cfg.spin else "") + (" and DPO" if cfg.dpo else "")
              + " on a tiny pretrained model")
-    rcfg = R.ReportConfig(runs=run_dirs, winrate=winrates, output=str(out), title=title)
-    suite_blocks = R.build_blocks(rcfg, [R.load_run(r) for r in run_dirs], [R.load_winrate(w) for w in winrates],
-                                  out)
+    rcfg = R.ReportConfig(runs=demo.run_dirs, winrate=demo.winrates, output=str(out), title=title)
+    suite_blocks = R.build_blocks(rcfg, [R.load_run(r) for r in demo.run_dirs],
+                                  [R.load_winrate(w) for w in demo.winrates], out)
+    blocks = [("h1", title), ("p", _intro(demo)), ("h2", "Summary"), ("table", header, rows)]
+    if plot_summary(demo.per_variant, out / "summary.png"):
+        blocks.append(("img", "summary.png", "summary measures per variant"))
+    blocks += _method_blocks(demo)
+    blocks += [b for b in suite_blocks if b[0] != "h1"]
+    atomic_write_text(out / "report.md", R.to_markdown(blocks))
+    atomic_write_text(out / "report.html", R.to_html(blocks, title))
+    return header, rows
+
+
+def _intro(demo: _Demo) -> str:
+    """The report's opening paragraph: model, data, variants, held-out people, decoding, seeds, wall time."""
+    cfg, data = demo.cfg, demo.data
     n_train = sum(1 for _ in open(data["train"], encoding="utf-8"))
     n_held = sum(1 for _ in open(data["heldout_prompts"], encoding="utf-8"))
-    intro = (f"The shipped {info['model']['parameters'] / 1e6:.1f}M-parameter base model (pretrained on a synthetic "
-             f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
-             f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without "
-             f"NEFTune (alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
-             + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "")
-             + (", plus DPO on the plain SFT model" if cfg.dpo else "") + ". "
-             f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
-             f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
-             f"{cfg.repetition_penalty:g}. "
-             + ("Values are mean ± std over seeds. " if cfg.seeds > 1 else "One seed: single values, no spread. ")
-             + f"Wall time {(time.time() - t0) / 60:.1f} min "
-             f"with {state['threads']} torch thread(s)."
-             + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
-    blocks = [("h1", title), ("p", intro), ("h2", "Summary"), ("table", header, rows)]
-    if plot_summary(per_variant, out / "summary.png"):
-        blocks.append(("img", "summary.png", "summary measures per variant"))
-    blocks += [("p", "Fact judge: each answer is scanned for attribute values; each is attributed to the nearest "
-                     "preceding person named (the person asked about by default) and is correct if it is that "
-                     "person's fact. Precision = correct / stated facts; recall = the reference answer's facts "
-                     "stated correctly. Win rate: more net correct facts (correct − wrong) wins, asked in both "
-                     "orders.")]
-    if spin_dirs:
+    info, world = demo.info, demo.world
+    return (f"The shipped {info['model']['parameters'] / 1e6:.1f}M-parameter base model (pretrained on a synthetic "
+            f"world of {len(world.people)} people; knowledge probe {info['probe']['overall']:.1%}) fine-tuned on "
+            f"{n_train} instructions about the world's {len(world.train_people)} TRAIN people, with and without "
+            f"NEFTune (alpha {cfg.neftune_alpha:g}), {cfg.seeds} seed(s)"
+            + (f", plus {cfg.spin} SPIN iteration(s) on the plain SFT model" if cfg.spin else "")
+            + (", plus DPO on the plain SFT model" if cfg.dpo else "") + ". "
+            f"Held-out measures use {n_held} prompts about {len(world.heldout_people)} HELD-OUT people, whose "
+            f"facts only the base model's pretraining can supply. Greedy decoding, repetition penalty "
+            f"{cfg.repetition_penalty:g}. "
+            + ("Values are mean ± std over seeds. " if cfg.seeds > 1 else "One seed: single values, no spread. ")
+            + f"Wall time {(time.time() - demo.t0) / 60:.1f} min "
+            f"with {demo.state['threads']} torch thread(s)."
+            + (" QUICK MODE: a few training steps only; the numbers mean nothing." if cfg.quick else ""))
+
+
+def _method_blocks(demo: _Demo) -> list[tuple]:
+    """How the fact judge scores, and the SPIN and DPO sections (recipe, per-iteration / per-run logs)."""
+    cfg = demo.cfg
+    blocks = [("p", "Fact judge: each answer is scanned for attribute values; each is attributed to the nearest "
+                    "preceding person named (the person asked about by default) and is correct if it is that "
+                    "person's fact. Precision = correct / stated facts; recall = the reference answer's facts "
+                    "stated correctly. Win rate: more net correct facts (correct − wrong) wins, asked in both "
+                    "orders.")]
+    if demo.spin_dirs:
         blocks += [("h2", "SPIN per iteration"),
                    ("p", f"Recipe: lr {cfg.spin_learning_rate:g}, beta {cfg.spin_beta:g}, {cfg.spin_epochs:g} "
                          "epoch(s) per iteration, RMSProp, synthetic answers sampled at temperature 0.8, top-p 0.95, "
@@ -540,9 +608,9 @@ def _run(cfg: DemoConfig) -> dict:
                          "src/tunesmith/demo/RESULTS.md). θt generated the answers and is the reference; θt+1 is the "
                          "trained model. A pair whose generated answer equals the real one has margin 0 and no "
                          "gradient."),
-                   ("table", *spin_diagnostics(spin_dirs))]
+                   ("table", *spin_diagnostics(demo.spin_dirs))]
     if cfg.dpo:
-        n_pairs = sum(1 for _ in open(data["pairs"], encoding="utf-8"))
+        n_pairs = sum(1 for _ in open(demo.data["pairs"], encoding="utf-8"))
         blocks += [("h2", "DPO"),
                    ("p", f"DPO ({cfg.dpo_loss}, beta {cfg.dpo_beta:g}, lr {cfg.dpo_learning_rate:g}, "
                          f"{cfg.dpo_epochs:g} epoch(s), reference = the SFT model scored once) from the plain SFT "
@@ -552,16 +620,8 @@ def _run(cfg: DemoConfig) -> dict:
                          "the world. The recipe was chosen on validation people carved from the TRAIN people "
                          "(scripts/dpo_sweep.py). Held-out people's facts appear in no pair: DPO can only change how "
                          "the model uses what pretraining taught it."),
-                   ("table", *dpo_log_table(out, cfg.seeds))]
-    blocks += [b for b in suite_blocks if b[0] != "h1"]
-    atomic_write_text(out / "report.md", R.to_markdown(blocks))
-    atomic_write_text(out / "report.html", R.to_html(blocks, title))
-    stages.end()
-    state["timings_s"]["total"] = round(time.time() - t0, 1)
-    state.update(complete=True, per_variant=per_variant, summary={"header": header, "rows": rows},
-                 report=str(out / "report.md"))
-    atomic_write_json(out / MARKER, state)
-    return state
+                   ("table", *dpo_log_table(demo.out, cfg.seeds))]
+    return blocks
 
 
 def format_summary(state: dict) -> str:

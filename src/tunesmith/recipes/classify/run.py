@@ -19,6 +19,7 @@ Paths may name a file shipped inside an installed Python package as ``pkg:PACKAG
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -54,62 +55,97 @@ def train(config: ClassifyConfig | dict, callbacks=()) -> str:
 
 
 def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
-    data, args, m = cfg.data, cfg.training, cfg.model
-    transformers.set_seed(args.seed)
-    model_path = resolve_path(m.model_name_or_path)
+    """setup (data, the model with its new head, the scores before training) -> training -> save."""
+    transformers.set_seed(cfg.training.seed)
+    setup = _setup(cfg)
+    trainer = _fit(cfg, run, setup, callbacks)
+    return _save(cfg, out, setup, trainer)
 
-    train_records = load_split(data.dataset, "train")
-    val_records = load_split(data.eval_dataset, "validation", "eval_dataset")
-    test_records = load_split(data.test_dataset, "test", "test_dataset")
-    names = label_names(data, train_records)
-    splits = {"train": encode_split(data, train_records, names)}
-    if val_records:
-        splits["validation"] = encode_split(data, val_records, names)
-    if test_records:
-        splits["test"] = encode_split(data, test_records, names)
 
+@dataclasses.dataclass
+class _Setup:
+    """What training starts from: label names, encoded splits (texts, targets), the model with its fresh head, the
+    tokenizer, the report so far (sizes, scores before training) and the compare sentences' predictions before."""
+    names: list
+    splits: dict
+    model: object
+    tokenizer: object
+    new_modules: list
+    report: dict
+    before_rows: list
+
+    def score(self, cfg: ClassifyConfig, model, split: str) -> dict:
+        """Accuracy, macro F1 and per-class figures of ``model`` on the encoded ``split``."""
+        data = cfg.data
+        texts, targets = self.splits[split]
+        _, logits = predict_texts(model, self.tokenizer, texts, cfg.training.per_device_eval_batch_size,
+                                  data.max_length, data.threshold)
+        return classification_metrics(logits, np.asarray(targets), self.names, data.multi_label, data.threshold)
+
+    @property
+    def held_out(self) -> list[str]:
+        return [s for s in ("validation", "test") if s in self.splits]
+
+
+def _read_splits(cfg: ClassifyConfig) -> tuple[list, dict]:
+    """The label names and every split given, encoded as (texts, targets); a metric_for_best_model that is not
+    computed is a one-line error before the model loads."""
+    data, args = cfg.data, cfg.training
+    records = {"train": load_split(data.dataset, "train"),
+               "validation": load_split(data.eval_dataset, "validation", "eval_dataset"),
+               "test": load_split(data.test_dataset, "test", "test_dataset")}
+    names = label_names(data, records["train"])
+    splits = {split: encode_split(data, rows, names) for split, rows in records.items() if split == "train" or rows}
     metrics = ["loss", "accuracy", "f1_macro"] + [f"{k}_{n}" for n in names for k in ("precision", "recall")]
-    if val_records and args.metric_for_best_model and args.metric_for_best_model not in metrics:
+    if "validation" in splits and args.metric_for_best_model and args.metric_for_best_model not in metrics:
         raise UserError(f"field 'metric_for_best_model': {args.metric_for_best_model!r} is not computed; "
                         f"choose one of {', '.join(metrics)}")
+    return names, splits
 
-    model, tokenizer, new_modules = load_classifier(model_path, names, data.multi_label, m.trust_remote_code,
-                                                    m.dtype, m.model_revision, m.attn_implementation)
-    held_out = [s for s in ("validation", "test") if s in splits]
+
+def _setup(cfg: ClassifyConfig) -> _Setup:
+    """The data, the model with a fresh classification head, and its scores before training."""
+    data, m = cfg.data, cfg.model
+    names, splits = _read_splits(cfg)
+    model, tokenizer, new_modules = load_classifier(resolve_path(m.model_name_or_path), names, data.multi_label,
+                                                    m.trust_remote_code, m.dtype, m.model_revision,
+                                                    m.attn_implementation)
     report: dict = {"labels": names, "model": m.model_name_or_path, "sizes": {k: len(v[0]) for k, v in splits.items()},
                     "new_modules": new_modules, "before": {}, "after": {}}
+    before_rows = predict_texts(model, tokenizer, list(cfg.classify.compare_sentences or []),
+                                max_length=data.max_length, threshold=data.threshold)[0]
+    setup = _Setup(names, splits, model, tokenizer, new_modules, report, before_rows)
+    for split in setup.held_out:
+        report["before"][split] = setup.score(cfg, model, split)
+    return setup
 
-    def score(split: str) -> dict:
-        texts, targets = splits[split]
-        _, logits = predict_texts(model, tokenizer, texts, args.per_device_eval_batch_size, data.max_length,
-                                  data.threshold)
-        return classification_metrics(logits, np.asarray(targets), names, data.multi_label, data.threshold)
 
-    sentences = list(cfg.classify.compare_sentences or [])
-    before_rows = predict_texts(model, tokenizer, sentences, max_length=data.max_length, threshold=data.threshold)[0]
-    for split in held_out:
-        report["before"][split] = score(split)
+def _fit(cfg: ClassifyConfig, run, setup: _Setup, callbacks=()):
+    """LoRA (or not) on the model, then the Trainer's run (resumed from ``run.checkpoint``); returns the trainer."""
+    from transformers import DataCollatorWithPadding
 
-    if cfg.lora.use_peft:
-        model = add_lora(model, cfg.lora, new_modules)
+    data, args, names, splits = cfg.data, cfg.training, setup.names, setup.splits
+    model = add_lora(setup.model, cfg.lora, setup.new_modules) if cfg.lora.use_peft else setup.model
+    setup.model = None  # the trainer holds the model from here on
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if cfg.training.process_index == 0:
-        fresh = f"; freshly initialized, as expected: {', '.join(new_modules)}" if new_modules else ""
+    if args.process_index == 0:
+        new = setup.new_modules
+        fresh = f"; freshly initialized, as expected: {', '.join(new)}" if new else ""
         print(f"tunesmith classify: new classification head: {len(names)} labels ({', '.join(names)}){fresh}")
         print(f"tunesmith classify: {trainable:,} of {total:,} parameters train "
               f"({'LoRA' if cfg.lora.use_peft else 'full fine-tuning'})")
 
-    from transformers import DataCollatorWithPadding
-
     def compute_metrics(p):
         return classification_metrics(p.predictions, p.label_ids, names, data.multi_label, data.threshold)
 
+    validation = "validation" in splits
     trainer = ClassifierTrainer(
-        model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-        train_dataset=tokenized_dataset(tokenizer, *splits["train"], data.max_length),
-        eval_dataset=tokenized_dataset(tokenizer, *splits["validation"], data.max_length) if val_records else None,
-        compute_metrics=compute_metrics if val_records else None, neftune=cfg.neftune)
+        model=model, args=args, processing_class=setup.tokenizer,
+        data_collator=DataCollatorWithPadding(setup.tokenizer),
+        train_dataset=tokenized_dataset(setup.tokenizer, *splits["train"], data.max_length),
+        eval_dataset=tokenized_dataset(setup.tokenizer, *splits["validation"], data.max_length) if validation else None,
+        compute_metrics=compute_metrics if validation else None, neftune=cfg.neftune)
     started = time.perf_counter()
     readable_logs(trainer)  # numbers as numbers, rank 0 only
     trainer.add_callback(run.checkpoint_callback())
@@ -120,14 +156,20 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         trainer.train(resume_from_checkpoint=run.checkpoint)
     divergence.check()  # a diverged or stopped run writes no finished model
     polite.check()
+    report = setup.report
     report["train_seconds"] = round(time.perf_counter() - started, 2)
     report["history"] = trainer.state.log_history  # training loss and every evaluation's metrics, per epoch
     if trainer.state.best_model_checkpoint:
         report["best_checkpoint"] = os.path.basename(trainer.state.best_model_checkpoint)
         report["best_metric"] = {args.metric_for_best_model: trainer.state.best_metric}
+    return trainer
 
-    model = trainer.model
-    # Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone scores and writes.
+
+def _save(cfg: ClassifyConfig, out: Path, setup: _Setup, trainer) -> str:
+    """The model (merged under LoRA; the adapter beside it), its scores after training, metrics.json, and
+    ``tunesmith.yaml`` last. Every rank takes part in gathering the whole model (FSDP / ZeRO-3 shards); rank 0 alone
+    scores and writes."""
+    model, tokenizer, report = trainer.model, setup.tokenizer, setup.report
     state = gathered_state_dict(model, trainer.accelerator)
     if not trainer.is_world_process_zero():
         return str(out)
@@ -146,11 +188,12 @@ def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
         model.save_pretrained(out / "adapter")  # the adapter (and trained head) alone, for reuse on the base model
         follow_umask(out / "adapter")  # safetensors writes 0600
         model = model.merge_and_unload()
-    for split in held_out:
-        report["after"][split] = score(split)
+    for split in setup.held_out:
+        report["after"][split] = setup.score(cfg, model, split)
+    data, sentences = cfg.data, list(cfg.classify.compare_sentences or [])
     after_rows = predict_texts(model, tokenizer, sentences, max_length=data.max_length, threshold=data.threshold)[0]
     report["compare"] = [{"text": t, "before": shown_label(b), "after": shown_label(a)}
-                         for t, b, a in zip(sentences, before_rows, after_rows)]
+                         for t, b, a in zip(sentences, setup.before_rows, after_rows)]
     save_model_dir(model, tokenizer, out)
     atomic_write_json(out / "metrics.json", report)
     save_yaml(cfg, out / "tunesmith.yaml")  # written last: its presence marks a finished run
