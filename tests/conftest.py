@@ -29,6 +29,23 @@ def pytest_sessionfinish(session, exitstatus):
     __import__("shutil").rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 
+def fails(capsys, argv, pattern, progress=False):
+    """``tunesmith ARGV`` exits 2 with one error line ``tunesmith CMD: ...`` matching ``pattern`` and no traceback;
+    ``progress``: lines before it (progress, data summaries) are allowed. Returns the error line."""
+    import re
+
+    from tunesmith.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
+    lines = err.splitlines()
+    assert lines and "Traceback" not in err and (len(lines) == 1 or progress), err
+    assert lines[-1].startswith("tunesmith ") and re.search(pattern, lines[-1]), err
+    return lines[-1]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now: torchrun's --master_port (other sessions run torchrun at the same time, so a
     fixed port collides), or an endpoint that must refuse connections."""

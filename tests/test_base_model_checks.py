@@ -1,24 +1,12 @@
 """Issue 18.5 (and the wrong-shape case of 18.6): the base model is checked before training — missing or unexpected
 weights, non-finite weights, a tokenizer larger than the model's vocabulary, a wrong tensor shape — each one line;
 `predict` refuses a directory without a trained classification head."""
-import re
 import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_model, build_tokenizer
-from tunesmith.cli import main
-
-
-def one_line(capsys, argv, pattern):
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (code, err)
-    last = err.splitlines()[-1]
-    assert "Traceback" not in err and last.startswith("tunesmith ") and re.search(pattern, last), err
-    return last
+from conftest import build_model, build_tokenizer, fails
 
 
 def sft_argv(model, data, out):
@@ -37,14 +25,15 @@ def edited_model(tiny_model_dir, tmp_path, edit):
 
 def test_a_missing_tensor_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
     d = edited_model(tiny_model_dir, tmp_path, lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
-    one_line(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
-             r"lacks 1 weight.*model\.layers\.1\.mlp\.up_proj\.weight")
+    fails(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
+          r"lacks 1 weight.*model\.layers\.1\.mlp\.up_proj\.weight", progress=True)
     assert not (tmp_path / "out" / "tunesmith.yaml").exists()
 
 
 def test_an_unexpected_tensor_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
     d = edited_model(tiny_model_dir, tmp_path, lambda w: w.update({"model.layers.0.adapter.weight": torch.ones(3)}))
-    one_line(capsys, sft_argv(d, alpaca_file, tmp_path / "out"), r"1 weight.* not in the model.*adapter\.weight")
+    fails(capsys, sft_argv(d, alpaca_file, tmp_path / "out"), r"1 weight.* not in the model.*adapter\.weight",
+          progress=True)
 
 
 def test_a_nan_weight_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
@@ -52,10 +41,10 @@ def test_a_nan_weight_is_refused(tiny_model_dir, alpaca_file, tmp_path, capsys):
         w["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
 
     d = edited_model(tiny_model_dir, tmp_path, poison)
-    one_line(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
-             r"model\.layers\.0\.self_attn\.q_proj\.weight holds 1 non-finite")
-    one_line(capsys, ["generate", "--model_name_or_path", str(d), "--prompts", alpaca_file, "--template", "alpaca",
-                      "--output", str(tmp_path / "g.jsonl")], r"non-finite")
+    fails(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
+          r"model\.layers\.0\.self_attn\.q_proj\.weight holds 1 non-finite", progress=True)
+    fails(capsys, ["generate", "--model_name_or_path", str(d), "--prompts", alpaca_file, "--template", "alpaca",
+                   "--output", str(tmp_path / "g.jsonl")], r"non-finite", progress=True)
 
 
 def test_a_wrong_tensor_shape_is_one_line(tiny_model_dir, alpaca_file, tmp_path, capsys):
@@ -63,15 +52,15 @@ def test_a_wrong_tensor_shape_is_one_line(tiny_model_dir, alpaca_file, tmp_path,
         w["model.layers.0.mlp.down_proj.weight"] = torch.zeros(64, 100)
 
     d = edited_model(tiny_model_dir, tmp_path, reshape)
-    one_line(capsys, sft_argv(d, alpaca_file, tmp_path / "out"), r"down_proj.*shape")
+    fails(capsys, sft_argv(d, alpaca_file, tmp_path / "out"), r"down_proj.*shape", progress=True)
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(alpaca_file, tmp_path, capsys, caplog):
     d = tmp_path / "small"
     tok = build_tokenizer(d)
     build_model(d, len(tok) - 300)
-    one_line(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
-             rf"tokenizer has {len(tok)} tokens.*{len(tok) - 300} embedding rows")
+    fails(capsys, sft_argv(d, alpaca_file, tmp_path / "out"),
+          rf"tokenizer has {len(tok)} tokens.*{len(tok) - 300} embedding rows", progress=True)
 
 
 def test_the_intended_pad_token_resize_says_so(tiny_model_dir, alpaca_file, tmp_path, caplog):
@@ -86,5 +75,5 @@ def test_the_intended_pad_token_resize_says_so(tiny_model_dir, alpaca_file, tmp_
 
 
 def test_predict_refuses_a_directory_without_a_trained_head(tiny_model_dir, tmp_path, capsys):
-    one_line(capsys, ["predict", "--model_name_or_path", tiny_model_dir, "--text", "hello"],
-             r"no trained classification head")
+    fails(capsys, ["predict", "--model_name_or_path", tiny_model_dir, "--text", "hello"],
+          r"no trained classification head", progress=True)

@@ -11,15 +11,16 @@ Pinned (library thing -> where tunesmith uses it):
 
 transformers.Trainer
 - ``compute_loss(model, inputs, return_outputs, num_items_in_batch)`` -> overridden by recipes/sft/trainer.py
-  (TunesmithTrainer), recipes/spin/trainer.py (SPINTrainer), recipes/classify/trainer.py (ClassifierTrainer, calls
-  super with num_items_in_batch=).
+  (TunesmithTrainer), preference/trainer.py (PreferenceTrainer: SPIN and DPO), recipes/classify/trainer.py
+  (ClassifierTrainer, calls super with num_items_in_batch=).
 - ``model_accepts_loss_kwargs``: decides whether ``training_step`` divides the loss by the accumulation steps ->
-  TunesmithTrainer sets True (its loss is already divided by num_items_in_batch), SPINTrainer False (a per-pair mean).
+  TunesmithTrainer sets True (its loss is already divided by num_items_in_batch), PreferenceTrainer False (a per-pair
+  mean).
 - the ``average_tokens_across_devices`` scaling in ``compute_loss`` (``num_processes // get_tp_size()``, ``n_gpu``)
   -> mirrored in TunesmithTrainer.compute_loss.
 - ``evaluate(eval_dataset, ignore_keys, metric_key_prefix)``, ``callback_handler.on_evaluate(..., metrics=)`` ->
-  TunesmithTrainer.evaluate; ``log(logs, start_time)`` -> SPINTrainer.log.
-- ``_set_signature_columns_if_needed`` / ``_signature_columns`` read by ``_remove_unused_columns`` -> SPINTrainer.
+  TunesmithTrainer.evaluate, PreferenceTrainer.evaluate; ``log(logs, start_time)`` -> PreferenceTrainer.log.
+- ``_set_signature_columns_if_needed`` / ``_signature_columns`` read by ``_remove_unused_columns`` -> PreferenceTrainer.
 - ``neftune_noise_alpha`` attribute (set from the args in ``__init__``, read by ``train``) -> neftune.py
   NEFTuneTrainerMixin resets it to keep transformers' padded-length hook off.
 - ``training_step(model, inputs, num_items_in_batch)``, ``current_gradient_accumulation_steps`` ->
@@ -154,12 +155,13 @@ def test_trainer_methods_tunesmith_overrides_keep_their_signatures():
 
     expected = {
         "compute_loss": (["self", "model", "inputs", "return_outputs", "num_items_in_batch"],
-                         "recipes/sft|spin|classify trainer.py compute_loss"),
-        "evaluate": (["self", "eval_dataset", "ignore_keys", "metric_key_prefix"], "TunesmithTrainer.evaluate"),
-        "log": (["self", "logs", "start_time"], "SPINTrainer.log"),
+                         "sft/classify trainer.py, preference/trainer.py compute_loss"),
+        "evaluate": (["self", "eval_dataset", "ignore_keys", "metric_key_prefix"],
+                     "TunesmithTrainer.evaluate, PreferenceTrainer.evaluate"),
+        "log": (["self", "logs", "start_time"], "PreferenceTrainer.log"),
         "training_step": (["self", "model", "inputs", "num_items_in_batch"], "selftest/checks.py _trl_step_memory"),
         "get_tp_size": (["self"], "TunesmithTrainer.compute_loss"),
-        "_set_signature_columns_if_needed": (["self"], "SPINTrainer (keeps its pair columns)"),
+        "_set_signature_columns_if_needed": (["self"], "PreferenceTrainer (keeps its pair columns)"),
     }
     for name, (names, users) in expected.items():
         assert hasattr(Trainer, name), f"transformers.Trainer.{name} is gone: {users} override or call it"
@@ -168,8 +170,8 @@ def test_trainer_methods_tunesmith_overrides_keep_their_signatures():
 
 
 def test_model_accepts_loss_kwargs_decides_whether_training_step_divides_by_accumulation(tiny, args):
-    """TunesmithTrainer (True: its loss is already sum / num_items_in_batch) and SPINTrainer (False: a per-pair mean
-    the Trainer must divide by the accumulation steps) set this attribute after the Trainer's __init__."""
+    """TunesmithTrainer (True: its loss is already sum / num_items_in_batch) and PreferenceTrainer (False: a per-pair
+    mean the Trainer must divide by the accumulation steps) set this attribute after the Trainer's __init__."""
     from transformers import Trainer
 
     class Constant(Trainer):
@@ -186,7 +188,7 @@ def test_model_accepts_loss_kwargs_decides_whether_training_step_divides_by_accu
     tiny.zero_grad(set_to_none=True)
     assert got == {True: 6.0, False: 2.0}, \
         f"Trainer.training_step no longer scales by model_accepts_loss_kwargs as tunesmith assumes ({got}): " \
-        "TunesmithTrainer / SPINTrainer set it to choose who normalises the loss"
+        "TunesmithTrainer / PreferenceTrainer set it to choose who normalises the loss"
 
 
 def test_token_averaging_across_devices_is_the_scaling_tunesmith_mirrors():
@@ -202,14 +204,15 @@ def test_remove_unused_columns_reads_the_signature_columns(args):
     from datasets import Dataset
     from transformers import Trainer
 
-    class Pairs(Trainer):  # as SPINTrainer does
+    class Pairs(Trainer):  # as PreferenceTrainer does
         def _set_signature_columns_if_needed(self):
             self._signature_columns = ["real", "generated"]
 
     t = Pairs(model=torch.nn.Linear(1, 1), args=dataclasses.replace(args, remove_unused_columns=True))
     kept = t._remove_unused_columns(Dataset.from_dict({"real": [1], "generated": [2], "other": [3]}))
     assert sorted(kept.column_names) == ["generated", "real"], \
-        "Trainer._remove_unused_columns no longer keeps _signature_columns: SPINTrainer's pair columns would be dropped"
+        "Trainer._remove_unused_columns no longer keeps _signature_columns: PreferenceTrainer's pair columns " \
+        "would be dropped"
 
 
 def test_the_trainer_reads_its_own_neftune_attribute_not_the_args(tiny, args):

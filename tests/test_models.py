@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import sft_config
+from conftest import fails, sft_config
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.models import PAD_TOKEN, ensure_pad_token, eval_mode, save_model_dir
@@ -91,6 +91,26 @@ def test_merge_folds_adapter_into_base(tiny_model_dir, alpaca_file, tmp_path):
     ids = torch.tensor([[3, 4, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(peft_model(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_merge_never_deletes_a_directory_tunesmith_did_not_write(tiny_model_dir, alpaca_file, tmp_path, capsys):
+    adapter = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / "lora", use_peft=True, max_steps=1,
+                                   train_loss_eval_samples=0))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    fails(capsys, ["merge", "--adapter", adapter, "--output", str(mine)],
+          r"mine: not empty and was not written by tunesmith")
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+    (tmp_path / "mine.partial").mkdir()  # a name the old merge cleared for its temporary copy
+    (tmp_path / "mine.partial" / "keep.txt").write_text("mine too")
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0
+    assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0  # its own output is replaced
+    assert (merged / "model.safetensors").exists() and (tmp_path / "mine.partial" / "keep.txt").exists()
+    fails(capsys, ["merge", "--adapter", adapter, "--output", adapter],  # nor the training run itself
+          r"also this command's input 'adapter'")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
 
 
 def test_eos_pads_a_classifier_tokenizer_without_adding_a_token(tiny_tokenizer):

@@ -1,21 +1,9 @@
 """Issue 18.3: numbers that make no sense are refused in one line naming the key, before any work."""
 import json
-import re
 
 import pytest
 
-from tunesmith.cli import main
-
-
-def one_line(capsys, argv, pattern, progress=False):
-    """``tunesmith ARGV`` exits 2 with one error line (after progress lines, where ``progress``)."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (code, err)
-    lines = err.splitlines()
-    assert "Traceback" not in err and (len(lines) == 1 or progress), err
-    assert lines[-1].startswith("tunesmith ") and re.search(pattern, lines[-1]), err
+from conftest import fails
 
 
 def sft(model, data, out, **over):
@@ -36,20 +24,20 @@ def sft(model, data, out, **over):
 ])
 def test_sft_numbers_out_of_range(capsys, tmp_path, key, value):
     argv = sft("m", "d.jsonl", tmp_path / "out")
-    one_line(capsys, argv + [f"--{key}", value], rf"'{key}'")
+    fails(capsys, argv + [f"--{key}", value], rf"'{key}'")
     assert not (tmp_path / "out").exists()
 
 
 def test_bad_scheduler_kwargs_and_missing_logger(capsys, tmp_path):
     argv = sft("m", "d.jsonl", tmp_path / "out")
-    one_line(capsys, argv + ["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", '{"num_cyclez": 2}'],
-             r"lr_scheduler_kwargs.*num_cyclez")
+    fails(capsys, argv + ["--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", '{"num_cyclez": 2}'],
+          r"lr_scheduler_kwargs.*num_cyclez")
     pytest.importorskip("tensorboard")  # the message below names what is missing; wandb is not installed in CI
     import importlib.util
 
     if importlib.util.find_spec("wandb") is None:
-        one_line(capsys, argv + ["--report_to", "wandb"], r"report_to.*wandb is not installed")
-    one_line(capsys, argv + ["--report_to", "wandbb"], r"report_to.*unknown logger")
+        fails(capsys, argv + ["--report_to", "wandb"], r"report_to.*wandb is not installed")
+    fails(capsys, argv + ["--report_to", "wandbb"], r"report_to.*unknown logger")
 
 
 @pytest.mark.parametrize("argv,pattern", [
@@ -74,13 +62,13 @@ def test_bad_scheduler_kwargs_and_missing_logger(capsys, tmp_path):
     (["classify", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "OUT", "--seed", "-1"], r"'seed'"),
 ])
 def test_other_commands_numbers_out_of_range(capsys, tmp_path, argv, pattern):
-    one_line(capsys, [a.replace("OUT", str(tmp_path / "out")) for a in argv], pattern)
+    fails(capsys, [a.replace("OUT", str(tmp_path / "out")) for a in argv], pattern)
 
 
 def test_lora_names_that_match_nothing(capsys, tiny_model_dir, alpaca_file, tmp_path):
     base = sft(tiny_model_dir, alpaca_file, tmp_path / "a", use_peft=True, max_steps=1)
-    one_line(capsys, base + ["--lora_target_modules", "q_proj,qq_proj"], r"lora_target_modules.*'qq_proj'.*no module",
-             progress=True)
+    fails(capsys, base + ["--lora_target_modules", "q_proj,qq_proj"], r"lora_target_modules.*'qq_proj'.*no module",
+          progress=True)
     base = sft(tiny_model_dir, alpaca_file, tmp_path / "b", use_peft=True, max_steps=1)
-    one_line(capsys, base + ["--modules_to_save", "lm_headd"], r"modules_to_save.*'lm_headd'.*no module",
-             progress=True)
+    fails(capsys, base + ["--modules_to_save", "lm_headd"], r"modules_to_save.*'lm_headd'.*no module",
+          progress=True)

@@ -7,20 +7,9 @@ import sys
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import fails, write_jsonl
 from tunesmith.cli import main
 from tunesmith.rundir import FINISHED_FILE, OWNER_FILE
-
-
-def fails(capsys, argv, pattern):
-    import re
-
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, err), err
-    return err
 
 
 @pytest.fixture

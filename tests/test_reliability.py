@@ -1,34 +1,16 @@
 """Issue 10: what fuzzing and an audit found, each case run through the real commands (tiny models, seconds each)."""
 import json
 import os
-import re
 import shutil
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import alpaca_rows, free_port, sft_config, write_jsonl
-from tunesmith.cli import main
+from conftest import alpaca_rows, fails, free_port, sft_config, write_jsonl
 from tunesmith.errors import UserError
 from tunesmith.recipes import sft
 from tunesmith.rundir import LOCK_FILE, RunLock, checkpoints
-
-
-
-
-def fails(capsys, argv, pattern):
-    """``tunesmith ARGV`` exits 2 with one line (no traceback) matching ``pattern``."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    return one_line_error(capsys, pattern)
-
-
-def one_line_error(capsys, pattern):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, err), err
-    return err
 
 
 def sft_argv(cfg: dict) -> list[str]:
@@ -181,27 +163,7 @@ def test_audit_show_not_a_number(tiny_model_dir, alpaca_file, capsys):
                  "--show", "x"], r"field 'show': expected an integer, got 'x'")
 
 
-# ---------------------------------------------------------------- item 1: merge
-
-
-def test_merge_never_deletes_a_directory_tunesmith_did_not_write(tiny_model_dir, alpaca_file, tmp_path, capsys):
-    adapter = sft.train(sft_config(tiny_model_dir, alpaca_file, tmp_path / "lora", use_peft=True, max_steps=1,
-                                   train_loss_eval_samples=0))
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("years of work")
-    fails(capsys, ["merge", "--adapter", adapter, "--output", str(mine)],
-          r"mine: not empty and was not written by tunesmith")
-    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
-    (tmp_path / "mine.partial").mkdir()  # a name the old merge cleared for its temporary copy
-    (tmp_path / "mine.partial" / "keep.txt").write_text("mine too")
-    merged = tmp_path / "merged"
-    assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0
-    assert main(["merge", "--adapter", adapter, "--output", str(merged)]) == 0  # its own output is replaced
-    assert (merged / "model.safetensors").exists() and (tmp_path / "mine.partial" / "keep.txt").exists()
-    fails(capsys, ["merge", "--adapter", adapter, "--output", adapter],  # nor the training run itself
-          r"also this command's input 'adapter'")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+# ---------------------------------------------------------------- item 1: merge (tests/test_models.py)
 
 
 # ---------------------------------------------------------------- item 13: NEFTune noise under real DDP
