@@ -253,9 +253,12 @@ def test_torchrun_two_processes_train_as_one_with_the_whole_batch(full_run, tmp_
     ddp = [e for e in metrics(tmp_path / "run") if "loss" in e and "rewards/margin" in e]
     single = [e for e in metrics(full_run["out"]) if "loss" in e and "rewards/margin" in e]
     assert len(ddp) == len(single) == 6
-    for a, b in zip(ddp, single):
+    for step, (a, b) in enumerate(zip(ddp, single)):
+        # step 1 is the same computation split in two; after it Adam amplifies float noise (a 4-pair mean vs the mean
+        # of two 2-pair means): 0.2% apart at step 6 was seen, so later steps get 1%
+        tolerance = dict(rel=1e-4, abs=1e-5) if step == 0 else dict(rel=1e-2, abs=1e-3)
         for key in ("loss", "rewards/margin", "rewards/accuracy", "logps/chosen"):
-            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), key
+            assert a[key] == pytest.approx(b[key], **tolerance), (step, key)
     assert len(list((tmp_path / "run" / "reference").glob("shard-*.arrow"))) == 3  # 12 pairs, shards of 5
 
 

@@ -332,3 +332,15 @@ def test_two_sources_are_mixed_with_their_num_samples(tiny_tokenizer, tmp_path):
                                  cache_dir=tmp_path / "cache")
         assert again[:] == ds[:]
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+@pytest.mark.parametrize("chosen, rejected, prompt, answers", [
+    ("the sky is blue", "the sky is black", "the sky is", (" blue", " black")),  # TRL: "the sky is bl" + ue / ack
+    ("the sky\nis blue", "the sky\nis b", "the sky\nis", (" blue", " b")),
+    ("the sky is blue", "the sky is blue and green", "the sky is blue", ("", " and green")),
+    ("A: yes", "A: no", "A:", (" yes", " no")),
+    ("abc", "abd", "ab", ("c", "d")),  # no whitespace before the difference: cut where they differ
+])
+def test_implicit_texts_are_cut_before_the_word_where_they_differ(chosen, rejected, prompt, answers):
+    pair = to_pair(Record({"chosen": chosen, "rejected": rejected}, "d.jsonl:1"), "implicit")
+    assert pair.example.turns[0].prompt == prompt and (pair.chosen, pair.rejected) == answers

@@ -6,7 +6,7 @@ Shapes (``dataset_format``; ``auto`` detects from the first record):
   preference      ``prompt`` / ``chosen`` / ``rejected`` as text, or as conversations: ``prompt`` a list of messages
                   (multi-turn allowed, ending with the user), ``chosen`` / ``rejected`` one assistant message each
   implicit        ``chosen`` / ``rejected`` only, two whole conversations sharing their prefix (the prompt), or two
-                  texts sharing their start (cut, as TRL does, where they first differ, before a space there)
+                  texts sharing their start (cut at the start of the word where they first differ)
   ultrafeedback   UltraFeedback-binarized: ``prompt`` as text and ``chosen`` / ``rejected`` as whole conversations
                   (user turn included); the prompt must be the conversations' last user message
   hh              Anthropic HH: ``chosen`` / ``rejected`` texts of ``\\n\\nHuman: ...\\n\\nAssistant: ...``
@@ -137,11 +137,18 @@ def _hh(data: dict, loc: str) -> Pair:
 
 
 def _implicit_text(chosen: str, rejected: str, loc: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of two texts sharing their start: cut before the whitespace that
+    starts the word where they first differ, so both answers are whole words (tokenized as the text is; TRL cuts
+    inside the word: "the sky is bl" + "ue" / "ack"). Text without whitespace before that point is cut where the
+    two differ."""
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    if n and chosen[n - 1] == " ":
-        n -= 1  # the space belongs to the answer
+    inside = n > 0 and not chosen[n - 1].isspace() and any(n < len(t) and not t[n].isspace()
+                                                           for t in (chosen, rejected))
+    if inside or (n and chosen[n - 1].isspace()):
+        start = max(chosen.rfind(c, 0, n) for c in " \t\n")  # the whitespace before the differing word
+        n = start if start > 0 else n
     if n == 0:
         raise UserError(f"{loc}: 'chosen' and 'rejected' share no prompt (give a 'prompt' field)")
     return chosen[:n], chosen[n:], rejected[n:]
@@ -392,7 +399,7 @@ def source_pairs(source, tokenizer, template, max_length: int, *, dataset_format
 
     table, manifest = source.mapped(
         _tokenize_pairs, key={"stage": "preference pairs", "format": fmt, "template": tmpl.spec(),
-                              "max_length": max_length},
+                              "implicit_cut": "word", "max_length": max_length},
         features=_pair_features(), tokenizer=tokenizer,
         fn_kwargs={"tokenizer": tokenizer, "template": tmpl, "max_length": max_length},
         normalise=(to_row, _pair_schema()), num_proc=num_proc, cache_dir=cache_dir,
