@@ -308,3 +308,12 @@ def test_eval_sources_take_their_num_samples(tiny_model_dir, data_file, eval_fil
         {"path": eval_file, "num_samples": 4, "name": "few"}, {"path": eval_file, "name": "all"}]), "config")
     _, _, data = setup(cfg)
     assert {name: len(pairs) for name, pairs in data["eval"].items()} == {"few": 4, "all": 6}
+
+
+def test_an_evaluation_at_the_last_step_is_not_run_twice(tiny_model_dir, data_file, eval_file, tmp_path):
+    out = tmp_path / "run"
+    dpo.train(dpo_config(tiny_model_dir, data_file, out, eval_dataset=eval_file, num_train_epochs=1,
+                         eval_strategy="epoch"))
+    evals = [e for e in metrics(out) if "eval_rewards/accuracy" in e]
+    assert len(evals) == 1 and evals[0]["step"] == 3  # 12 pairs, batch 4
+    assert "eval_rewards/accuracy" in (out / "README.md").read_text()

@@ -240,7 +240,21 @@ def fit(trainer, stops, run, trained: bool) -> dict:
             trainer.train(resume_from_checkpoint=run.checkpoint)
         divergence.check()  # a diverged or stopped run writes no finished model
         polite.check()
-    return trainer.evaluate() if trainer.eval_dataset is not None else {}
+    return final_evaluation(trainer)
+
+
+def final_evaluation(trainer) -> dict:
+    """Reward accuracy and margins of the trained model on the eval pairs. Under an eval_strategy the Trainer has
+    just evaluated at the last step: those numbers are taken, not computed (and logged) a second time."""
+    evals = trainer.eval_dataset
+    if evals is None:
+        return {}
+    wanted = [f"eval_{name}_loss" for name in evals] if isinstance(evals, dict) else ["eval_loss"]
+    logged = {}
+    for row in trainer.state.log_history:
+        if row.get("step") == trainer.state.global_step:
+            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
+    return logged if all(key in logged for key in wanted) else trainer.evaluate()
 
 
 def cli(argv: list[str]) -> int:
