@@ -91,3 +91,34 @@ def test_generate_eval_and_merge_run_an_adapter_directory(sft_adapter, tmp_path)
     merged = tmp_path / "merged"
     assert main(["merge", "--adapter", sft_adapter["dir"], "--output", str(merged)]) == 0
     assert (merged / "model.safetensors").exists() and (merged / "tunesmith_template.json").exists()
+
+
+@pytest.mark.parametrize("use_peft", [True, False])
+def test_sft_from_an_adapter_directory(sft_adapter, tmp_path, use_peft):
+    """Before: full SFT from an adapter directory failed in training with "element 0 of tensors does not require
+    grad" (the adapter loaded frozen), and use_peft stacked a second, new adapter on the frozen one. Now SFT starts
+    from the SFT model itself: its adapter trained further (its own rank), or merged into its base and every weight
+    trained. A learning rate of 1e-12 leaves the weights where they started, which shows where that was."""
+    from safetensors.torch import load_file
+
+    from tunesmith.models import load_model_and_tokenizer
+    from tunesmith.recipes.sft.run import train as sft_train
+
+    out = tmp_path / "run"
+    sft_train(sft_config(sft_adapter["dir"], sft_adapter["data"], out, use_peft=use_peft, lora_r=8, template="qa",
+                         learning_rate=1e-12, train_loss_eval_samples=0))
+    start = Path(sft_adapter["dir"])
+    if use_peft:
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        assert adapter["r"] == 4  # the adapter's own rank, not the lora_r of this run
+        before, after = load_file(start / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+        assert sorted(after) == sorted(before)  # one adapter, not a second stacked on the first
+        assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)
+        return
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    merged, _ = load_model_and_tokenizer(sft_adapter["dir"])
+    merged = merged.merge_and_unload().state_dict()
+    trained = load_file(out / "model.safetensors")
+    base = load_file(Path(sft_adapter["base"]) / "model.safetensors")
+    moved = [k for k in trained if "q_proj" in k and not torch.allclose(base[k], merged[k], atol=1e-6)]
+    assert moved and all(torch.allclose(trained[k], merged[k], atol=1e-6) for k in moved)  # the SFT model's weights

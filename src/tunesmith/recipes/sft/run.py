@@ -57,16 +57,12 @@ def prepare_data(cfg: SFTConfig, tokenizer):
     return template, train_set, summary, eval_sets, eval_summaries
 
 
-def build_model(cfg: SFTConfig, tokenizer):
-    from tunesmith.models import load_model_and_tokenizer, model_options, wrap_lora
+def build_model(cfg: SFTConfig, tokenizer=None):
+    """The model SFT trains (:func:`tunesmith.models.load_for_training`): the base, wrapped in a new LoRA adapter under
+    ``use_peft``; a LoRA adapter directory (an earlier LoRA run) is trained further or merged for full fine-tuning."""
+    from tunesmith.models import load_for_training
 
-    m = cfg.model
-    model, _ = load_model_and_tokenizer(m.model_name_or_path, m.dtype, m.load_in_4bit, m.trust_remote_code,
-                                        **model_options(cfg))
-    if cfg.lora.use_peft:
-        model = wrap_lora(model, cfg.lora, quantized=m.load_in_4bit,
-                          gradient_checkpointing=cfg.training.gradient_checkpointing)
-    return model
+    return load_for_training(cfg)
 
 
 def write_model_card(cfg: SFTConfig, out: Path, metrics: dict, template) -> None:
