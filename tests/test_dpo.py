@@ -185,6 +185,20 @@ def test_crash_then_resume_is_bit_identical_and_reuses_the_reference(tiny_model_
     assert [e["step"] for e in metrics(crashed) if "loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_kill_after_the_last_checkpoint_is_finished_from_it_without_a_step_more(tiny_model_dir, data_file,
+                                                                                    tmp_path):
+    from test_reliability import CrashOnSave
+
+    out = tmp_path / "run"
+    cfg = dpo_config(tiny_model_dir, data_file, out, max_steps=2, save_strategy="steps", save_steps=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        dpo.train(cfg, callbacks=[CrashOnSave(2)])
+    dpo.train(dict(cfg, resume_from_checkpoint=True))
+    assert [e["step"] for e in metrics(out) if "loss" in e] == [1, 2]  # no step 3
+    final, ckpt = weights(out), weights(out / "checkpoint-2")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
 def test_lora_run_saves_an_adapter_and_the_reference_is_the_base(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "lora"
     dpo.train(dpo_config(tiny_model_dir, data_file, out, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.3,

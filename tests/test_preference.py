@@ -331,7 +331,7 @@ def test_two_sources_are_mixed_with_their_num_samples(tiny_tokenizer, tmp_path):
         again, _ = prepare_pairs(open_sources(sources), tok, template, 64, mixture=mixture,
                                  cache_dir=tmp_path / "cache")
         assert again[:] == ds[:]
-    assert not list((tmp_path / "cache").rglob("*.partial"))
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix in (".partial", ".tmp")]
 
 
 @pytest.mark.parametrize("chosen, rejected, prompt, answers", [

@@ -441,6 +441,23 @@ def load_for_training(cfg, path: str | None = None, revision: str | None = None)
     return model
 
 
+def resume_or_load(cfg, checkpoint: str | None):
+    """``(model, done)``: the model a training run starts from (:func:`load_for_training`), or, when ``checkpoint``
+    had reached max_steps (a run killed after its last checkpoint), that checkpoint as the trained model, with
+    ``done`` True: no step is taken past max_steps."""
+    import logging
+
+    from tunesmith.rundir import training_done
+
+    m = cfg.model
+    if checkpoint is None or not training_done(checkpoint):
+        return load_for_training(cfg), False
+    logging.getLogger("tunesmith").warning(f"{checkpoint}: training had reached max_steps; saving the model from it")
+    model, _ = load_model_and_tokenizer(checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
+                                        attn_implementation=m.attn_implementation)
+    return model, True
+
+
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "float32") -> str:
     """Fold a LoRA adapter into its base model and save a plain HF model (+ tokenizer + template) to output_dir.
     An existing output_dir is replaced only if it is empty or an earlier merge's output."""

@@ -7,7 +7,6 @@ log-probs). Pairs live in memory-mapped Arrow tables (``datasets.Dataset``); not
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -92,28 +91,15 @@ def shard_path(directory: Path, k: int) -> Path:
 
 
 def write_shard(path: Path, columns: dict) -> None:
-    """Write one Arrow shard (IPC stream, the layout ``datasets`` memory-maps) atomically: temp file, fsync,
-    rename."""
-    import tempfile
-
+    """Write one Arrow shard (IPC stream, the layout ``datasets`` memory-maps) atomically
+    (:func:`tunesmith.io.atomic_path`)."""
     import pyarrow as pa
 
-    from tunesmith.rundir import temp_prefix
+    from tunesmith.io import atomic_path
 
     table = pa.table(columns)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with pa.ipc.new_stream(f, table.schema) as writer:
-                writer.write_table(table)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_shards(directory: Path, n_shards: int):

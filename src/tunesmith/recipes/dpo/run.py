@@ -196,24 +196,17 @@ def build_trainer(cfg: DPOConfig, run, tokenizer, data: dict, callbacks=None):
     from transformers import set_seed
 
     from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
-    from tunesmith.models import disable_dropout, load_for_training, load_model_and_tokenizer
+    from tunesmith.models import disable_dropout, resume_or_load
     from tunesmith.preference.config import loss_settings
     from tunesmith.preference.pairs import PairCollator
     from tunesmith.preference.trainer import PreferenceTrainer
-    from tunesmith.rundir import training_done
 
     m = cfg.model
     set_seed(cfg.training.seed)
     collator = PairCollator(tokenizer.pad_token_id, cfg.data.max_length, cfg.data.padding_free)
-    done = run.checkpoint is not None and training_done(run.checkpoint)
-    if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
-        log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
-        model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
-                                            attn_implementation=m.attn_implementation)
-    else:
-        model = load_for_training(cfg)
-        if cfg.dpo.disable_dropout:
-            disable_dropout(model)
+    model, done = resume_or_load(cfg, run.checkpoint)
+    if not done and cfg.dpo.disable_dropout:
+        disable_dropout(model)
     sets = {"train": data["train"], "eval": data["eval"]}
     if loss_settings(cfg.dpo, cfg.dpo.beta).needs_reference:
         if run.stage("reference") is None and not m.load_in_4bit:

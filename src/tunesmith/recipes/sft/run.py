@@ -57,14 +57,6 @@ def prepare_data(cfg: SFTConfig, tokenizer):
     return template, train_set, summary, eval_sets, eval_summaries
 
 
-def build_model(cfg: SFTConfig, tokenizer=None):
-    """The model SFT trains (:func:`tunesmith.models.load_for_training`): the base, wrapped in a new LoRA adapter under
-    ``use_peft``; a LoRA adapter directory (an earlier LoRA run) is trained further or merged for full fine-tuning."""
-    from tunesmith.models import load_for_training
-
-    return load_for_training(cfg)
-
-
 def write_model_card(cfg: SFTConfig, out: Path, metrics: dict, template) -> None:
     """README.md as a Hugging Face model card (huggingface_hub's ModelCard): metadata header, method, final metrics."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -134,12 +126,12 @@ def train(config, callbacks: list | None = None) -> str:
     """
     from transformers import set_seed
 
-    from tunesmith.models import check_weights, gathered_state_dict, load_model_and_tokenizer, save_model_dir
+    from tunesmith.models import check_weights, gathered_state_dict, resume_or_load, save_model_dir
     from tunesmith.recipes.training import check_max_length, run_fingerprint
-    from tunesmith.rundir import open_run, training_done
+    from tunesmith.rundir import open_run
 
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
-    m, args = cfg.model, cfg.training
+    args = cfg.training
     out = Path(args.output_dir)
     with open_run(out, "sft", run_fingerprint(cfg), args.resume_from_checkpoint, main=args.process_index == 0) as run:
         if run.finished:
@@ -154,13 +146,7 @@ def train(config, callbacks: list | None = None) -> str:
             for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
                 log.warning(line)
         rows = pack(train_set, cfg.data.max_length) if cfg.data.packing else train_set
-        done = run.checkpoint is not None and training_done(run.checkpoint)
-        if done:  # killed after its last checkpoint: that checkpoint IS the trained model (no step past max_steps)
-            log.warning(f"{run.checkpoint}: training had reached max_steps; saving the model from it")
-            model, _ = load_model_and_tokenizer(run.checkpoint, m.dtype, m.load_in_4bit, m.trust_remote_code,
-                                               attn_implementation=m.attn_implementation)
-        else:
-            model = build_model(cfg, tokenizer)
+        model, done = resume_or_load(cfg, run.checkpoint)
 
         evals = {}
         if cfg.sft.train_loss_eval_samples:
