@@ -9,6 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tokenized training data is cached in the datasets cache (tunesmith.data.prepare): keep the tests' out of the user's.
 os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE = __import__("tempfile").mkdtemp(prefix="tunesmith-tests-datasets-")
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -54,6 +56,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler for the tests' local HTTP servers: no request log on stderr; ``reply`` sends a whole
+    response."""
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, code: int, data: bytes, headers: dict | None = None) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class LocalServer:
+    """A real HTTP server for tests: a :class:`QuietHandler` subclass served on 127.0.0.1 (a free port) in a daemon
+    thread until ``close()``; ``url`` as ``http://HOST:PORT/PATH``."""
+
+    def start(self, handler, host: str = "127.0.0.1", path: str = "/v1") -> None:
+        import threading
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://{host}:{self.httpd.server_address[1]}{path}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"

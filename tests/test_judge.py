@@ -2,13 +2,11 @@
 import json
 import logging
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port
+from conftest import LocalServer, QuietHandler, free_port
 from tunesmith.cli import main
 from tunesmith.errors import UserError
 from tunesmith.evaluation import judge as J
@@ -18,7 +16,7 @@ from tunesmith.evaluation.winrate import combine_orders, format_summary, win_rat
 KEY = "sk-test-SECRET-0123456789abcdef"
 
 
-class FakeServer:
+class FakeServer(LocalServer):
     """Prefers the answer containing GOOD. Instructions containing ALWAYS500 / MALFORMED / SLOW / CHATTY misbehave
     every time; ``fail_next`` makes the next n requests return 500; ``status`` forces a status for all."""
 
@@ -27,41 +25,38 @@ class FakeServer:
         self.redirect_code, self.redirect_to = 302, ""
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 user = body["messages"][-1]["content"]
                 if server.status:
-                    return self._send(server.status, b'{"error": "nope"}')
+                    return self.reply(server.status, b'{"error": "nope"}')
                 if server.busy_next > 0:
                     server.busy_next -= 1
-                    return self._send(429, b'{"error": "slow down"}', {"Retry-After": "0.5"})
+                    return self.reply(429, b'{"error": "slow down"}', {"Retry-After": "0.5"})
                 if server.fail_next > 0:
                     server.fail_next -= 1
-                    return self._send(500, b'{"error": "overloaded"}')
+                    return self.reply(500, b'{"error": "overloaded"}')
                 if server.slow_next > 0 or "SLOW" in user:
                     server.slow_next = max(0, server.slow_next - 1)
                     time.sleep(0.6)
                 if "ALWAYS500" in user:
-                    return self._send(500, b"internal error")
+                    return self.reply(500, b"internal error")
                 if "TRUNCATED" in user:  # promises 1000 bytes, sends 12 and hangs up
                     self.send_response(200)
                     self.send_header("Content-Length", "1000")
                     self.end_headers()
                     return self.wfile.write(b'{"choices": ')
                 if "MALFORMED" in user:
-                    return self._send(200, b'{"choices": [{"mess')
+                    return self.reply(200, b'{"choices": [{"mess')
                 auth = self.headers.get("Authorization") or ""
                 if "ECHO401" in user:  # an error page echoing the key across the 200-byte cut
-                    return self._send(401, ("x" * 173 + " got " + auth).encode())
+                    return self.reply(401, ("x" * 173 + " got " + auth).encode())
                 if "REDIRECT" in user:  # points at another host: the key must not follow
-                    return self._send(server.redirect_code, b"", {"Location": server.redirect_to})
+                    return self.reply(server.redirect_code, b"", {"Location": server.redirect_to})
                 if "LISTREPLY" in user:  # content parts instead of a string
-                    return self._send(200, json.dumps({"choices": [{"message": {
+                    return self.reply(200, json.dumps({"choices": [{"message": {
                         "role": "assistant", "content": [{"type": "text", "text": "1"}]}}]}).encode())
                 m = re.search(r"## Answer 1\n(.*?)\n\n## Answer 2\n(.*?)\n\nWhich", user, re.S)
                 reply = "1" if "GOOD" in m.group(1) else ("2" if "GOOD" in m.group(2) else "tie")
@@ -69,26 +64,11 @@ class FakeServer:
                     reply = "Both answers have merit."
                 if "ECHOKEY" in user:  # an unparseable reply echoing the key, once in full and once across the cut
                     reply = f"you sent {auth}; " + "y" * 40 + auth
-                self._send(200, json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                self.reply(200, json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                                             "choices": [{"index": 0, "finish_reason": "stop", "message": {
                                                 "role": "assistant", "content": reply}}]}).encode())
 
-            def _send(self, code, data, headers=None):
-                self.send_response(code)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture
@@ -418,17 +398,14 @@ def test_error_page_echoing_the_key_is_redacted_before_it_is_cut(tmp_path, serve
     assert_no_key(tmp_path, err)
 
 
-class RecordingServer:
+class RecordingServer(LocalServer):
     """Another host: records whatever reaches it (GET or POST) with its Authorization header."""
 
     def __init__(self):
         self.hits = []
         hits = self.hits
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def _record(self):
                 hits.append((self.command, self.path, self.headers.get("Authorization")))
                 self.send_response(200)
@@ -437,14 +414,8 @@ class RecordingServer:
 
             do_GET = do_POST = _record
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         # "localhost" is another host name than the judge's 127.0.0.1 (and another port)
-        self.url = f"http://localhost:{self.httpd.server_address[1]}/steal"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.start(Handler, host="localhost", path="/steal")
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])

@@ -3,12 +3,11 @@ request. A real HTTP server on 127.0.0.1."""
 import base64
 import json
 import logging
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import LocalServer, QuietHandler
 
 from tunesmith.cli import main
 from tunesmith.evaluation import judge as J
@@ -41,7 +40,7 @@ def leaks(text: str) -> list[str]:
     return found + [name for name, form in ECHOES.items() if form in text]
 
 
-class EchoServer:
+class EchoServer(LocalServer):
     """Answers every chat request with the echo named in the instruction (an error page or a reply), or, for
     DRIBBLE, one byte a second; HUGE sends a body of several megabytes."""
 
@@ -49,10 +48,7 @@ class EchoServer:
         self.auth = []
         me = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 me.auth.append(self.headers.get("Authorization"))
@@ -71,30 +67,17 @@ class EchoServer:
                     return
                 if "HUGE" in user:
                     data = b"x" * (5 << 20)
-                    return self._send(200, data)
+                    return self.reply(200, data)
                 for name, form in ECHOES.items():
                     if f"ECHO_{name} " in user:
                         if "ERROR" in user:  # an error page carrying the echo as raw bytes
-                            return self._send(500, ('{"error": "bad key ' + form + '"}').encode())
-                        return self._send(200, json.dumps({"choices": [{"message": {
+                            return self.reply(500, ('{"error": "bad key ' + form + '"}').encode())
+                        return self.reply(200, json.dumps({"choices": [{"message": {
                             "role": "assistant", "content": f"your key: {form}"}}]}).encode())
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": "1"}}]})
+                self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": "1"}}]})
                            .encode())
 
-            def _send(self, code, data):
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture
