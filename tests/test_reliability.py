@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,6 +71,13 @@ def test_resume_refuses_another_runs_checkpoints_and_skips_torn_ones(tiny_model_
     # resuming with other settings: refused, naming what differs
     fails(capsys, sft_argv(dict(cfg, learning_rate=1e-3, resume_from_checkpoint="true")),
           r"checkpoint-4: belongs to a run with other settings \(differs in learning_rate\)")
+    # the same settings on data edited in place (one character): refused, naming the data
+    data = Path(alpaca_file)
+    original = data.read_bytes()
+    data.write_bytes(original.replace(b"e", b"E", 1))
+    fails(capsys, sft_argv(dict(cfg, resume_from_checkpoint="true")),
+          r"checkpoint-4: belongs to a run with other settings \(differs in data\)")
+    data.write_bytes(original)
     # a torn newest checkpoint (killed while saving) is skipped: the resume starts from checkpoint-2
     (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')
     sft.train(dict(cfg, resume_from_checkpoint=True))

@@ -299,6 +299,12 @@ def open_sources(value, *, split: str = "train", dataset_format: str = "auto", k
     return [DataSource(s, n, split, dataset_format, cache_dir) for s, n in zip(specs, source_names(specs))]
 
 
+def data_identity(sources: list[DataSource]) -> list[str]:
+    """What names the sources' data in a run's fingerprint, so that a resume on changed data is refused: a local
+    file's byte digest (computed once: the data cache reuses it); a hub dataset by its name and split."""
+    return [s.fingerprint if s.path is not None else f"{s.display}:{s.split}" for s in sources]
+
+
 def open_source(value, **kwargs) -> DataSource:
     """The one source of ``value`` (a list of several is an error)."""
     sources = open_sources(value, **kwargs)

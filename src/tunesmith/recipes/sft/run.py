@@ -17,7 +17,7 @@ import torch
 from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
-from tunesmith.data.source import describe, open_sources, template_for, tokenize_sources
+from tunesmith.data.source import data_identity, describe, open_sources, template_for, tokenize_sources
 from tunesmith.recipes.sft.config import SFTConfig
 from tunesmith.recipes.sft.trainer import TunesmithTrainer
 
@@ -36,12 +36,17 @@ def training_tokenizer(cfg: SFTConfig):
     return tokenizer
 
 
-def prepare_data(cfg: SFTConfig, tokenizer):
-    """Template, the training rows (the mixture of the ``dataset`` sources), the held-out sets by name and their
-    summaries; raises UserError before anything is written. One held-out source is named ``eval`` (metrics
-    ``eval_eval_loss``), several by their source names (``eval_<name>_loss``)."""
+def training_sources(cfg: SFTConfig):
+    """The ``dataset`` sources, resolved once (:func:`tunesmith.data.source.open_sources`)."""
+    return open_sources(cfg.data.dataset, split=cfg.data.dataset_split, dataset_format=cfg.data.dataset_format)
+
+
+def prepare_data(cfg: SFTConfig, tokenizer, train_sources=None):
+    """Template, the training rows (the mixture of the ``dataset`` sources; ``train_sources`` when already opened),
+    the held-out sets by name and their summaries; raises UserError before anything is written. One held-out source
+    is named ``eval`` (metrics ``eval_eval_loss``), several by their source names (``eval_<name>_loss``)."""
     data = cfg.data
-    train_sources = open_sources(data.dataset, split=data.dataset_split, dataset_format=data.dataset_format)
+    train_sources = train_sources or training_sources(cfg)
     eval_sources = open_sources(data.eval_dataset, split="validation", dataset_format=data.dataset_format,
                                 key="eval_dataset") if data.eval_dataset else []
     template = template_for(data.template, tokenizer, train_sources)
@@ -133,7 +138,9 @@ def train(config, callbacks: list | None = None) -> str:
     cfg = config if isinstance(config, SFTConfig) else build_config(SFTConfig, dict(config), "config")
     args = cfg.training
     out = Path(args.output_dir)
-    with open_run(out, "sft", run_fingerprint(cfg), args.resume_from_checkpoint, main=args.process_index == 0) as run:
+    sources = training_sources(cfg)  # the data's digest is in the fingerprint: a resume on changed data is refused
+    fingerprint = run_fingerprint(cfg, data=data_identity(sources))
+    with open_run(out, "sft", fingerprint, args.resume_from_checkpoint, main=args.process_index == 0) as run:
         if run.finished:
             log.warning(f"{out}: this run has finished already; nothing to resume")
             return str(out)
@@ -141,7 +148,7 @@ def train(config, callbacks: list | None = None) -> str:
         set_seed(cfg.training.seed)
         tokenizer = training_tokenizer(cfg)
         check_weights(cfg.model.model_name_or_path)  # a torn model is a one-line error before the data is tokenized
-        template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer)
+        template, train_set, summary, eval_sets, eval_summaries = prepare_data(cfg, tokenizer, sources)
         if args.process_index == 0:
             for line in summary.lines() + [line for s in eval_summaries for line in s.lines()]:
                 log.warning(line)
