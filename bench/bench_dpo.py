@@ -113,12 +113,11 @@ def stepper(trainer, batches: list):
 # ------------------------------------------------------------------------------------------------ 10M: one process
 
 
-def case_small(size: str, steps: int, warmup: int) -> dict:
+def case_small(size: str, steps: int, warmup: int, root: Path) -> dict:
     import torch
 
     from tunesmith.models import load_model_and_tokenizer
 
-    root = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     ws = common.make_workspace(root, size)
     model, tok = load_model_and_tokenizer(ws.model_dir)
     batch, max_length = ws.size.batch_size, ws.size.max_length
@@ -193,8 +192,7 @@ def child(a) -> dict:
             "tokens_per_row": statistics.mean(int(m.sum()) for b in batches for m in b["attention_mask"])}
 
 
-def case_big(quick: bool, steps: int, warmup: int) -> dict:
-    root = Path(tempfile.mkdtemp(prefix="bench-dpo-152k-"))
+def case_big(quick: bool, steps: int, warmup: int, root: Path) -> dict:
     ws = big_workspace(root, quick)
     print(f"\n152k case: vocabulary {VOCAB_BIG:,}, rows up to {ws['max_length']} tokens, batch 2 pairs (4 rows); "
           "each contender in its own process", flush=True)
@@ -226,15 +224,20 @@ def main() -> None:
         print(json.dumps(child(a)))
         return
     steps = a.steps or (5 if a.quick else 12)
+    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:  # workspaces are removed at the end
+        report(a, steps, Path(tmp))
+
+
+def report(a, steps: int, root: Path) -> None:
     if a.only != "152k":
-        small = case_small("quick" if a.quick else "full", steps, a.warmup)
+        small = case_small("quick" if a.quick else "full", steps, a.warmup, root / "10M")
         print("training step (median of the timed steps, interleaved):")
         for name in CONTENDERS:
             print(f"  {LABELS[name]:<44} {small['ms'][name]:8.1f} ms")
         print(f"  tunesmith / TRL (reference copy)        {small['ratio_trl']:5.2f}x   (target <= 0.7x)")
         print(f"  tunesmith / TRL (precompute)            {small['ratio_trl-precompute']:5.2f}x")
     if a.only != "10M":
-        big = case_big(a.quick, max(3, steps // 2), min(a.warmup, 1))
+        big = case_big(a.quick, max(3, steps // 2), min(a.warmup, 1), root / "152k")
         for name in CONTENDERS:
             print(f"  {LABELS[name]:<44} {big[name]['ms']:8.1f} ms/step   peak RSS {big[name]['peak_mib']:7.0f} MiB"
                   f" (before the steps {big[name]['before_steps_mib']:5.0f})   {big[name]['tokens_per_row']:.0f} "
