@@ -56,8 +56,8 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
 
     from tunesmith.config import build_config
     from tunesmith.data.collate import Collator
-    from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
+    from tunesmith.models import ensure_pad_token, load_for_training, load_tokenizer
+    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, prepare_data
 
     out = work / f"neftune-{alpha:g}"
     shutil.rmtree(out, ignore_errors=True)
@@ -67,7 +67,7 @@ def train_once(ws, work: Path, alpha: float, total_steps: int) -> dict:
     tok = load_tokenizer(cfg.model.model_name_or_path)
     ensure_pad_token(tok)
     _, train_set, _, _, _ = prepare_data(cfg, tok)
-    model = build_model(cfg, tok)
+    model = load_for_training(cfg)
     timer = make_step_timer()
     trainer = TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
                                data_collator=Collator(tok.pad_token_id),
@@ -86,8 +86,8 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
     from tunesmith.config import NEFTuneArgs, build_config
     from tunesmith.data.collate import Collator
     from tunesmith.data.tokenize import IGNORE
-    from tunesmith.models import ensure_pad_token, load_tokenizer
-    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, build_model, prepare_data
+    from tunesmith.models import ensure_pad_token, load_for_training, load_tokenizer
+    from tunesmith.recipes.sft import SFTConfig, TunesmithTrainer, prepare_data
 
     trainers = {}
     model = tok = batches = None
@@ -100,7 +100,7 @@ def interleaved_steps(ws, work: Path, alpha: float, n_batches: int, reps: int) -
             _, rows, _, _, _ = prepare_data(cfg, tok)
             collate, bs = Collator(tok.pad_token_id), ws.size.batch_size
             batches = [collate(rows[i * bs:(i + 1) * bs]) for i in range(n_batches)]
-            model = build_model(cfg, tok)
+            model = load_for_training(cfg)
         trainers[a] = TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows, data_collator=collate,
                                        processing_class=tok, neftune=NEFTuneArgs(a))
     times = {a: {"cpu": [], "wall": []} for a in trainers}

@@ -7,6 +7,7 @@ import torch
 
 from conftest import sft_config
 from tunesmith.config import NEFTuneArgs
+from tunesmith.models import load_for_training
 from tunesmith.neftune import add_noise_to_batch, noise_scale, sample_noise
 from tunesmith.selftest.probes import NoiseProbe
 
@@ -110,7 +111,7 @@ def test_noise_in_every_training_step_and_never_in_eval(tiny_model_dir, alpaca_f
     ensure_pad_token(tok)
     template, train_set, summary, _, _ = sft.prepare_data(cfg, tok)
     rows = pack(train_set, cfg.data.max_length) if cfg.data.packing else train_set
-    model = sft.build_model(cfg, tok)
+    model = load_for_training(cfg)
     trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=rows,
                                    eval_dataset={"train": train_set[:4]},
                                    data_collator=Collator(tok.pad_token_id), processing_class=tok,
@@ -148,7 +149,7 @@ def test_eval_loss_identical_with_and_without_neftune(tiny_model_dir, alpaca_fil
     ensure_pad_token(tok)
     cfg = sft.SFTConfig(**sft_config(tiny_model_dir, alpaca_file, tmp_path / "o"))
     _, train_set, _, _, _ = sft.prepare_data(cfg, tok)
-    model = sft.build_model(cfg, tok)
+    model = load_for_training(cfg)
     results = []
     for alpha in (None, ALPHA):
         trainer = sft.TunesmithTrainer(model=model, args=cfg.training, train_dataset=train_set,
