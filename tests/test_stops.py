@@ -113,6 +113,14 @@ def test_ctrl_c_ends_classify_and_twice_stops_at_once(tmp_path):
         classify(cfg, callbacks=[SignalAt(2, signal.SIGINT)])
     assert e.value.exit_code == 130 and "SIGINT at step 2" in str(e.value)
     assert checkpoint_problem(tmp_path / "out" / "checkpoint-2") is None
+    # resuming on data edited in place is refused, naming the data; on the same data it finishes the run
+    original = Path(data).read_bytes()
+    Path(data).write_bytes(original.replace(b"\"text\": \"", b"\"text\": \"x", 1))
+    with pytest.raises(UserError, match=r"checkpoint-2: belongs to a run with other settings \(differs in data\)"):
+        classify(cfg | {"resume_from_checkpoint": True})
+    Path(data).write_bytes(original)
+    classify(cfg | {"resume_from_checkpoint": True})
+    assert (tmp_path / "out" / FINISHED_FILE).exists()
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C does not wait for the step to end
         classify(cfg | {"output_dir": str(tmp_path / "out2")}, callbacks=[SignalAt(2, signal.SIGINT, times=2)])

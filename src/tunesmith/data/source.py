@@ -393,8 +393,8 @@ def read_examples(value, *, split: str = "train", dataset_format: str = "auto", 
 
 
 def read_records(value, *, split: str = "train", key: str = "dataset", mixture: str = "concat",
-                 seed: int = 0) -> list[Record]:
+                 seed: int = 0, sources: list[DataSource] | None = None) -> list[Record]:
     """The raw records of a dataset value (classification's text and label columns), selected as
-    :func:`tokenize_sources` selects rows."""
-    sources = open_sources(value, split=split, key=key)
+    :func:`tokenize_sources` selects rows. ``sources``: the value's sources, when already opened."""
+    sources = sources or open_sources(value, split=split, key=key)
     return _select([list(s.records()) for s in sources], sources, mixture, seed)

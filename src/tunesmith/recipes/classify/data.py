@@ -96,10 +96,11 @@ def tokenized_dataset(tokenizer, texts: list[str], targets: list, max_length: in
     return datasets.Dataset.from_dict({**{k: v for k, v in enc.items()}, "labels": targets})
 
 
-def load_split(value, split: str, key: str = "dataset"):
-    """The records of a dataset value (the one data entry: files, pipes, pkg:, hub; a list is concatenated)."""
+def load_split(value, split: str, key: str = "dataset", sources=None):
+    """The records of a dataset value (the one data entry: files, pipes, pkg:, hub; a list is concatenated);
+    ``sources``: its sources, when already opened."""
     from tunesmith.data.source import read_records
 
-    return read_records(value, split=split, key=key) if value else None
+    return read_records(value, split=split, key=key, sources=sources) if value else None
 
 

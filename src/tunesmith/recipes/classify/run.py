@@ -29,6 +29,7 @@ import transformers
 
 from tunesmith.callbacks import readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
+from tunesmith.data.source import data_identity, open_sources
 from tunesmith.errors import UserError
 from tunesmith.io import atomic_write_json, follow_umask, resolve_path
 from tunesmith.models import gathered_state_dict, save_model_dir
@@ -46,18 +47,19 @@ def train(config: ClassifyConfig | dict, callbacks=()) -> str:
     cfg = config if isinstance(config, ClassifyConfig) else build_config(ClassifyConfig, dict(config), "config")
     args = cfg.training
     out = Path(args.output_dir)
-    with open_run(out, "classify", run_fingerprint(cfg), args.resume_from_checkpoint,
+    sources = open_sources(cfg.data.dataset, split="train")  # its digest: a resume on changed data is refused
+    with open_run(out, "classify", run_fingerprint(cfg, data=data_identity(sources)), args.resume_from_checkpoint,
                   main=args.process_index == 0) as run:
         if run.finished:
             print(f"tunesmith classify: {out} holds this run, finished; nothing to resume")
             return str(out)
-        return _train(cfg, run, out, callbacks)
+        return _train(cfg, run, out, sources, callbacks)
 
 
-def _train(cfg: ClassifyConfig, run, out: Path, callbacks=()) -> str:
+def _train(cfg: ClassifyConfig, run, out: Path, sources, callbacks=()) -> str:
     """setup (data, the model with its new head, the scores before training) -> training -> save."""
     transformers.set_seed(cfg.training.seed)
-    setup = _setup(cfg)
+    setup = _setup(cfg, sources)
     trainer = _fit(cfg, run, setup, callbacks)
     return _save(cfg, out, setup, trainer)
 
@@ -87,11 +89,11 @@ class _Setup:
         return [s for s in ("validation", "test") if s in self.splits]
 
 
-def _read_splits(cfg: ClassifyConfig) -> tuple[list, dict]:
-    """The label names and every split given, encoded as (texts, targets); a metric_for_best_model that is not
-    computed is a one-line error before the model loads."""
+def _read_splits(cfg: ClassifyConfig, sources) -> tuple[list, dict]:
+    """The label names and every split given (``sources``: the training data's, opened), encoded as (texts,
+    targets); a metric_for_best_model that is not computed is a one-line error before the model loads."""
     data, args = cfg.data, cfg.training
-    records = {"train": load_split(data.dataset, "train"),
+    records = {"train": load_split(data.dataset, "train", sources=sources),
                "validation": load_split(data.eval_dataset, "validation", "eval_dataset"),
                "test": load_split(data.test_dataset, "test", "test_dataset")}
     names = label_names(data, records["train"])
@@ -103,10 +105,10 @@ def _read_splits(cfg: ClassifyConfig) -> tuple[list, dict]:
     return names, splits
 
 
-def _setup(cfg: ClassifyConfig) -> _Setup:
+def _setup(cfg: ClassifyConfig, sources) -> _Setup:
     """The data, the model with a fresh classification head, and its scores before training."""
     data, m = cfg.data, cfg.model
-    names, splits = _read_splits(cfg)
+    names, splits = _read_splits(cfg, sources)
     model, tokenizer, new_modules = load_classifier(resolve_path(m.model_name_or_path), names, data.multi_label,
                                                     m.trust_remote_code, m.dtype, m.model_revision,
                                                     m.attn_implementation)
