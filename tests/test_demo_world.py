@@ -249,3 +249,30 @@ def test_pretraining_script_is_reproducible_from_its_seed(tmp_path, capsys):
     assert model.config.tie_word_embeddings and model.config.pad_token_id == tokenizer.pad_token_id
     assert "final training loss" in (runs["a"] / "PROVENANCE.md").read_text()
     assert not (tmp_path / "a.tmp").exists()
+
+
+@needs_base
+def test_fact_judge_hook_judges_through_the_cli(tmp_path):
+    """``--judge python --python_judge tunesmith.demo.base:fact_judge`` (its docstring's command) judges by the
+    shipped world's facts: the answer with the right birthplace wins in both orders, two equal answers draw."""
+    import json
+
+    from tunesmith.cli import main
+
+    info = base.provenance()
+    person = World(seed=info["world"]["seed"], n_people=info["world"]["n_people"]).people[0]
+    wrong = next(p.birthplace for p in World(seed=info["world"]["seed"], n_people=info["world"]["n_people"]).people
+                 if p.birthplace != person.birthplace)
+    ask = [f"Where was {person.name} born?", f"Tell me where {person.name} was born."]
+    rows = {"a": [f"{person.name} was born in {person.birthplace}.", f"{person.name} was born in {wrong}."],
+            "b": [f"{person.name} was born in {wrong}.", f"{person.name} was born in {wrong}."]}
+    paths = []
+    for name, outputs in rows.items():
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"instruction": i, "output": o, "generator": name}) + "\n"
+                             for i, o in zip(ask, outputs)))
+        paths.append(str(p))
+    assert main(["judge", "--a", paths[0], "--b", paths[1], "--output_dir", str(tmp_path / "o"), "--judge", "python",
+                 "--python_judge", "tunesmith.demo.base:fact_judge"]) == 0
+    s = json.loads((tmp_path / "o" / "winrate.json").read_text())
+    assert (s["wins"], s["losses"], s["draws"]) == (1, 0, 1), s

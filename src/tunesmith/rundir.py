@@ -256,13 +256,6 @@ class Fingerprint:
         plain = json.loads(json.dumps({k: getattr(v, "value", v) for k, v in values.items()}, default=str))
         return cls(plain, digest(plain))
 
-    @classmethod
-    def of_config(cls, cfg, keys, **extra) -> "Fingerprint":
-        """The fingerprint of ``cfg``'s ``keys`` (enum values by their value), plus ``extra`` values (e.g. a digest
-        of the tokenized data). ``cfg``: a :class:`tunesmith.config.Config` (its flat keys) or a plain dataclass."""
-        flat = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
-        return cls.of({k: flat[k] for k in keys} | extra)
-
     def differences(self, other: dict) -> list[str]:
         """The keys whose value differs between this fingerprint and another's ``values``."""
         return sorted(k for k in set(self.values) | set(other) if self.values.get(k) != other.get(k))

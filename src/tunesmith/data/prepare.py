@@ -124,9 +124,6 @@ def _example_row(ex: Example) -> dict:
             "input": ex.input, "text": ex.text, "loc": ex.loc}
 
 
-EXAMPLE_COLUMNS = ("turns", "system", "input", "text")  # + "loc", which every stage's output keeps
-
-
 def row_examples(batch: dict) -> list[Example]:
     """A batch of the normalised-examples Arrow table (what a :func:`cached_map` function gets) as Examples."""
     return [Example(turns=[Turn(t["prompt"], t["response"]) for t in turns], system=system, input=inp, text=text,

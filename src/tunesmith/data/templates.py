@@ -89,7 +89,6 @@ class FormatTemplate(Template):
     def __init__(self, name: str, fmt: str, fmt_with_input: str | None = None):
         self.name, self.fmt, self.fmt_with_input = name, fmt, fmt_with_input
         layout = split_format(name, fmt)
-        self.has_input_marker = len(layout) == 4
         # Without an input, an {input} marker renders as nothing: its two sides join into one middle.
         self.prefix, self.middle, self.suffix = layout[0], "".join(layout[1:-1]), layout[-1]
         self.with_input = split_format(name, fmt_with_input) if fmt_with_input else (layout if len(layout) == 4
