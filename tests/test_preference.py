@@ -280,6 +280,20 @@ def test_bad_pairs_are_one_line_errors_naming_file_and_line(data, message):
     assert str(e.value).startswith("d.jsonl:3") and "\n" not in str(e.value)
 
 
+def test_a_prompt_in_data_read_as_implicit_pairs_is_an_error_not_ignored(tiny_tokenizer, tmp_path):
+    """The first record (prompt null) makes the set implicit pairs; a later record's prompt was silently ignored."""
+    from tunesmith.data.preference import prepare_pairs
+    from tunesmith.data.source import open_sources
+    from tunesmith.data.templates import get_template
+
+    rows = [{"prompt": None, "chosen": "the sky is blue", "rejected": "the sky is black"},
+            {"prompt": "the sea is", "chosen": "the sea is deep", "rejected": "the sea is dry"}]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(UserError, match=r"pairs\.jsonl:2: field 'prompt' is set, but the data is read as implicit"):
+        prepare_pairs(open_sources(data), tiny_tokenizer, get_template("qa", tiny_tokenizer), 64,
+                      cache_dir=tmp_path / "cache")
+
+
 def test_prepared_pairs_drop_and_count_identical_and_too_long_prompts(tiny_tokenizer, tmp_path):
     from tunesmith.models import ensure_pad_token
 

@@ -160,6 +160,10 @@ def to_pair(record: Record, fmt: str) -> Pair:
     for key in ("chosen", "rejected"):
         if d.get(key) is None:
             raise UserError(f"{loc}: field '{key}' is missing")
+    if fmt in ("hh", "implicit") and d.get("prompt") is not None:  # the first record had none: read as implicit
+        raise UserError(f"{loc}: field 'prompt' is set, but the data is read as {fmt} pairs (the prompt shared by "
+                        "'chosen' and 'rejected'), as its first record has no prompt; give every record a 'prompt', "
+                        "or none")
     if fmt == "hh":
         return _hh(d, loc)
     if fmt == "implicit":
