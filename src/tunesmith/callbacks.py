@@ -46,6 +46,16 @@ def readable_logs(trainer) -> None:
             trainer.add_callback(new)
 
 
+def last_step_evaluation(trainer, wanted: list[str]) -> dict | None:
+    """The ``eval_*`` metrics the Trainer logged at its last step (under an eval_strategy it has just evaluated
+    there), or None when any of the ``wanted`` keys is missing: the caller evaluates then."""
+    logged = {}
+    for row in trainer.state.log_history:
+        if row.get("step") == trainer.state.global_step:
+            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
+    return logged if all(key in logged for key in wanted) else None
+
+
 class JsonlMetrics(TrainerCallback):
     """Appends every log event as one JSON line to ``metrics.jsonl`` (main process only)."""
 

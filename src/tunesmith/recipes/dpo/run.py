@@ -239,15 +239,14 @@ def fit(trainer, stops, run, trained: bool) -> dict:
 def final_evaluation(trainer) -> dict:
     """Reward accuracy and margins of the trained model on the eval pairs. Under an eval_strategy the Trainer has
     just evaluated at the last step: those numbers are taken, not computed (and logged) a second time."""
+    from tunesmith.callbacks import last_step_evaluation
+
     evals = trainer.eval_dataset
     if evals is None:
         return {}
     wanted = [f"eval_{name}_loss" for name in evals] if isinstance(evals, dict) else ["eval_loss"]
-    logged = {}
-    for row in trainer.state.log_history:
-        if row.get("step") == trainer.state.global_step:
-            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
-    return logged if all(key in logged for key in wanted) else trainer.evaluate()
+    logged = last_step_evaluation(trainer, wanted)
+    return logged if logged is not None else trainer.evaluate()
 
 
 def cli(argv: list[str]) -> int:

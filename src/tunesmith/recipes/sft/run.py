@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.callbacks import JsonlMetrics, readable_logs, stop_callbacks
+from tunesmith.callbacks import JsonlMetrics, last_step_evaluation, readable_logs, stop_callbacks
 from tunesmith.config import build_config, parse_cli, save_yaml
 from tunesmith.data.collate import Collator, pack
 from tunesmith.data.source import data_identity, describe, open_sources, template_for, tokenize_sources
@@ -99,12 +99,8 @@ def final_metrics(trainer, evals: dict) -> dict:
     its size and duration (it used to be silent minutes after the training bar reached 100%)."""
     if not evals:
         return {}
-    step = trainer.state.global_step
-    logged = {}
-    for row in trainer.state.log_history:
-        if row.get("step") == step:
-            logged.update({k: v for k, v in row.items() if k.startswith("eval_")})
-    if all(f"eval_{name}_loss" in logged for name in evals):
+    logged = last_step_evaluation(trainer, [f"eval_{name}_loss" for name in evals])
+    if logged is not None:
         return logged
     from tunesmith.progress import duration
 
